@@ -1,0 +1,44 @@
+//! pulse-bench: the benchmarks of TARGETS.md. Each starts what it needs (a throwaway
+//! PostgreSQL cluster, pulsed, nginx), measures Pulse beside its anchor in the same run,
+//! and ends with one summary line.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pulse-bench",
+    version,
+    about = "Pulse benchmarks, each beside its anchor"
+)]
+struct Cli {
+    /// A smaller workload for a first look; the figures that count are from the full one.
+    #[arg(long, global = true)]
+    quick: bool,
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy)]
+enum Bench {
+    /// Change data capture throughput, beside pg_recvlogical.
+    Cdc,
+    /// Commit-to-client latency with 1,000 subscribed WebSocket clients.
+    Latency,
+    /// 10,000 WebSocket clients: delivery rate and memory per connection.
+    Fanout,
+    /// Outbox to RabbitMQ with confirms, beside a bare publisher.
+    Webhooks,
+    /// Uploads and downloads, beside nginx.
+    Files,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let name = format!("{:?}", cli.bench).to_lowercase();
+    eprintln!("pulse-bench {name}: this benchmark is not written yet; see the open issues");
+    ExitCode::from(2)
+}

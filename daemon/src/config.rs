@@ -1,0 +1,1206 @@
+//! Configuration: one typed, validated struct built in one place.
+//!
+//! Layers, lowest first: the built-in defaults of [`KEYS`], the TOML file, then
+//! environment variables `PULSE__SECTION__KEY`. The `config` crate reads the file and the
+//! environment; this module keeps track of where every value came from, so that an
+//! invalid value is reported with its key, its source and what is expected, and so that
+//! `pulsed config check` can show each effective value beside its source.
+//!
+//! Every key is declared once, in [`KEYS`]. Unknown keys are refused (a typo in a key
+//! would otherwise silently leave the default in force). Secrets are held in [`Secret`],
+//! whose `Debug` and `Display` never show the value.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Environment, File, FileFormat, Source, Value, ValueKind};
+
+/// The environment prefix: `PULSE__HTTP__LISTEN` sets `http.listen`.
+pub const ENV_PREFIX: &str = "PULSE";
+
+/// The default config file path, used when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/pulse/pulsed.toml";
+
+/// What kind of value a key holds: decides parsing, validation and masking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// Free text (may be empty when the key is optional).
+    Text,
+    /// Text that must not be shown: masked in every output.
+    Secret,
+    /// A PostgreSQL connection string (URL or key=value); its password is masked.
+    Database,
+    /// An AMQP URL (may be empty to disable); its password is masked.
+    AmqpUrl,
+    /// An `http(s)://` URL.
+    HttpUrl,
+    /// `host:port`.
+    SocketAddr,
+    /// `host:port`, or empty for "off".
+    OptionalSocketAddr,
+    /// A filesystem path.
+    Path,
+    /// `true` or `false`.
+    Bool,
+    /// A non-negative integer.
+    Integer,
+    /// One of a fixed set of words.
+    Choice(&'static [&'static str]),
+    /// A comma-separated list (or a TOML array).
+    List,
+}
+
+/// One configuration key: its name, default and meaning. The README's configuration
+/// reference is this table.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySpec {
+    /// Dotted key, as in the file (`[http] listen = …`) and the environment
+    /// (`PULSE__HTTP__LISTEN`).
+    pub key: &'static str,
+    /// The built-in default, as text.
+    pub default: &'static str,
+    /// How the value is parsed and shown.
+    pub kind: KeyKind,
+    /// What the key does, for `config check` and the README.
+    pub help: &'static str,
+}
+
+const fn key(key: &'static str, default: &'static str, kind: KeyKind, help: &'static str) -> KeySpec {
+    KeySpec {
+        key,
+        default,
+        kind,
+        help,
+    }
+}
+
+/// Every configuration key pulsed knows.
+pub const KEYS: &[KeySpec] = &[
+    key(
+        "source.url",
+        "postgres://postgres@localhost:5432/memberpulse",
+        KeyKind::Database,
+        "Symfony's PostgreSQL database, read through logical replication and the catalog.",
+    ),
+    key(
+        "state.url",
+        "",
+        KeyKind::Database,
+        "Database holding the pulse schema; empty means the source database.",
+    ),
+    key(
+        "replication.publication",
+        "pulse",
+        KeyKind::Text,
+        "Publication pulsed reads.",
+    ),
+    key(
+        "replication.slot",
+        "pulse",
+        KeyKind::Text,
+        "Logical replication slot pulsed owns.",
+    ),
+    key(
+        "replication.create",
+        "true",
+        KeyKind::Bool,
+        "Create the publication and slot when missing (false: require existing ones).",
+    ),
+    key(
+        "replication.tables",
+        "",
+        KeyKind::List,
+        "Tables of the publication, schema-qualified; empty means every table of replication.schema.",
+    ),
+    key(
+        "replication.schema",
+        "public",
+        KeyKind::Text,
+        "Schema whose tables are published when replication.tables is empty.",
+    ),
+    key(
+        "replication.max_retained_wal_mb",
+        "1024",
+        KeyKind::Integer,
+        "Warn when the slot retains more WAL than this many MiB.",
+    ),
+    key(
+        "http.listen",
+        "127.0.0.1:8080",
+        KeyKind::SocketAddr,
+        "Address of the WebSocket and HTTP API for browsers.",
+    ),
+    key(
+        "http.cors_origins",
+        "",
+        KeyKind::List,
+        "Origins allowed to call the HTTP API from browsers (uploads, downloads).",
+    ),
+    key(
+        "metrics.listen",
+        "127.0.0.1:9187",
+        KeyKind::OptionalSocketAddr,
+        "Address of the Prometheus /metrics listener; empty turns it off.",
+    ),
+    key(
+        "admin.socket",
+        "",
+        KeyKind::Path,
+        "Unix socket of the console (pulsetop); empty means $XDG_RUNTIME_DIR/pulse/admin.sock or /tmp/pulse-UID/admin.sock.",
+    ),
+    key(
+        "admin.socket_mode",
+        "660",
+        KeyKind::Integer,
+        "File mode of the admin socket, in octal: who may open the console.",
+    ),
+    key(
+        "amqp.url",
+        "",
+        KeyKind::AmqpUrl,
+        "RabbitMQ URL for webhooks and commands; empty runs without a broker.",
+    ),
+    key(
+        "storage.backend",
+        "local",
+        KeyKind::Choice(&["local", "s3"]),
+        "Where files are stored: a local directory or S3-compatible storage.",
+    ),
+    key(
+        "storage.path",
+        "pulse-data/files",
+        KeyKind::Path,
+        "Directory of the local file store.",
+    ),
+    key(
+        "storage.s3.endpoint",
+        "",
+        KeyKind::Text,
+        "S3-compatible endpoint URL.",
+    ),
+    key("storage.s3.bucket", "", KeyKind::Text, "S3 bucket."),
+    key("storage.s3.region", "us-east-1", KeyKind::Text, "S3 region."),
+    key("storage.s3.access_key_id", "", KeyKind::Text, "S3 access key id."),
+    key(
+        "storage.s3.secret_access_key",
+        "",
+        KeyKind::Secret,
+        "S3 secret access key.",
+    ),
+    key(
+        "storage.s3.path_style",
+        "true",
+        KeyKind::Bool,
+        "Path-style bucket addressing (most self-hosted S3 servers need it).",
+    ),
+    key(
+        "platform.deployment_url",
+        "http://localhost:8080",
+        KeyKind::HttpUrl,
+        "Deployment URL: the public base URL clients use to reach pulsed.",
+    ),
+    key(
+        "platform.deploy_key",
+        "",
+        KeyKind::Secret,
+        "Deploy key: the secret services (Symfony, the console over TCP) authenticate with; at least 32 characters.",
+    ),
+    key(
+        "platform.enable_realtime",
+        "true",
+        KeyKind::Bool,
+        "Enable Real-time: when false, clients are told to poll over HTTP.",
+    ),
+    key(
+        "platform.sync_interval_ms",
+        "5000",
+        KeyKind::Integer,
+        "Sync Interval: the polling interval in milliseconds for clients without real-time.",
+    ),
+    key(
+        "limits.max_upload_bytes",
+        "20971520",
+        KeyKind::Integer,
+        "Largest accepted upload, in bytes (20 MB).",
+    ),
+    key(
+        "limits.function_timeout_secs",
+        "60",
+        KeyKind::Integer,
+        "Time limit of a function (query or mutation), in seconds.",
+    ),
+    key(
+        "limits.job_timeout_secs",
+        "60",
+        KeyKind::Integer,
+        "Time limit of a scheduled job run, in seconds.",
+    ),
+    key(
+        "limits.shutdown_grace_secs",
+        "10",
+        KeyKind::Integer,
+        "How long a graceful stop lets in-flight work finish, in seconds.",
+    ),
+    key(
+        "log.level",
+        "info",
+        KeyKind::Text,
+        "Log filter, in tracing's EnvFilter syntax (for example info,pulse_cdc=debug).",
+    ),
+    key(
+        "log.format",
+        "auto",
+        KeyKind::Choice(&["auto", "text", "json", "journald"]),
+        "Log output: auto means journald under systemd, text on a terminal.",
+    ),
+];
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The built-in default.
+    Default,
+    /// The config file at this path.
+    File(PathBuf),
+    /// This environment variable.
+    Env(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("default"),
+            Origin::File(p) => write!(f, "file {}", p.display()),
+            Origin::Env(v) => write!(f, "environment {v}"),
+        }
+    }
+}
+
+/// The environment variable that sets `key`.
+pub fn env_var_for(key: &str) -> String {
+    format!("{ENV_PREFIX}__{}", key.replace('.', "__").to_uppercase())
+}
+
+/// A secret value. Never shown by `Debug` or `Display`; read it with [`Secret::expose`].
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// Whether no value is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "Secret(<empty>)"
+        } else {
+            "Secret(***)"
+        })
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
+
+/// A PostgreSQL connection string, kept whole (it may hold a password) and parsed.
+#[derive(Clone)]
+pub struct DbUrl {
+    raw: Secret,
+    parsed: tokio_postgres::Config,
+}
+
+impl DbUrl {
+    /// Parses a URL or key=value connection string.
+    pub fn parse(raw: &str) -> Result<DbUrl, String> {
+        let parsed: tokio_postgres::Config = raw.parse().map_err(|e| format!("{e}"))?;
+        if parsed.get_hosts().is_empty() {
+            return Err("no host given".into());
+        }
+        Ok(DbUrl {
+            raw: Secret::new(raw),
+            parsed,
+        })
+    }
+    /// The parsed connection settings.
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.parsed
+    }
+    /// The connection string itself (contains the password, if any).
+    pub fn expose(&self) -> &str {
+        self.raw.expose()
+    }
+    /// The connection string with its password masked.
+    pub fn masked(&self) -> String {
+        mask_url_password(self.raw.expose())
+    }
+}
+
+impl fmt::Debug for DbUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DbUrl({})", self.masked())
+    }
+}
+
+/// Masks the password of a `scheme://user:password@host` URL or of a `password=…` pair.
+pub fn mask_url_password(raw: &str) -> String {
+    if let Ok(mut url) = url::Url::parse(raw)
+        && url.has_host()
+    {
+        if url.password().is_some() {
+            let _ = url.set_password(Some("***"));
+        }
+        return url.to_string();
+    }
+    raw.split_whitespace()
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) if k.trim() == "password" => "password=***".to_string(),
+            _ => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Settings of the replication stream.
+#[derive(Debug, Clone)]
+pub struct ReplicationConfig {
+    /// Publication name.
+    pub publication: String,
+    /// Slot name.
+    pub slot: String,
+    /// Create the publication and slot when missing.
+    pub create: bool,
+    /// Published tables (schema-qualified); empty: all of `schema`.
+    pub tables: Vec<String>,
+    /// Schema published when `tables` is empty.
+    pub schema: String,
+    /// Retained-WAL warning threshold.
+    pub max_retained_wal_bytes: u64,
+}
+
+/// Where files go.
+#[derive(Debug, Clone)]
+pub enum StorageConfig {
+    /// A local directory (fsync on).
+    Local {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// S3-compatible storage.
+    S3 {
+        /// Endpoint URL.
+        endpoint: String,
+        /// Bucket.
+        bucket: String,
+        /// Region.
+        region: String,
+        /// Access key id.
+        access_key_id: String,
+        /// Secret access key.
+        secret_access_key: Secret,
+        /// Path-style addressing.
+        path_style: bool,
+    },
+}
+
+/// The four platform settings of the product page, as defaults: the live values are in
+/// the `pulse` schema once edited.
+#[derive(Debug, Clone)]
+pub struct PlatformDefaults {
+    /// Deployment URL.
+    pub deployment_url: String,
+    /// Deploy key.
+    pub deploy_key: Secret,
+    /// Enable Real-time.
+    pub enable_realtime: bool,
+    /// Sync Interval, in ms.
+    pub sync_interval_ms: u64,
+}
+
+/// Limits that SIGHUP can change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest upload.
+    pub max_upload_bytes: u64,
+    /// Function time limit.
+    pub function_timeout: Duration,
+    /// Job time limit.
+    pub job_timeout: Duration,
+    /// Graceful stop bound.
+    pub shutdown_grace: Duration,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// journald under systemd (JOURNAL_STREAM set), else text.
+    Auto,
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
+    /// Straight to journald.
+    Journald,
+}
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Symfony's database.
+    pub source_db: DbUrl,
+    /// The database of the `pulse` schema.
+    pub state_db: DbUrl,
+    /// Replication settings.
+    pub replication: ReplicationConfig,
+    /// Browser API address.
+    pub http_listen: SocketAddr,
+    /// CORS allow-list.
+    pub cors_origins: Vec<String>,
+    /// Prometheus listener; `None` is off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Console socket.
+    pub admin_socket: PathBuf,
+    /// Console socket file mode.
+    pub admin_socket_mode: u32,
+    /// Broker; `None` runs without one.
+    pub amqp_url: Option<Secret>,
+    /// File storage.
+    pub storage: StorageConfig,
+    /// Platform settings defaults.
+    pub platform: PlatformDefaults,
+    /// Reloadable limits.
+    pub limits: Limits,
+    /// Log filter.
+    pub log_level: String,
+    /// Log output.
+    pub log_format: LogFormat,
+    /// Every effective value with its origin, for `config check` and the console.
+    pub effective: Vec<Effective>,
+}
+
+/// One effective value, shown with secrets masked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Effective {
+    /// Dotted key.
+    pub key: &'static str,
+    /// Value as shown (masked when secret).
+    pub shown: String,
+    /// Where it came from.
+    pub origin: Origin,
+}
+
+/// A configuration problem: the key, its source, the value, what is expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key (or the unknown key).
+    pub key: String,
+    /// Where the value came from.
+    pub origin: Origin,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (from {}): {}", self.key, self.origin, self.message)
+    }
+}
+
+/// Every problem found, all at once, so one edit can fix them all.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration:")?;
+        for p in &self.0 {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where to read the configuration from.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The file, and whether it must exist (true when given with `--config`).
+    pub file: Option<(PathBuf, bool)>,
+    /// The environment, as pairs (the process environment in production; tests pass
+    /// their own so they never touch global state).
+    pub env: Vec<(String, String)>,
+}
+
+impl ConfigSource {
+    /// The file given on the command line (must exist), or the default path (may be
+    /// missing), plus the process environment.
+    pub fn from_cli(path: Option<&Path>) -> ConfigSource {
+        let file = match path {
+            Some(p) => Some((p.to_path_buf(), true)),
+            None => Some((PathBuf::from(DEFAULT_CONFIG_PATH), false)),
+        };
+        ConfigSource {
+            file,
+            env: std::env::vars().collect(),
+        }
+    }
+}
+
+/// A raw value with its origin, before parsing.
+struct Raw {
+    text: String,
+    origin: Origin,
+}
+
+fn value_to_text(v: Value) -> Result<String, String> {
+    match v.kind {
+        ValueKind::Array(items) => items
+            .into_iter()
+            .map(value_to_text)
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.join(",")),
+        ValueKind::Table(_) => Err("expected a value, found a table".into()),
+        ValueKind::Nil => Ok(String::new()),
+        _ => v.into_string().map_err(|e| e.to_string()),
+    }
+}
+
+fn flatten(prefix: &str, map: config::Map<String, Value>, out: &mut Vec<(String, Value)>) {
+    for (k, v) in map {
+        let full = if prefix.is_empty() {
+            k
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v.kind {
+            ValueKind::Table(t) => flatten(&full, t, out),
+            _ => out.push((full, v)),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, merges and validates. Returns every problem at once.
+    pub fn load(source: &ConfigSource) -> Result<Config, ConfigErrors> {
+        let mut problems = Vec::new();
+        let mut raw: BTreeMap<&'static str, Raw> = KEYS
+            .iter()
+            .map(|k| {
+                (
+                    k.key,
+                    Raw {
+                        text: k.default.to_string(),
+                        origin: Origin::Default,
+                    },
+                )
+            })
+            .collect();
+
+        if let Some((path, required)) = &source.file
+            && (path.exists() || *required)
+        {
+            let parsed = std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| {
+                    File::from_str(&text, FileFormat::Toml)
+                        .collect()
+                        .map_err(|e| e.to_string())
+                });
+            match parsed {
+                Ok(map) => {
+                    let mut pairs = Vec::new();
+                    flatten("", map, &mut pairs);
+                    let p = path.clone();
+                    layer(&mut raw, &mut problems, pairs, &move |_| Origin::File(p.clone()));
+                }
+                Err(e) => problems.push(ConfigProblem {
+                    key: "(file)".into(),
+                    origin: Origin::File(path.clone()),
+                    message: format!("cannot read the config file: {e}"),
+                }),
+            }
+        }
+
+        let env_map: config::Map<String, String> = source
+            .env
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .cloned()
+            .collect();
+        let env = Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .source(Some(env_map));
+        match env.collect() {
+            Ok(map) => {
+                let mut pairs = Vec::new();
+                flatten("", map, &mut pairs);
+                layer(&mut raw, &mut problems, pairs, &|k| Origin::Env(env_var_for(k)));
+            }
+            Err(e) => problems.push(ConfigProblem {
+                key: "(environment)".into(),
+                origin: Origin::Env(format!("{ENV_PREFIX}__*")),
+                message: e.to_string(),
+            }),
+        }
+
+        let mut v = Validator { raw: &raw, problems };
+        let config = v.build();
+        if v.problems.is_empty() {
+            Ok(config.expect("a config is built whenever no problem was found"))
+        } else {
+            Err(ConfigErrors(v.problems))
+        }
+    }
+
+    /// The limits that a reload may change.
+    pub fn reloadable(&self) -> (String, Limits) {
+        (self.log_level.clone(), self.limits.clone())
+    }
+}
+
+/// Lays one source's pairs over the values so far; unknown keys become problems.
+fn layer(
+    raw: &mut BTreeMap<&'static str, Raw>,
+    problems: &mut Vec<ConfigProblem>,
+    pairs: Vec<(String, Value)>,
+    origin_of: &dyn Fn(&str) -> Origin,
+) {
+    for (k, v) in pairs {
+        let origin = origin_of(&k);
+        match KEYS.iter().find(|spec| spec.key == k) {
+            None => problems.push(ConfigProblem {
+                key: k.clone(),
+                origin,
+                message: "unknown key; see `pulsed config check` or the README for the keys pulsed knows"
+                    .into(),
+            }),
+            Some(spec) => match value_to_text(v) {
+                Ok(text) => {
+                    raw.insert(spec.key, Raw { text, origin });
+                }
+                Err(e) => problems.push(ConfigProblem {
+                    key: k.clone(),
+                    origin,
+                    message: e,
+                }),
+            },
+        }
+    }
+}
+
+/// Parses each key by its kind, collecting problems.
+struct Validator<'a> {
+    raw: &'a BTreeMap<&'static str, Raw>,
+    problems: Vec<ConfigProblem>,
+}
+
+impl Validator<'_> {
+    fn raw(&self, key: &str) -> &Raw {
+        self.raw
+            .get(key)
+            .unwrap_or_else(|| panic!("config key {key} is not declared in KEYS"))
+    }
+
+    fn fail(&mut self, key: &str, message: impl Into<String>) {
+        let origin = self.raw(key).origin.clone();
+        let shown = self.shown(key);
+        self.problems.push(ConfigProblem {
+            key: key.to_string(),
+            origin,
+            message: format!("{} (got {shown:?})", message.into()),
+        });
+    }
+
+    fn spec(key: &str) -> &'static KeySpec {
+        KEYS.iter().find(|s| s.key == key).expect("declared key")
+    }
+
+    fn shown(&self, key: &str) -> String {
+        let text = &self.raw(key).text;
+        match Self::spec(key).kind {
+            KeyKind::Secret if text.is_empty() => String::new(),
+            KeyKind::Secret => "***".into(),
+            KeyKind::Database | KeyKind::AmqpUrl => mask_url_password(text),
+            _ => text.clone(),
+        }
+    }
+
+    fn text(&self, key: &str) -> String {
+        self.raw(key).text.trim().to_string()
+    }
+
+    fn nonempty(&mut self, key: &str) -> Option<String> {
+        let t = self.text(key);
+        if t.is_empty() {
+            self.fail(key, "must not be empty");
+            None
+        } else {
+            Some(t)
+        }
+    }
+
+    fn bool(&mut self, key: &str) -> Option<bool> {
+        match self.text(key).to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Some(true),
+            "false" | "0" | "no" | "off" => Some(false),
+            _ => {
+                self.fail(key, "expected true or false");
+                None
+            }
+        }
+    }
+
+    fn int(&mut self, key: &str, min: u64, max: u64) -> Option<u64> {
+        match self.text(key).parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => Some(n),
+            Ok(_) => {
+                self.fail(key, format!("expected a whole number from {min} to {max}"));
+                None
+            }
+            Err(_) => {
+                self.fail(key, format!("expected a whole number from {min} to {max}"));
+                None
+            }
+        }
+    }
+
+    fn addr(&mut self, key: &str) -> Option<SocketAddr> {
+        let t = self.text(key);
+        match t.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.fail(
+                    key,
+                    "expected a socket address such as 127.0.0.1:8080 or [::1]:8080",
+                );
+                None
+            }
+        }
+    }
+
+    fn optional_addr(&mut self, key: &str) -> Option<Option<SocketAddr>> {
+        if self.text(key).is_empty() {
+            Some(None)
+        } else {
+            self.addr(key).map(Some)
+        }
+    }
+
+    fn db(&mut self, key: &str) -> Option<DbUrl> {
+        let t = self.text(key);
+        match DbUrl::parse(&t) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                self.fail(
+                    key,
+                    format!("expected a PostgreSQL URL such as postgres://user@host:5432/dbname: {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn list(&self, key: &str) -> Vec<String> {
+        self.text(key)
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    fn choice(&mut self, key: &str) -> Option<String> {
+        let KeyKind::Choice(options) = Self::spec(key).kind else {
+            unreachable!("{key} is a choice")
+        };
+        let t = self.text(key);
+        if options.contains(&t.as_str()) {
+            Some(t)
+        } else {
+            self.fail(key, format!("expected one of {}", options.join(", ")));
+            None
+        }
+    }
+
+    fn ident(&mut self, key: &str) -> Option<String> {
+        let t = self.nonempty(key)?;
+        let ok = t.len() <= 63
+            && t.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && t.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if ok {
+            Some(t)
+        } else {
+            self.fail(key, "expected a PostgreSQL name: lowercase letters, digits and _, at most 63 characters, not starting with a digit");
+            None
+        }
+    }
+
+    fn build(&mut self) -> Option<Config> {
+        let source_db = self.db("source.url");
+        let state_db = if self.text("state.url").is_empty() {
+            source_db.clone()
+        } else {
+            self.db("state.url")
+        };
+        let publication = self.ident("replication.publication");
+        let slot = self.ident("replication.slot");
+        let create = self.bool("replication.create");
+        let tables = self.list("replication.tables");
+        for t in &tables {
+            if !t.contains('.') {
+                self.fail(
+                    "replication.tables",
+                    format!("table {t:?} must be schema-qualified, for example public.{t}"),
+                );
+            }
+        }
+        let schema = self.nonempty("replication.schema");
+        let max_wal = self.int("replication.max_retained_wal_mb", 1, 1 << 30);
+        let http_listen = self.addr("http.listen");
+        let cors_origins = self.list("http.cors_origins");
+        for o in &cors_origins {
+            if url::Url::parse(o)
+                .map(|u| !matches!(u.scheme(), "http" | "https"))
+                .unwrap_or(true)
+            {
+                self.fail(
+                    "http.cors_origins",
+                    format!("{o:?} is not an origin such as https://app.example.org"),
+                );
+            }
+        }
+        let metrics_listen = self.optional_addr("metrics.listen");
+        let admin_socket = {
+            let t = self.text("admin.socket");
+            if t.is_empty() {
+                Some(default_admin_socket())
+            } else {
+                Some(PathBuf::from(t))
+            }
+        };
+        let admin_socket_mode = {
+            let t = self.text("admin.socket_mode");
+            match u32::from_str_radix(&t, 8) {
+                Ok(m) if m <= 0o777 => Some(m),
+                _ => {
+                    self.fail("admin.socket_mode", "expected an octal file mode such as 660");
+                    None
+                }
+            }
+        };
+        let amqp_url = {
+            let t = self.text("amqp.url");
+            if t.is_empty() {
+                Some(None)
+            } else if url::Url::parse(&t)
+                .map(|u| matches!(u.scheme(), "amqp" | "amqps"))
+                .unwrap_or(false)
+            {
+                Some(Some(Secret::new(t)))
+            } else {
+                self.fail(
+                    "amqp.url",
+                    "expected an AMQP URL such as amqp://guest:guest@127.0.0.1:5672/%2f, or empty",
+                );
+                None
+            }
+        };
+        let storage = match self.choice("storage.backend").as_deref() {
+            Some("local") => self.nonempty("storage.path").map(|p| StorageConfig::Local {
+                path: PathBuf::from(p),
+            }),
+            Some("s3") => {
+                let endpoint = self.nonempty("storage.s3.endpoint");
+                let bucket = self.nonempty("storage.s3.bucket");
+                let region = self.nonempty("storage.s3.region");
+                let access_key_id = self.nonempty("storage.s3.access_key_id");
+                let secret = self.nonempty("storage.s3.secret_access_key");
+                let path_style = self.bool("storage.s3.path_style");
+                match (endpoint, bucket, region, access_key_id, secret, path_style) {
+                    (
+                        Some(endpoint),
+                        Some(bucket),
+                        Some(region),
+                        Some(access_key_id),
+                        Some(s),
+                        Some(path_style),
+                    ) => Some(StorageConfig::S3 {
+                        endpoint,
+                        bucket,
+                        region,
+                        access_key_id,
+                        secret_access_key: Secret::new(s),
+                        path_style,
+                    }),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let deployment_url = {
+            let t = self.text("platform.deployment_url");
+            if url::Url::parse(&t)
+                .map(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+                .unwrap_or(false)
+            {
+                Some(t)
+            } else {
+                self.fail("platform.deployment_url", "expected an http:// or https:// URL");
+                None
+            }
+        };
+        let deploy_key = {
+            let t = self.raw("platform.deploy_key").text.clone();
+            if !t.is_empty() && t.len() < 32 {
+                self.fail("platform.deploy_key", format!("too short: {} characters, at least 32 are needed (generate one with `openssl rand -hex 32`)", t.len()));
+                None
+            } else {
+                Some(Secret::new(t))
+            }
+        };
+        let enable_realtime = self.bool("platform.enable_realtime");
+        let sync_interval_ms = self.int("platform.sync_interval_ms", 100, 3_600_000);
+        let max_upload = self.int("limits.max_upload_bytes", 1, 5 << 30);
+        let fn_timeout = self.int("limits.function_timeout_secs", 1, 3600);
+        let job_timeout = self.int("limits.job_timeout_secs", 1, 86_400);
+        let grace = self.int("limits.shutdown_grace_secs", 1, 600);
+        let log_level = {
+            let t = self.text("log.level");
+            match tracing_subscriber::EnvFilter::try_new(&t) {
+                Ok(_) => Some(t),
+                Err(e) => {
+                    self.fail(
+                        "log.level",
+                        format!("expected a tracing filter such as info or info,pulse_cdc=debug: {e}"),
+                    );
+                    None
+                }
+            }
+        };
+        let log_format = self.choice("log.format").map(|f| match f.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            "journald" => LogFormat::Journald,
+            _ => LogFormat::Auto,
+        });
+
+        let effective = KEYS
+            .iter()
+            .map(|spec| Effective {
+                key: spec.key,
+                shown: self.shown(spec.key),
+                origin: self.raw(spec.key).origin.clone(),
+            })
+            .collect();
+
+        Some(Config {
+            source_db: source_db?,
+            state_db: state_db?,
+            replication: ReplicationConfig {
+                publication: publication?,
+                slot: slot?,
+                create: create?,
+                tables,
+                schema: schema?,
+                max_retained_wal_bytes: max_wal? * 1024 * 1024,
+            },
+            http_listen: http_listen?,
+            cors_origins,
+            metrics_listen: metrics_listen?,
+            admin_socket: admin_socket?,
+            admin_socket_mode: admin_socket_mode?,
+            amqp_url: amqp_url?,
+            storage: storage?,
+            platform: PlatformDefaults {
+                deployment_url: deployment_url?,
+                deploy_key: deploy_key?,
+                enable_realtime: enable_realtime?,
+                sync_interval_ms: sync_interval_ms?,
+            },
+            limits: Limits {
+                max_upload_bytes: max_upload?,
+                function_timeout: Duration::from_secs(fn_timeout?),
+                job_timeout: Duration::from_secs(job_timeout?),
+                shutdown_grace: Duration::from_secs(grace?),
+            },
+            log_level: log_level?,
+            log_format: log_format?,
+            effective,
+        })
+    }
+}
+
+/// The admin socket path used when `admin.socket` is empty; pulsetop uses the same rule.
+pub fn default_admin_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("pulse/admin.sock"),
+        _ => {
+            use std::os::unix::fs::MetadataExt;
+            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+            PathBuf::from(format!("/tmp/pulse-{uid}/admin.sock"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)], file: Option<&str>) -> Result<Config, ConfigErrors> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = file.map(|text| {
+            let p = dir.path().join("pulsed.toml");
+            std::fs::write(&p, text).unwrap();
+            (p, true)
+        });
+        Config::load(&ConfigSource {
+            file,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        })
+    }
+
+    #[test]
+    fn defaults_alone_are_valid() {
+        let c = load(&[], None).unwrap();
+        assert_eq!(c.http_listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.limits.max_upload_bytes, 20 * 1024 * 1024);
+        assert_eq!(c.limits.job_timeout, Duration::from_secs(60));
+        assert!(c.effective.iter().all(|e| e.origin == Origin::Default));
+    }
+
+    #[test]
+    fn environment_beats_file_beats_default() {
+        let c = load(
+            &[("PULSE__HTTP__LISTEN", "0.0.0.0:9000")],
+            Some("[http]\nlisten = \"127.0.0.1:7000\"\n[platform]\nsync_interval_ms = 250\n"),
+        )
+        .unwrap();
+        assert_eq!(c.http_listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(c.platform.sync_interval_ms, 250);
+        let origin = |k: &str| c.effective.iter().find(|e| e.key == k).unwrap().origin.clone();
+        assert_eq!(origin("http.listen"), Origin::Env("PULSE__HTTP__LISTEN".into()));
+        assert!(matches!(origin("platform.sync_interval_ms"), Origin::File(_)));
+        assert_eq!(origin("log.level"), Origin::Default);
+    }
+
+    #[test]
+    fn bad_value_names_key_and_source() {
+        let err = load(&[("PULSE__HTTP__LISTEN", "nonsense")], None).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("http.listen"), "{text}");
+        assert!(text.contains("environment PULSE__HTTP__LISTEN"), "{text}");
+        assert!(text.contains("socket address"), "{text}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = load(
+            &[
+                ("PULSE__HTTP__LISTEN", "x"),
+                ("PULSE__PLATFORM__SYNC_INTERVAL_MS", "soon"),
+            ],
+            Some("[storage]\nbackend = \"tape\"\n"),
+        )
+        .unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"http.listen"));
+        assert!(keys.contains(&"platform.sync_interval_ms"));
+        assert!(keys.contains(&"storage.backend"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = load(&[("PULSE__HTTP__LISTN", "127.0.0.1:1")], None).unwrap_err();
+        assert_eq!(err.0[0].key, "http.listn");
+        let err = load(&[], Some("[htp]\nlisten = 1\n")).unwrap_err();
+        assert_eq!(err.0[0].key, "htp.listen");
+    }
+
+    #[test]
+    fn secrets_never_show() {
+        let key = "k".repeat(40);
+        let c = load(
+            &[
+                ("PULSE__PLATFORM__DEPLOY_KEY", key.as_str()),
+                ("PULSE__SOURCE__URL", "postgres://app:hunter2@db:5432/app"),
+            ],
+            None,
+        )
+        .unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains(&key), "deploy key leaked in Debug");
+        assert!(!debug.contains("hunter2"), "password leaked in Debug");
+        let shown = c
+            .effective
+            .iter()
+            .find(|e| e.key == "platform.deploy_key")
+            .unwrap();
+        assert_eq!(shown.shown, "***");
+        let url = c.effective.iter().find(|e| e.key == "source.url").unwrap();
+        assert_eq!(url.shown, "postgres://app:***@db:5432/app");
+        assert_eq!(c.platform.deploy_key.expose(), key);
+    }
+
+    #[test]
+    fn short_deploy_key_is_refused_without_echoing_it() {
+        let err = load(&[("PULSE__PLATFORM__DEPLOY_KEY", "short-secret")], None).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("platform.deploy_key"));
+        assert!(!text.contains("short-secret"), "{text}");
+    }
+
+    #[test]
+    fn key_value_passwords_are_masked() {
+        assert_eq!(
+            mask_url_password("host=db user=app password=hunter2 dbname=x"),
+            "host=db user=app password=*** dbname=x"
+        );
+    }
+
+    #[test]
+    fn state_db_defaults_to_source() {
+        let c = load(&[("PULSE__SOURCE__URL", "postgres://a@h/db1")], None).unwrap();
+        assert_eq!(c.state_db.expose(), "postgres://a@h/db1");
+    }
+
+    #[test]
+    fn missing_required_file_is_an_error() {
+        let err = Config::load(&ConfigSource {
+            file: Some((PathBuf::from("/nonexistent/pulsed.toml"), true)),
+            env: vec![],
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/pulsed.toml"));
+    }
+
+    #[test]
+    fn every_key_has_an_env_var() {
+        assert_eq!(
+            env_var_for("storage.s3.secret_access_key"),
+            "PULSE__STORAGE__S3__SECRET_ACCESS_KEY"
+        );
+        let mut seen = std::collections::HashSet::new();
+        for k in KEYS {
+            assert!(seen.insert(k.key), "{} declared twice", k.key);
+        }
+    }
+}

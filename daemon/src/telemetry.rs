@@ -1,0 +1,71 @@
+//! Logs and metrics set-up.
+//!
+//! Logs go to journald when systemd started us (JOURNAL_STREAM is set) or when asked,
+//! else to stderr as text or JSON. The log filter can be swapped at run time (SIGHUP).
+//! Metrics use the `metrics` facade with one Prometheus recorder per process.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, reload};
+
+use crate::config::LogFormat;
+
+/// Changes the log filter of the running process.
+pub struct LogHandle(reload::Handle<EnvFilter, tracing_subscriber::Registry>);
+
+impl LogHandle {
+    /// Applies a new filter (already validated by the config).
+    pub fn set_level(&self, filter: &str) -> Result<(), String> {
+        let f = EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+        self.0.reload(f).map_err(|e| e.to_string())
+    }
+}
+
+/// Installs the global subscriber. Call once, from the binary.
+pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogHandle> {
+    let filter = EnvFilter::try_new(level)?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let format = match format {
+        LogFormat::Auto if std::env::var_os("JOURNAL_STREAM").is_some() => LogFormat::Journald,
+        LogFormat::Auto => LogFormat::Text,
+        f => f,
+    };
+    let output: Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync> = match format {
+        LogFormat::Journald => match tracing_journald::layer() {
+            Ok(layer) => Box::new(filter.and_then(layer)),
+            Err(e) => {
+                eprintln!("journald unavailable ({e}); logging to stderr");
+                Box::new(filter.and_then(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)))
+            }
+        },
+        LogFormat::Json => Box::new(
+            filter.and_then(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            ),
+        ),
+        _ => Box::new(filter.and_then(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))),
+    };
+    tracing_subscriber::registry().with(output).try_init()?;
+    Ok(LogHandle(handle))
+}
+
+/// The process-wide Prometheus recorder; installed on first use. Several daemons in one
+/// test process share it.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test harness); then ours only
+            // renders what it sees, which is nothing, and that is acceptable in tests.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}

@@ -1,0 +1,517 @@
+//! Test and benchmark harness: real PostgreSQL and RabbitMQ, never mocks.
+//!
+//! - [`PgCluster`]: a throwaway PostgreSQL cluster (initdb in a temporary directory,
+//!   `wal_level=logical`, a free port, run as the `postgres` user when we are root). One
+//!   per test process via [`PgCluster::shared`], or a private one for tests that restart
+//!   it. A detached watchdog removes the cluster when the process that made it is gone,
+//!   even after a panic or SIGKILL.
+//! - [`TestDb`]: one fresh database per test, dropped with its replication slots.
+//! - [`Rabbit`]: the broker at `127.0.0.1:5672` (or `PULSE_TEST_AMQP_URL`), with
+//!   uniquely named exchanges and queues per test.
+//! - [`Pulsed`]: the real `pulsed` binary as a child process, on free ports.
+//! - [`wait_for`]: polls a condition with a timeout; tests never sleep a guessed time.
+
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Polls `check` every 20 ms until it returns `Some`, or fails after `timeout` with
+/// `what` in the message.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The folder holding initdb, pg_ctl and postgres (Debian keeps them off PATH).
+pub fn pg_bindir() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("PULSE_TEST_PG_BINDIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return Ok(dir);
+        }
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    versions.retain(|p| p.join("initdb").exists());
+    versions.sort();
+    versions.pop().ok_or_else(|| {
+        anyhow!(
+            "no PostgreSQL server binaries found (initdb); install postgresql or set PULSE_TEST_PG_BINDIR"
+        )
+    })
+}
+
+/// Runs a PostgreSQL tool, as the postgres user when we are root.
+fn pg_command(bindir: &Path, tool: &str) -> Command {
+    let bin = bindir.join(tool);
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+fn run_checked(mut cmd: Command, what: &str) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A throwaway PostgreSQL cluster with logical replication.
+pub struct PgCluster {
+    /// Holds the data directory, the socket and the log.
+    dir: tempfile::TempDir,
+    bindir: PathBuf,
+    /// TCP port on 127.0.0.1.
+    pub port: u16,
+    /// Removes the cluster when this process is gone; killed on drop.
+    watchdog: Option<Child>,
+}
+
+impl PgCluster {
+    /// The cluster shared by every test of this process, started on first use.
+    pub fn shared() -> &'static PgCluster {
+        static SHARED: OnceLock<PgCluster> = OnceLock::new();
+        SHARED.get_or_init(|| PgCluster::start().expect("start the test PostgreSQL cluster"))
+    }
+
+    /// Starts a new cluster.
+    pub fn start() -> Result<PgCluster> {
+        let bindir = pg_bindir()?;
+        let dir = tempfile::Builder::new().prefix("pulse-pg-").tempdir()?;
+        if is_root() {
+            run_checked(
+                {
+                    let mut c = Command::new("chown");
+                    c.args(["-R", "postgres:postgres"]).arg(dir.path());
+                    c
+                },
+                "chown of the cluster folder",
+            )?;
+        }
+        let data = dir.path().join("data");
+        let mut initdb = pg_command(&bindir, "initdb");
+        initdb
+            .args([
+                "--auth=trust",
+                "--username=postgres",
+                "--encoding=UTF8",
+                "--no-sync",
+                "-D",
+            ])
+            .arg(&data);
+        run_checked(initdb, "initdb")?;
+        let port = free_port();
+        let conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
+             wal_level = logical\nmax_replication_slots = 64\nmax_wal_senders = 64\n\
+             wal_sender_timeout = '10s'\nmax_connections = 300\nfsync = off\n\
+             full_page_writes = off\nshared_buffers = '128MB'\nlog_min_messages = warning\n\
+             logical_decoding_work_mem = '64kB'\n",
+            dir.path().display()
+        );
+        let conf_path = data.join("postgresql.auto.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).unwrap_or_default();
+        existing.push_str(&conf);
+        std::fs::write(&conf_path, existing)?;
+        let hba = "local all all trust\nhost all all 127.0.0.1/32 trust\nlocal replication all trust\nhost replication all 127.0.0.1/32 trust\n";
+        std::fs::write(data.join("pg_hba.conf"), hba)?;
+        if is_root() {
+            run_checked(
+                {
+                    let mut c = Command::new("chown");
+                    c.args(["postgres:postgres"])
+                        .arg(&conf_path)
+                        .arg(data.join("pg_hba.conf"));
+                    c
+                },
+                "chown of the cluster config",
+            )?;
+        }
+        let mut cluster = PgCluster {
+            dir,
+            bindir,
+            port,
+            watchdog: None,
+        };
+        cluster.pg_ctl_start()?;
+        cluster.watchdog = Some(cluster.spawn_watchdog()?);
+        Ok(cluster)
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn pg_ctl_start(&self) -> Result<()> {
+        let mut c = pg_command(&self.bindir, "pg_ctl");
+        c.args(["start", "-w", "-t", "60", "-D"])
+            .arg(self.data_dir())
+            .arg("-l")
+            .arg(self.dir.path().join("postgres.log"));
+        run_checked(c, "pg_ctl start").with_context(|| {
+            format!(
+                "log:\n{}",
+                std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+            )
+        })
+    }
+
+    /// A detached shell that waits for this process to end, then stops and removes the
+    /// cluster. Detached (setsid) so that a Ctrl-C to the test's process group does not
+    /// kill it before it has cleaned up.
+    fn spawn_watchdog(&self) -> Result<Child> {
+        let pid = std::process::id();
+        let stop = format!(
+            "{} {} stop -m immediate -D {}",
+            if is_root() { "runuser -u postgres --" } else { "" },
+            self.bindir.join("pg_ctl").display(),
+            self.data_dir().display()
+        );
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf {}",
+            self.dir.path().display()
+        );
+        Command::new("setsid")
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start the cluster watchdog")
+    }
+
+    /// Stops the server (fast mode: clients are disconnected, a clean shutdown).
+    pub fn stop(&self) -> Result<()> {
+        let mut c = pg_command(&self.bindir, "pg_ctl");
+        c.args(["stop", "-w", "-m", "fast", "-D"]).arg(self.data_dir());
+        run_checked(c, "pg_ctl stop")
+    }
+
+    /// Starts the server again after [`PgCluster::stop`].
+    pub fn restart(&self) -> Result<()> {
+        self.pg_ctl_start()
+    }
+
+    /// The server log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// A URL for `database` as the postgres superuser.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Connects to `database`.
+    pub async fn connect(&self, database: &str) -> Result<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(&self.url(database), tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connect to {}", self.url(database)))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// A fresh, empty database with a unique name.
+    pub async fn fresh_db(&'static self, label: &str) -> Result<TestDb> {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let clean: String = label
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .take(30)
+            .collect();
+        let name = format!("t{}_{n}_{clean}", std::process::id());
+        let admin = self.connect("postgres").await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await?;
+        Ok(TestDb { cluster: self, name })
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
+
+/// One test's database. Dropping it drops its replication slots and the database.
+pub struct TestDb {
+    /// The cluster it lives in.
+    pub cluster: &'static PgCluster,
+    /// Its name.
+    pub name: String,
+}
+
+impl TestDb {
+    /// Its URL.
+    pub fn url(&self) -> String {
+        self.cluster.url(&self.name)
+    }
+
+    /// A connection to it.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client> {
+        self.cluster.connect(&self.name).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Blocking psql-free cleanup on a thread of its own: Drop may run inside a runtime.
+        let url = self.cluster.url("postgres");
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async move {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.ok()?;
+                tokio::spawn(conn);
+                let _ = client
+                    .execute(
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = $1 AND active_pid IS NOT NULL",
+                        &[&name],
+                    )
+                    .await;
+                for _ in 0..50 {
+                    let r = client
+                        .execute(
+                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",
+                            &[&name],
+                        )
+                        .await;
+                    if r.is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                client.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// The RabbitMQ broker used by tests and benchmarks.
+pub struct Rabbit {
+    /// AMQP URL.
+    pub url: String,
+}
+
+impl Rabbit {
+    /// The broker of `PULSE_TEST_AMQP_URL`, or guest on 127.0.0.1:5672.
+    pub fn from_env() -> Rabbit {
+        let url = std::env::var("PULSE_TEST_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string());
+        Rabbit { url }
+    }
+
+    /// A name no other test uses: `pulse-test-<label>-<uuid>`.
+    pub fn unique(label: &str) -> String {
+        format!("pulse-test-{label}-{}", uuid::Uuid::new_v4().simple())
+    }
+
+    /// Connects, or says how to get a broker.
+    pub async fn connect(&self) -> Result<lapin::Connection> {
+        lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default())
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach RabbitMQ at {}; start it (rabbitmq-server -detached) or set PULSE_TEST_AMQP_URL",
+                    self.url
+                )
+            })
+    }
+}
+
+/// The real `pulsed` binary, running as a child process on free ports.
+pub struct Pulsed {
+    child: Option<Child>,
+    /// Browser API base, `http://127.0.0.1:PORT`.
+    pub http: String,
+    /// Metrics base.
+    pub metrics: String,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+    /// Holds the log and the admin socket.
+    pub dir: tempfile::TempDir,
+}
+
+impl Pulsed {
+    /// Starts `bin` with the given extra environment (`PULSE__…` pairs); ports, the admin
+    /// socket and the storage folder are chosen here unless given.
+    pub fn spawn(bin: &Path, env: &[(&str, String)]) -> Result<Pulsed> {
+        Pulsed::spawn_with_config(bin, Path::new("/dev/null"), env)
+    }
+
+    /// Like [`Pulsed::spawn`], with a config file.
+    pub fn spawn_with_config(bin: &Path, config: &Path, env: &[(&str, String)]) -> Result<Pulsed> {
+        let dir = tempfile::Builder::new().prefix("pulsed-").tempdir()?;
+        let http_port = free_port();
+        let metrics_port = free_port();
+        let admin_socket = dir.path().join("admin.sock");
+        let log = std::fs::File::create(dir.path().join("pulsed.log"))?;
+        let mut cmd = Command::new(bin);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("PULSE__HTTP__LISTEN", format!("127.0.0.1:{http_port}"))
+            .env("PULSE__METRICS__LISTEN", format!("127.0.0.1:{metrics_port}"))
+            .env("PULSE__ADMIN__SOCKET", &admin_socket)
+            .env("PULSE__STORAGE__PATH", dir.path().join("files"))
+            .env("PULSE__LOG__FORMAT", "text")
+            .env("RUST_BACKTRACE", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        Ok(Pulsed {
+            child: Some(child),
+            http: format!("http://127.0.0.1:{http_port}"),
+            metrics: format!("http://127.0.0.1:{metrics_port}"),
+            admin_socket,
+            dir,
+        })
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pulsed.log")).unwrap_or_default()
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let url = format!("{}/readyz", self.http);
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!(
+                    "pulsed exited with {status} before it was ready; log:\n{}",
+                    self.log()
+                );
+            }
+            if let Ok(r) = client.get(&url).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("pulsed not ready within {timeout:?}; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, signal)?;
+        Ok(())
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "pulsed still running {timeout:?} after being asked to stop; log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Pulsed {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,328 @@
+//! Foundation: migrations, configuration, lifecycle, health, admin socket.
+
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use pulse_daemon::config::{Config, ConfigSource};
+use pulse_daemon::migrate::{self, MigrateError};
+use pulse_harness::{PgCluster, Pulsed, wait_for};
+use pulse_shared::ErrorCode;
+use pulse_shared::admin::{AdminRequest, AdminResponse, HealthState};
+use pulse_shared::protocol::{ClientFrame, PROTOCOL_VERSION, ServerFrame};
+
+use crate::support::{AdminClient, pulsed_bin};
+
+fn config_for(url: &str, extra: &[(&str, &str)]) -> Config {
+    let mut env = vec![("PULSE__SOURCE__URL".to_string(), url.to_string())];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Config::load(&ConfigSource { file: None, env }).expect("valid test config")
+}
+
+#[tokio::test]
+async fn two_concurrent_migrations_apply_each_file_once() {
+    let db = PgCluster::shared().fresh_db("migrate_twice").await.unwrap();
+    let mut a = db.connect().await.unwrap();
+    let mut b = db.connect().await.unwrap();
+    let (ra, rb) = tokio::join!(migrate::migrate(&mut a), migrate::migrate(&mut b));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    let mut all = ra.applied.clone();
+    all.extend(&rb.applied);
+    all.sort();
+    let expected: Vec<i32> = migrate::MIGRATIONS.iter().map(|m| m.0).collect();
+    assert_eq!(
+        all, expected,
+        "each migration applied by exactly one of the two runs"
+    );
+    let n: i64 = a
+        .query_one("SELECT count(*) FROM pulse.schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n as usize, expected.len());
+    assert!(migrate::is_current(&a).await.unwrap());
+    // Running again applies nothing.
+    assert!(migrate::migrate(&mut a).await.unwrap().applied.is_empty());
+}
+
+#[tokio::test]
+async fn an_edited_applied_migration_stops_the_start() {
+    let db = PgCluster::shared().fresh_db("migrate_tamper").await.unwrap();
+    let mut c = db.connect().await.unwrap();
+    migrate::migrate(&mut c).await.unwrap();
+    c.execute(
+        "UPDATE pulse.schema_migrations SET checksum = 'abc' WHERE version = 1",
+        &[],
+    )
+    .await
+    .unwrap();
+    match migrate::migrate(&mut c).await {
+        Err(MigrateError::ChecksumMismatch { version: 1, .. }) => {}
+        other => panic!("expected a checksum mismatch, got {other:?}"),
+    }
+    // The binary refuses to start and says why.
+    let out = Command::new(pulsed_bin())
+        .args(["--config", "/dev/null", "migrate"])
+        .env("PULSE__SOURCE__URL", db.url())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("migration 1") && stderr.contains("checksum"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_migration_from_a_newer_pulsed_is_refused() {
+    let db = PgCluster::shared().fresh_db("migrate_newer").await.unwrap();
+    let mut c = db.connect().await.unwrap();
+    migrate::migrate(&mut c).await.unwrap();
+    c.execute(
+        "INSERT INTO pulse.schema_migrations (version, name, checksum) VALUES (9999, 'future', 'x')",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        migrate::migrate(&mut c).await,
+        Err(MigrateError::Unknown { version: 9999, .. })
+    ));
+}
+
+#[test]
+fn config_check_names_the_bad_key_and_its_source() {
+    let out = Command::new(pulsed_bin())
+        .args(["--config", "/dev/null", "config", "check"])
+        .env("PULSE__HTTP__LISTEN", "nonsense")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("http.listen"), "{stderr}");
+    assert!(stderr.contains("environment PULSE__HTTP__LISTEN"), "{stderr}");
+}
+
+#[test]
+fn config_check_masks_the_deploy_key() {
+    let key = "0123456789abcdef0123456789abcdef-secret";
+    let out = Command::new(pulsed_bin())
+        .args(["--config", "/dev/null", "config", "check"])
+        .env("PULSE__PLATFORM__DEPLOY_KEY", key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains(key), "deploy key shown in clear:\n{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("platform.deploy_key"))
+        .unwrap();
+    assert!(
+        line.contains("***") && line.contains("environment PULSE__PLATFORM__DEPLOY_KEY"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn pulsed_runs_answers_readyz_and_stops_on_sigterm() {
+    let db = PgCluster::shared().fresh_db("run_sigterm").await.unwrap();
+    let mut pulsed = Pulsed::spawn(&pulsed_bin(), &[("PULSE__SOURCE__URL", db.url())]).unwrap();
+    pulsed.wait_ready(Duration::from_secs(20)).await.unwrap();
+
+    let http = reqwest::Client::new();
+    let health = http.get(format!("{}/healthz", pulsed.http)).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready: serde_json::Value = http
+        .get(format!("{}/readyz", pulsed.http))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["components"][0]["name"], "state_db");
+    let metrics = http
+        .get(format!("{}/metrics", pulsed.metrics))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+
+    // The migrations were applied by `run`.
+    let client = db.connect().await.unwrap();
+    assert!(migrate::is_current(&client).await.unwrap());
+
+    pulsed.signal(Signal::SIGTERM).unwrap();
+    let status = pulsed.wait_exit(Duration::from_secs(10)).await.unwrap();
+    assert!(status.success(), "exit status {status}; log:\n{}", pulsed.log());
+    assert!(
+        !pulsed.admin_socket.exists()
+            || std::os::unix::net::UnixStream::connect(&pulsed.admin_socket).is_err()
+    );
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_log_level() {
+    let db = PgCluster::shared().fresh_db("sighup").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pulsed.toml");
+    std::fs::write(&path, "[log]\nlevel = \"info\"\n").unwrap();
+    let mut pulsed =
+        Pulsed::spawn_with_config(&pulsed_bin(), &path, &[("PULSE__SOURCE__URL", db.url())]).unwrap();
+    pulsed.wait_ready(Duration::from_secs(20)).await.unwrap();
+    std::fs::write(
+        &path,
+        "[log]\nlevel = \"debug\"\n[limits]\nmax_upload_bytes = 1000\n",
+    )
+    .unwrap();
+    pulsed.signal(Signal::SIGHUP).unwrap();
+    wait_for("the reload to be logged", Duration::from_secs(5), || async {
+        let log = pulsed.log();
+        (log.contains("log level changed") && log.contains("limits changed")).then_some(())
+    })
+    .await
+    .unwrap();
+    pulsed.signal(Signal::SIGTERM).unwrap();
+    assert!(pulsed.wait_exit(Duration::from_secs(10)).await.unwrap().success());
+}
+
+#[tokio::test]
+async fn admin_socket_speaks_the_protocol() {
+    let db = PgCluster::shared().fresh_db("admin_socket").await.unwrap();
+    let key = "k".repeat(40);
+    let mut pulsed = Pulsed::spawn(
+        &pulsed_bin(),
+        &[
+            ("PULSE__SOURCE__URL", db.url()),
+            ("PULSE__PLATFORM__DEPLOY_KEY", key.clone()),
+        ],
+    )
+    .unwrap();
+    pulsed.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let mode = std::fs::metadata(&pulsed.admin_socket).map(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o777
+    });
+    assert_eq!(mode.unwrap(), 0o660);
+
+    let mut c = AdminClient::connect(&pulsed.admin_socket).await.unwrap();
+    // A malformed frame before hello ends the session with an error.
+    c.send_raw("{nonsense").await.unwrap();
+    assert!(
+        matches!(c.recv().await.unwrap(), ServerFrame::Error { error, .. } if error.code == ErrorCode::InvalidArgument)
+    );
+
+    let mut c = AdminClient::connect(&pulsed.admin_socket).await.unwrap();
+    c.send(&ClientFrame::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: None,
+        deploy_key: None,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(c.recv().await.unwrap(), ServerFrame::Welcome { .. }));
+    // Malformed frames after hello get an error and the session stays up.
+    c.send_raw(r#"{"type":"teleport"}"#).await.unwrap();
+    assert!(
+        matches!(c.recv().await.unwrap(), ServerFrame::Error { error, .. } if error.code == ErrorCode::InvalidArgument)
+    );
+    c.send(&ClientFrame::Admin {
+        id: "1".into(),
+        request: AdminRequest::Status,
+    })
+    .await
+    .unwrap();
+    match c.recv().await.unwrap() {
+        ServerFrame::Admin { id, response } => {
+            assert_eq!(id, "1");
+            let AdminResponse::Status(report) = *response else {
+                panic!("expected a status")
+            };
+            let db_health = report.components.iter().find(|c| c.name == "state_db").unwrap();
+            assert_eq!(db_health.state, HealthState::Up);
+        }
+        other => panic!("expected an admin answer, got {other:?}"),
+    }
+    c.send(&ClientFrame::Admin {
+        id: "2".into(),
+        request: AdminRequest::Config,
+    })
+    .await
+    .unwrap();
+    match c.recv().await.unwrap() {
+        ServerFrame::Admin { response, .. } => {
+            let AdminResponse::Config { entries } = *response else {
+                panic!("expected config")
+            };
+            let dk = entries.iter().find(|e| e.key == "platform.deploy_key").unwrap();
+            assert_eq!(dk.value, "***");
+            assert!(entries.iter().all(|e| !e.value.contains(&key)));
+        }
+        other => panic!("expected an admin answer, got {other:?}"),
+    }
+    // A second pulsed refuses to take over the live socket.
+    let out = Command::new(pulsed_bin())
+        .args(["--config", "/dev/null", "run"])
+        .env("PULSE__SOURCE__URL", db.url())
+        .env("PULSE__HTTP__LISTEN", "127.0.0.1:0")
+        .env("PULSE__METRICS__LISTEN", "")
+        .env("PULSE__ADMIN__SOCKET", &pulsed.admin_socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another pulsed"));
+}
+
+#[tokio::test]
+async fn readyz_follows_the_state_database() {
+    let cluster: &'static PgCluster = Box::leak(Box::new(PgCluster::start().unwrap()));
+    let db = cluster.fresh_db("readyz").await.unwrap();
+    let config = config_for(&db.url(), &[("PULSE__METRICS__LISTEN", "")]);
+    let dir = tempfile::tempdir().unwrap();
+    let listeners = pulse_daemon::Listeners {
+        http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        metrics: None,
+        admin: pulse_daemon::bind_admin_socket(&dir.path().join("a.sock"), 0o600).unwrap(),
+    };
+    let base = format!("http://{}", listeners.http.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (control, _reload) = pulse_daemon::Control::new(shutdown.clone());
+    let daemon = tokio::spawn(pulse_daemon::run(config, listeners, control));
+
+    let http = reqwest::Client::new();
+    let status = |http: reqwest::Client, base: String| async move {
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    };
+    wait_for("ready", Duration::from_secs(20), || async {
+        (status(http.clone(), base.clone()).await == Some(200)).then_some(())
+    })
+    .await
+    .unwrap();
+    cluster.stop().unwrap();
+    wait_for(
+        "not ready once the database is gone",
+        Duration::from_secs(20),
+        || async { (status(http.clone(), base.clone()).await == Some(503)).then_some(()) },
+    )
+    .await
+    .unwrap();
+    cluster.restart().unwrap();
+    wait_for("ready again", Duration::from_secs(20), || async {
+        (status(http.clone(), base.clone()).await == Some(200)).then_some(())
+    })
+    .await
+    .unwrap();
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), daemon)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
