@@ -326,3 +326,70 @@ async fn readyz_follows_the_state_database() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_settings_edit_is_validated_stored_audited_and_live() {
+    use pulse_daemon::settings::{SettingError, Settings};
+    let db = PgCluster::shared().fresh_db("settings").await.unwrap();
+    let mut client = db.connect().await.unwrap();
+    migrate::migrate(&mut client).await.unwrap();
+    let config = config_for(&db.url(), &[]);
+    let settings = Settings::new(&config.platform);
+    let mut live = settings.subscribe();
+
+    settings
+        .update(&mut client, "sync_interval_ms", "250", "ops@example.org")
+        .await
+        .unwrap();
+    assert_eq!(settings.current().sync_interval_ms, 250);
+    assert!(live.has_changed().unwrap());
+    assert_eq!(live.borrow_and_update().sync_interval_ms, 250);
+
+    // Invalid values are refused and nothing is stored or audited.
+    let err = settings
+        .update(&mut client, "sync_interval_ms", "0", "ops")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SettingError::Invalid { .. }));
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+    assert!(matches!(
+        settings.update(&mut client, "colour", "blue", "ops").await,
+        Err(SettingError::UnknownKey(_))
+    ));
+
+    // A deploy key rotation is audited without the key, and stored only as a digest.
+    let key = "r".repeat(48);
+    settings
+        .update(&mut client, "deploy_key", &key, "ops@example.org")
+        .await
+        .unwrap();
+    assert!(settings.deploy_key_matches(&key));
+    let audit = client
+        .query(
+            "SELECT actor, target, details::text FROM pulse.audit_log ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(audit.len(), 2, "one audit row per accepted edit");
+    assert_eq!(audit[0].get::<_, String>(1), "sync_interval_ms");
+    let stored: String = client
+        .query_one(
+            "SELECT value::text FROM pulse.settings WHERE key = 'deploy_key'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for row in &audit {
+        assert!(!row.get::<_, String>(2).contains(&key));
+    }
+    assert!(!stored.contains(&key));
+
+    // Another instance sees the edits on refresh.
+    let other = Settings::new(&config.platform);
+    other.refresh(&client).await.unwrap();
+    assert_eq!(other.current().sync_interval_ms, 250);
+    assert!(other.deploy_key_matches(&key));
+    assert!(other.list().iter().any(|v| v.source.contains("ops@example.org")));
+}
