@@ -13,6 +13,7 @@ pub mod config;
 pub mod db;
 pub mod health;
 pub mod migrate;
+pub mod replication;
 pub mod settings;
 pub mod systemd;
 pub mod telemetry;
