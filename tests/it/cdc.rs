@@ -1,0 +1,431 @@
+//! Change data capture against a real PostgreSQL: the reader (pulse-cdc) directly, and
+//! pulsed's stream with its durability rule (ledger sink), in-process and as the binary.
+
+use std::time::Duration;
+
+use pulse_cdc::reader::{CdcConfig, CdcHandle, CdcStatus};
+use pulse_cdc::{ChangeKind, Event, Lsn, Transaction, Value};
+use pulse_harness::{PgCluster, TestDb, unique_slot, wait_for};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A reader on one test database, with a consumer that reports every transaction
+/// durable as soon as the test has taken it.
+struct Reader {
+    handle: Option<CdcHandle>,
+    rx: mpsc::Receiver<Event>,
+    slot: String,
+}
+
+impl Reader {
+    fn start(url: &str, label: &str, tables: &[&str]) -> Reader {
+        let slot = unique_slot(label);
+        Reader::start_on(url, &slot, tables, |_| {})
+    }
+
+    fn start_on(url: &str, slot: &str, tables: &[&str], tweak: impl FnOnce(&mut CdcConfig)) -> Reader {
+        let mut config = CdcConfig::new(url.parse().unwrap(), slot, "pulse_test");
+        config.tables = tables.iter().map(|t| t.to_string()).collect();
+        config.needs_snapshot = false;
+        config.backoff_min = Duration::from_millis(50);
+        config.backoff_max = Duration::from_millis(500);
+        tweak(&mut config);
+        let (handle, rx) = pulse_cdc::reader::start(config);
+        Reader {
+            handle: Some(handle),
+            rx,
+            slot: slot.to_string(),
+        }
+    }
+
+    fn handle(&self) -> &CdcHandle {
+        self.handle.as_ref().unwrap()
+    }
+
+    async fn streaming(&self) {
+        let mut status = self.handle().status.clone();
+        tokio::time::timeout(
+            WAIT,
+            status.wait_for(|s| matches!(s, CdcStatus::Streaming { .. })),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("not streaming; status {:?}", self.handle().status.borrow()))
+        .unwrap();
+    }
+
+    /// The next committed transaction (reported durable at once).
+    async fn next(&mut self) -> Transaction {
+        loop {
+            let ev = tokio::time::timeout(WAIT, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no transaction; status {:?}", self.handle().status.borrow()))
+                .expect("reader stopped");
+            match ev {
+                Event::Commit(tx) => {
+                    self.handle().durable.report(tx.end_lsn);
+                    return tx;
+                }
+                Event::Snapshot(s) => {
+                    let _ = s.done.send(Ok(()));
+                }
+            }
+        }
+    }
+
+    async fn stop(mut self) {
+        self.handle.take().unwrap().stop().await;
+    }
+}
+
+fn new_row(tx: &Transaction, i: usize) -> &Vec<Value> {
+    match &tx.changes[i].kind {
+        ChangeKind::Insert { new } | ChangeKind::Update { new, .. } => new,
+        other => panic!("expected a new row, got {other:?}"),
+    }
+}
+
+fn col<'a>(tx: &'a Transaction, i: usize, name: &str) -> &'a Value {
+    let rel = &tx.changes[i].relation;
+    &new_row(tx, i)[rel.column(name).unwrap_or_else(|| panic!("no column {name}"))]
+}
+
+async fn slot_flush(db: &TestDb, slot: &str) -> Option<Lsn> {
+    let c = db.connect().await.ok()?;
+    let r = c
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .ok()??;
+    r.get::<_, Option<String>>(0)?.parse().ok()
+}
+
+#[tokio::test]
+async fn every_type_through_insert_update_delete() {
+    let db = PgCluster::shared().fresh_db("cdc_types").await.unwrap();
+    let c = db.connect().await.unwrap();
+    c.batch_execute(
+        "CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE DOMAIN positive AS int4 CHECK (VALUE > 0);
+         CREATE TABLE every (
+            id int8 PRIMARY KEY, b bool, i2 int2, i4 int4, f4 float4, f8 float8, n numeric,
+            t text, vc varchar(10), u uuid, j json, jb jsonb, d date, tm time, ts timestamp,
+            tz timestamptz, iv interval, by bytea, ai int4[], at text[], m mood, p positive,
+            am mood[], pt point)",
+    )
+    .await
+    .unwrap();
+    let mut r = Reader::start(&db.url(), "types", &["public.every"]);
+    r.streaming().await;
+    c.batch_execute(
+        "INSERT INTO every VALUES (1, true, -2, 4, 1.5, -2.25, '12345678901234567890.0000000001',
+            'héllo', 'vc', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{\"a\": 1}', '{\"b\": [1, 2]}',
+            '2024-02-29', '13:14:15.5', '2024-01-02 03:04:05.123456', '2024-01-02 03:04:05+02',
+            '1 day 2 hours', '\\x00ff', '{1,NULL,3}', '{\"a b\",c}', 'happy', 7, '{sad,happy}', '(1,2)')",
+    )
+    .await
+    .unwrap();
+    let tx = r.next().await;
+    assert_eq!(tx.changes.len(), 1);
+    let rel = &tx.changes[0].relation;
+    assert_eq!((rel.schema.as_str(), rel.name.as_str()), ("public", "every"));
+    assert!(rel.columns[0].key && !rel.columns[1].key);
+    assert_eq!(
+        rel.columns[rel.column("p").unwrap()].type_name,
+        "int4",
+        "domain resolved to its base"
+    );
+    assert_eq!(col(&tx, 0, "id"), &Value::Int(1));
+    assert_eq!(col(&tx, 0, "b"), &Value::Bool(true));
+    assert_eq!(col(&tx, 0, "i2"), &Value::Int(-2));
+    assert_eq!(col(&tx, 0, "i4"), &Value::Int(4));
+    assert_eq!(col(&tx, 0, "f4"), &Value::Float(1.5));
+    assert_eq!(col(&tx, 0, "f8"), &Value::Float(-2.25));
+    assert_eq!(
+        col(&tx, 0, "n"),
+        &Value::Numeric("12345678901234567890.0000000001".into())
+    );
+    assert_eq!(col(&tx, 0, "t"), &Value::Text("héllo".into()));
+    assert_eq!(col(&tx, 0, "vc"), &Value::Text("vc".into()));
+    assert_eq!(
+        col(&tx, 0, "u"),
+        &Value::Uuid("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".parse().unwrap())
+    );
+    assert_eq!(col(&tx, 0, "j"), &Value::Json(serde_json::json!({"a": 1})));
+    assert_eq!(col(&tx, 0, "jb"), &Value::Json(serde_json::json!({"b": [1, 2]})));
+    assert_eq!(
+        col(&tx, 0, "d"),
+        &Value::Date(chrono::NaiveDate::from_ymd_opt(2024, 2, 29).unwrap())
+    );
+    assert_eq!(
+        col(&tx, 0, "tm"),
+        &Value::Time(chrono::NaiveTime::from_hms_milli_opt(13, 14, 15, 500).unwrap())
+    );
+    let ts = chrono::NaiveDate::from_ymd_opt(2024, 1, 2)
+        .unwrap()
+        .and_hms_micro_opt(3, 4, 5, 123456)
+        .unwrap();
+    assert_eq!(col(&tx, 0, "ts"), &Value::Timestamp(ts));
+    assert_eq!(
+        col(&tx, 0, "tz"),
+        &Value::TimestampTz(
+            chrono::NaiveDate::from_ymd_opt(2024, 1, 2)
+                .unwrap()
+                .and_hms_opt(1, 4, 5)
+                .unwrap()
+                .and_utc()
+        )
+    );
+    assert_eq!(col(&tx, 0, "iv"), &Value::Interval("1 day 02:00:00".into()));
+    assert_eq!(col(&tx, 0, "by"), &Value::Bytes(vec![0, 255]));
+    assert_eq!(
+        col(&tx, 0, "ai"),
+        &Value::Array(vec![Value::Int(1), Value::Null, Value::Int(3)])
+    );
+    assert_eq!(
+        col(&tx, 0, "at"),
+        &Value::Array(vec![Value::Text("a b".into()), Value::Text("c".into())])
+    );
+    assert_eq!(col(&tx, 0, "m"), &Value::Text("happy".into()));
+    assert_eq!(col(&tx, 0, "p"), &Value::Int(7));
+    assert_eq!(
+        col(&tx, 0, "am"),
+        &Value::Array(vec![Value::Text("sad".into()), Value::Text("happy".into())])
+    );
+    assert_eq!(
+        col(&tx, 0, "pt"),
+        &Value::Text("(1,2)".into()),
+        "unknown type: text"
+    );
+
+    c.batch_execute("UPDATE every SET b = false, i4 = NULL, m = 'sad', ai = '{}' WHERE id = 1")
+        .await
+        .unwrap();
+    let tx = r.next().await;
+    match &tx.changes[0].kind {
+        ChangeKind::Update { old, .. } => assert!(old.is_none(), "default identity, key unchanged"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(col(&tx, 0, "b"), &Value::Bool(false));
+    assert_eq!(col(&tx, 0, "i4"), &Value::Null);
+    assert_eq!(col(&tx, 0, "m"), &Value::Text("sad".into()));
+    assert_eq!(col(&tx, 0, "ai"), &Value::Array(vec![]));
+    assert_eq!(
+        col(&tx, 0, "n"),
+        &Value::Numeric("12345678901234567890.0000000001".into())
+    );
+
+    // Changing the key sends the old key.
+    c.batch_execute("UPDATE every SET id = 2 WHERE id = 1")
+        .await
+        .unwrap();
+    let tx = r.next().await;
+    match &tx.changes[0].kind {
+        ChangeKind::Update { old: Some(old), new } => {
+            assert_eq!(old[0], Value::Int(1));
+            assert_eq!(new[0], Value::Int(2));
+        }
+        other => panic!("{other:?}"),
+    }
+    c.batch_execute("DELETE FROM every").await.unwrap();
+    let tx = r.next().await;
+    match &tx.changes[0].kind {
+        ChangeKind::Delete { old } => {
+            assert_eq!(old[0], Value::Int(2));
+            assert_eq!(
+                old[1],
+                Value::Null,
+                "only the key is sent with the default identity"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn replica_identities_truncate_toast_and_messages() {
+    let db = PgCluster::shared().fresh_db("cdc_identity").await.unwrap();
+    let c = db.connect().await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE full_t (id int PRIMARY KEY, a text, big text);
+         ALTER TABLE full_t REPLICA IDENTITY FULL;
+         CREATE TABLE idx_t (id int PRIMARY KEY, code text NOT NULL, v int);
+         CREATE UNIQUE INDEX idx_t_code ON idx_t (code);
+         ALTER TABLE idx_t REPLICA IDENTITY USING INDEX idx_t_code;
+         CREATE TABLE none_t (id int, v int);
+         ALTER TABLE none_t REPLICA IDENTITY NOTHING;
+         CREATE TABLE toast_t (id int PRIMARY KEY, small int, big text);
+         ALTER TABLE toast_t ALTER COLUMN big SET STORAGE EXTERNAL;",
+    )
+    .await
+    .unwrap();
+    let mut r = Reader::start(
+        &db.url(),
+        "identity",
+        &["public.full_t", "public.idx_t", "public.none_t", "public.toast_t"],
+    );
+    r.streaming().await;
+
+    c.batch_execute("INSERT INTO full_t VALUES (1, 'x', 'y')")
+        .await
+        .unwrap();
+    let tx = r.next().await;
+    assert_eq!(tx.changes[0].relation.replica_identity, 'f');
+    c.batch_execute("UPDATE full_t SET a = 'z'").await.unwrap();
+    match &r.next().await.changes[0].kind {
+        ChangeKind::Update { old: Some(old), new } => {
+            assert_eq!(
+                old,
+                &vec![Value::Int(1), Value::Text("x".into()), Value::Text("y".into())]
+            );
+            assert_eq!(new[1], Value::Text("z".into()));
+        }
+        other => panic!("full identity sends the whole old row: {other:?}"),
+    }
+    c.batch_execute("DELETE FROM full_t").await.unwrap();
+    match &r.next().await.changes[0].kind {
+        ChangeKind::Delete { old } => assert_eq!(old[2], Value::Text("y".into())),
+        other => panic!("{other:?}"),
+    }
+
+    c.batch_execute("INSERT INTO idx_t VALUES (1, 'a', 1); UPDATE idx_t SET code = 'b'; DELETE FROM idx_t")
+        .await
+        .unwrap();
+    let tx = r.next().await;
+    assert_eq!(tx.changes.len(), 3);
+    assert_eq!(tx.changes[0].relation.replica_identity, 'i');
+    let code = tx.changes[0].relation.column("code").unwrap();
+    assert!(tx.changes[0].relation.columns[code].key);
+    match &tx.changes[1].kind {
+        ChangeKind::Update { old: Some(old), .. } => assert_eq!(old[code], Value::Text("a".into())),
+        other => panic!("index identity sends the old index key: {other:?}"),
+    }
+    match &tx.changes[2].kind {
+        ChangeKind::Delete { old } => {
+            assert_eq!(old[code], Value::Text("b".into()));
+            assert_eq!(old[0], Value::Null);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    c.batch_execute("INSERT INTO none_t VALUES (1, 1)").await.unwrap();
+    let tx = r.next().await;
+    assert_eq!(tx.changes[0].relation.replica_identity, 'n');
+
+    // A value far above the TOAST threshold, incompressible so it stays out of line.
+    c.batch_execute(
+        "INSERT INTO toast_t SELECT 1, 1, string_agg(md5(g::text), '') FROM generate_series(1, 2000) g",
+    )
+    .await
+    .unwrap();
+    let tx = r.next().await;
+    let big = match col(&tx, 0, "big") {
+        Value::Text(s) => s.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(big.len(), 64_000);
+    c.batch_execute("UPDATE toast_t SET small = 2").await.unwrap();
+    let tx = r.next().await;
+    assert_eq!(col(&tx, 0, "small"), &Value::Int(2));
+    assert_eq!(
+        col(&tx, 0, "big"),
+        &Value::UnchangedToast,
+        "an unchanged TOASTed value is marked, never NULL"
+    );
+
+    // Truncate, and a transactional logical decoding message beside a change.
+    c.batch_execute(
+        "BEGIN; INSERT INTO none_t VALUES (2, 2);
+         SELECT pg_logical_emit_message(true, 'pulse', 'hello');
+         TRUNCATE toast_t, none_t; COMMIT;",
+    )
+    .await
+    .unwrap();
+    let tx = r.next().await;
+    let kinds: Vec<_> = tx
+        .changes
+        .iter()
+        .map(|c| (c.relation.name.as_str(), matches!(c.kind, ChangeKind::Truncate)))
+        .collect();
+    assert_eq!(kinds.len(), 3, "{kinds:?}");
+    assert!(kinds.contains(&("toast_t", true)) && kinds.contains(&("none_t", true)));
+    assert_eq!(tx.messages.len(), 1);
+    assert_eq!(tx.messages[0].prefix, "pulse");
+    assert_eq!(tx.messages[0].content, b"hello");
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn alter_table_while_streaming_is_followed_by_name() {
+    let db = PgCluster::shared().fresh_db("cdc_alter").await.unwrap();
+    let c = db.connect().await.unwrap();
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, a text, b int)")
+        .await
+        .unwrap();
+    let mut r = Reader::start(&db.url(), "alter", &["public.t"]);
+    r.streaming().await;
+    c.batch_execute("INSERT INTO t VALUES (1, 'one', 10)")
+        .await
+        .unwrap();
+    let tx = r.next().await;
+    assert_eq!(col(&tx, 0, "b"), &Value::Int(10));
+    c.batch_execute(
+        "ALTER TABLE t ADD COLUMN c jsonb DEFAULT '{}'; ALTER TABLE t DROP COLUMN a;
+         INSERT INTO t VALUES (2, 20, '{\"k\": true}')",
+    )
+    .await
+    .unwrap();
+    let tx = r.next().await;
+    let rel = &tx.changes[0].relation;
+    assert_eq!(
+        rel.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        vec!["id", "b", "c"]
+    );
+    assert_eq!(col(&tx, 0, "b"), &Value::Int(20));
+    assert_eq!(col(&tx, 0, "c"), &Value::Json(serde_json::json!({"k": true})));
+    // In one transaction: a change before and after the ALTER, each with its relation.
+    c.batch_execute(
+        "BEGIN; INSERT INTO t VALUES (3, 30, '{}'); ALTER TABLE t ADD COLUMN d text;
+         INSERT INTO t VALUES (4, 40, '{}', 'dee'); COMMIT;",
+    )
+    .await
+    .unwrap();
+    let tx = r.next().await;
+    assert_eq!(tx.changes[0].relation.column("d"), None);
+    assert_eq!(col(&tx, 1, "d"), &Value::Text("dee".into()));
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn idle_database_slot_still_advances() {
+    let db = PgCluster::shared().fresh_db("cdc_idle").await.unwrap();
+    let c = db.connect().await.unwrap();
+    c.batch_execute("CREATE TABLE published (id int PRIMARY KEY); CREATE TABLE other (id int)")
+        .await
+        .unwrap();
+    let r = Reader::start(&db.url(), "idle", &["public.published"]);
+    r.streaming().await;
+    let before = wait_for("a confirmed position", WAIT, || slot_flush(&db, &r.slot))
+        .await
+        .unwrap();
+    for i in 0..20 {
+        c.execute("INSERT INTO other VALUES ($1)", &[&i]).await.unwrap();
+    }
+    let written: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let written: Lsn = written.parse().unwrap();
+    assert!(written > before);
+    // Keepalives come at least every wal_sender_timeout / 2 (5 s here).
+    wait_for("the slot to pass the unpublished writes", WAIT, || async {
+        slot_flush(&db, &r.slot).await.filter(|l| *l >= written)
+    })
+    .await
+    .unwrap();
+    r.stop().await;
+}
