@@ -1,12 +1,16 @@
 //! Change data capture against a real PostgreSQL: the reader (pulse-cdc) directly, and
 //! pulsed's stream with its durability rule (ledger sink), in-process and as the binary.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use pulse_cdc::reader::{CdcConfig, CdcHandle, CdcStatus};
 use pulse_cdc::{ChangeKind, Event, Lsn, Transaction, Value};
-use pulse_harness::{PgCluster, TestDb, unique_slot, wait_for};
+use pulse_harness::{PgCluster, Pulsed, TestDb, unique_slot, wait_for};
 use tokio::sync::mpsc;
+
+use crate::support::pulsed_bin;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -428,4 +432,329 @@ async fn idle_database_slot_still_advances() {
     .await
     .unwrap();
     r.stop().await;
+}
+
+/// Rows of `items` the writer committed, and what the ledger says pulsed applied.
+async fn ledger_matches_source(db: &TestDb, slot: &str) -> Result<usize, String> {
+    let c = db.connect().await.map_err(|e| e.to_string())?;
+    let source: Vec<String> = c
+        .query("SELECT id::text AS k FROM items ORDER BY items.id", &[])
+        .await
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let applied: Vec<String> = c
+        .query(
+            "SELECT key FROM pulse.cdc_ledger WHERE slot = $1 AND relation = 'public.items' \
+             AND kind IN ('insert', 'snapshot') ORDER BY key::int8",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let distinct: BTreeSet<&String> = applied.iter().collect();
+    if distinct.len() != applied.len() {
+        panic!(
+            "a change was applied twice: {} ledger rows, {} distinct",
+            applied.len(),
+            distinct.len()
+        );
+    }
+    if applied == source {
+        Ok(source.len())
+    } else {
+        let diff = source.iter().zip(&applied).find(|(a, b)| a != b);
+        Err(format!(
+            "source has {} rows, ledger {}; first difference {diff:?}",
+            source.len(),
+            applied.len()
+        ))
+    }
+}
+
+/// Waits until the ledger matches the table; fails with the last difference.
+async fn wait_ledger(db: &TestDb, slot: &str) -> usize {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match ledger_matches_source(db, slot).await {
+            Ok(n) => return n,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("the ledger never matched the table: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Inserts single-row transactions into `items` until stopped, riding out connection
+/// losses. The table, not this writer, is the truth of what committed.
+fn spawn_writer(url: String) -> (tokio::task::JoinHandle<u64>, tokio_util::sync::CancellationToken) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut done = 0u64;
+        while !token.is_cancelled() {
+            let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            tokio::spawn(conn);
+            while !token.is_cancelled() {
+                if client
+                    .execute("INSERT INTO items (note) VALUES ('w')", &[])
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                done += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        done
+    });
+    (task, stop)
+}
+
+fn ledger_env(db: &TestDb, slot: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("PULSE__SOURCE__URL", db.url()),
+        ("PULSE__REPLICATION__SLOT", slot.to_string()),
+        ("PULSE__REPLICATION__SINK", "ledger".to_string()),
+    ]
+}
+
+/// pulsed in-process on port 0.
+struct InProcess {
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), pulse_daemon::StartError>>,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    async fn start(env: &[(&str, String)]) -> InProcess {
+        let mut pairs: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        pairs.push(("PULSE__METRICS__LISTEN".into(), String::new()));
+        let config = pulse_daemon::config::Config::load(&pulse_daemon::config::ConfigSource {
+            file: None,
+            env: pairs,
+        })
+        .expect("valid test config");
+        let dir = tempfile::tempdir().unwrap();
+        let listeners = pulse_daemon::Listeners {
+            http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            metrics: None,
+            admin: pulse_daemon::bind_admin_socket(&dir.path().join("a.sock"), 0o600).unwrap(),
+        };
+        let base = format!("http://{}", listeners.http.local_addr().unwrap());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (control, _reload) = pulse_daemon::Control::new(shutdown.clone());
+        let task = tokio::spawn(pulse_daemon::run(config, listeners, control));
+        InProcess {
+            shutdown,
+            task,
+            base,
+            _dir: dir,
+        }
+    }
+
+    async fn replication_state(&self) -> Option<String> {
+        let v: serde_json::Value = reqwest::get(format!("{}/readyz", self.base))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        v["components"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == "replication")
+            .map(|c| c["state"].as_str().unwrap_or("").to_string())
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("pulsed stops within 20 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn snapshot_plus_stream_is_exact() {
+    let db = PgCluster::shared().fresh_db("cdc_snapshot").await.unwrap();
+    let c = db.connect().await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE items (id bigserial PRIMARY KEY, note text);
+         INSERT INTO items (note) SELECT 'before' FROM generate_series(1, 2000);",
+    )
+    .await
+    .unwrap();
+    // Writes go on while the slot is created and the snapshot read.
+    let (writer, stop_writer) = spawn_writer(db.url());
+    let slot = unique_slot("snapshot");
+    let pulsed = InProcess::start(&ledger_env(&db, &slot)).await;
+    wait_for("replication up", WAIT, || async {
+        (pulsed.replication_state().await.as_deref() == Some("up")).then_some(())
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_writer.cancel();
+    assert!(writer.await.unwrap() > 0);
+    let n = wait_ledger(&db, &slot).await;
+    assert!(n > 2000);
+    let snapshot_rows: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pulse.cdc_ledger WHERE slot = $1 AND kind = 'snapshot'",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(snapshot_rows >= 2000, "the initial rows came from the snapshot");
+    pulsed.stop().await;
+}
+
+#[tokio::test]
+async fn postgres_restart_resumes_without_loss() {
+    let cluster: &'static PgCluster = Box::leak(Box::new(PgCluster::start().unwrap()));
+    let db = cluster.fresh_db("cdc_restart").await.unwrap();
+    db.connect()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE items (id bigserial PRIMARY KEY, note text)")
+        .await
+        .unwrap();
+    let slot = unique_slot("restart");
+    let pulsed = InProcess::start(&ledger_env(&db, &slot)).await;
+    wait_for("replication up", WAIT, || async {
+        (pulsed.replication_state().await.as_deref() == Some("up")).then_some(())
+    })
+    .await
+    .unwrap();
+    let (writer, stop_writer) = spawn_writer(db.url());
+    wait_for("some rows applied", WAIT, || async {
+        ledger_matches_source(&db, &slot).await.ok().filter(|n| *n > 50)
+    })
+    .await
+    .ok();
+    cluster.stop().unwrap();
+    wait_for("replication down", WAIT, || async {
+        (pulsed.replication_state().await.as_deref() == Some("down")).then_some(())
+    })
+    .await
+    .unwrap();
+    cluster.restart().unwrap();
+    let restarted = std::time::Instant::now();
+    wait_for("replication up again", WAIT, || async {
+        (pulsed.replication_state().await.as_deref() == Some("up")).then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(
+        restarted.elapsed() < Duration::from_secs(10),
+        "resumed in {:?}",
+        restarted.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_writer.cancel();
+    writer.await.unwrap();
+    let n = wait_ledger(&db, &slot).await;
+    assert!(n > 0);
+    pulsed.stop().await;
+}
+
+#[tokio::test]
+async fn pulsed_stopped_and_killed_mid_stream_loses_nothing() {
+    let db = PgCluster::shared().fresh_db("cdc_kill").await.unwrap();
+    db.connect()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE items (id bigserial PRIMARY KEY, note text)")
+        .await
+        .unwrap();
+    let slot = unique_slot("kill");
+    let env = ledger_env(&db, &slot);
+    let (writer, stop_writer) = spawn_writer(db.url());
+    let applied = |min: usize| {
+        let (db, slot) = (&db, slot.clone());
+        async move {
+            let c = db.connect().await.ok()?;
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM pulse.cdc_ledger WHERE slot = $1", &[&slot])
+                .await
+                .ok()?
+                .get(0);
+            (n as usize >= min).then_some(n as usize)
+        }
+    };
+
+    let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
+    pulsed.wait_ready(WAIT).await.unwrap();
+    let first = wait_for("changes applied", WAIT, || applied(1)).await.unwrap();
+    pulsed.signal(Signal::SIGTERM).unwrap();
+    let status = pulsed.wait_exit(Duration::from_secs(20)).await.unwrap();
+    assert!(status.success(), "{}", pulsed.log());
+    assert!(
+        pulsed.log().contains("replication stream stopped"),
+        "{}",
+        pulsed.log()
+    );
+
+    let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
+    pulsed.wait_ready(WAIT).await.unwrap();
+    let second = wait_for("more changes applied", WAIT, || applied(first + 20))
+        .await
+        .unwrap();
+    pulsed.kill9();
+
+    let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
+    pulsed.wait_ready(WAIT).await.unwrap();
+    wait_for("more changes after the kill", WAIT, || applied(second + 20))
+        .await
+        .unwrap();
+    let metrics = reqwest::get(format!("{}/metrics", pulsed.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("pulse_replication_rows_total"), "{metrics}");
+    stop_writer.cancel();
+    writer.await.unwrap();
+    wait_ledger(&db, &slot).await;
+    // The slot never confirms beyond what is persisted (nothing else is published).
+    let c = db.connect().await.unwrap();
+    let row = c
+        .query_one(
+            "SELECT (SELECT lsn FROM pulse.checkpoints WHERE name = $1)::text, confirmed_flush_lsn::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    let checkpoint: Lsn = row.get::<_, String>(0).parse().unwrap();
+    let last_commit: Lsn = c
+        .query_one(
+            "SELECT max(commit_lsn)::text FROM pulse.cdc_ledger WHERE slot = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    assert!(
+        checkpoint > last_commit,
+        "checkpoint {checkpoint} covers the last commit {last_commit}"
+    );
+    pulsed.signal(Signal::SIGTERM).unwrap();
+    assert!(pulsed.wait_exit(Duration::from_secs(20)).await.unwrap().success());
 }
