@@ -758,3 +758,299 @@ async fn pulsed_stopped_and_killed_mid_stream_loses_nothing() {
     pulsed.signal(Signal::SIGTERM).unwrap();
     assert!(pulsed.wait_exit(Duration::from_secs(20)).await.unwrap().success());
 }
+
+/// The replication stream's statistics for a slot: (streamed transactions, bytes).
+async fn stream_stats(db: &TestDb, slot: &str) -> (i64, i64) {
+    let c = db.connect().await.unwrap();
+    c.query_opt(
+        "SELECT stream_txns, stream_bytes FROM pg_stat_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .unwrap()
+    .map(|r| (r.get(0), r.get(1)))
+    .unwrap_or((0, 0))
+}
+
+fn peak_rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_million_row_transaction_streams_in_progress() {
+    let db = PgCluster::shared().fresh_db("cdc_million").await.unwrap();
+    let c = db.connect().await.unwrap();
+    c.batch_execute("CREATE TABLE big (id int PRIMARY KEY, v int)")
+        .await
+        .unwrap();
+    let mut r = Reader::start(&db.url(), "million", &["public.big"]);
+    r.streaming().await;
+    let before = peak_rss_kb();
+    c.batch_execute("INSERT INTO big SELECT g, g % 7 FROM generate_series(1, 1000000) g")
+        .await
+        .unwrap();
+    let tx = r.next().await;
+    assert_eq!(tx.changes.len(), 1_000_000);
+    let ids_in_order = tx.changes.iter().enumerate().all(|(i, c)| match &c.kind {
+        ChangeKind::Insert { new } => new[0] == Value::Int(i as i64 + 1),
+        _ => false,
+    });
+    assert!(ids_in_order, "every row, once, in order");
+    let (streamed, bytes) = stream_stats(&db, &r.slot).await;
+    assert!(
+        streamed >= 1 && bytes > 1_000_000,
+        "PostgreSQL streamed the transaction while in progress ({streamed} txns, {bytes} bytes) instead of spilling it"
+    );
+    drop(tx);
+    // Memory stays in proportion to the transaction itself (about 1M typed rows), not a
+    // multiple of it; generous, since other tests share this process.
+    let grew_mb = peak_rss_kb().saturating_sub(before) / 1024;
+    eprintln!("a_million_row_transaction: peak RSS grew by {grew_mb} MiB");
+    assert!(grew_mb < 1500, "peak RSS grew by {grew_mb} MiB");
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn walsender_terminated_mid_transaction() {
+    let db = PgCluster::shared().fresh_db("cdc_terminate").await.unwrap();
+    let c = db.connect().await.unwrap();
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+        .await
+        .unwrap();
+    let mut r = Reader::start(&db.url(), "terminate", &["public.t"]);
+    r.streaming().await;
+    c.batch_execute("INSERT INTO t VALUES (0, 'before')")
+        .await
+        .unwrap();
+    let first = r.next().await;
+    assert_eq!(first.changes.len(), 1);
+
+    // A large transaction, streamed in progress, with a subtransaction that aborts.
+    let mut w = db.connect().await.unwrap();
+    let tx = w.transaction().await.unwrap();
+    tx.batch_execute("INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 20000) g")
+        .await
+        .unwrap();
+    tx.batch_execute(
+        "SAVEPOINT s; INSERT INTO t SELECT g, 'gone' FROM generate_series(100001, 110000) g; ROLLBACK TO SAVEPOINT s",
+    )
+    .await
+    .unwrap();
+    wait_for("the open transaction to be streamed", WAIT, || async {
+        (stream_stats(&db, &r.slot).await.0 >= 1).then_some(())
+    })
+    .await
+    .unwrap();
+    let pid = match &*r.handle().status.borrow() {
+        CdcStatus::Streaming { pid } => *pid,
+        other => panic!("{other:?}"),
+    };
+    let killed: bool = c
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    tx.batch_execute("INSERT INTO t SELECT g, 'after' FROM generate_series(20001, 30000) g")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    c.batch_execute("INSERT INTO t VALUES (-1, 'last')")
+        .await
+        .unwrap();
+
+    // After the reconnect: the big transaction once and whole, without the aborted part,
+    // and the first one never again.
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|t: &Transaction| t.changes.len() == 1 && col(t, 0, "id") == &Value::Int(-1))
+    {
+        let t = r.next().await;
+        if t.end_lsn > first.end_lsn {
+            seen.push(t);
+        } else {
+            assert_eq!(
+                t.end_lsn, first.end_lsn,
+                "only an unconfirmed transaction may come again"
+            );
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "{:?}",
+        seen.iter().map(|t| t.changes.len()).collect::<Vec<_>>()
+    );
+    let big = &seen[0];
+    assert_eq!(big.changes.len(), 30000);
+    let ids: BTreeSet<i64> = big
+        .changes
+        .iter()
+        .map(|c| match &c.kind {
+            ChangeKind::Insert { new } => match new[0] {
+                Value::Int(i) => i,
+                _ => panic!(),
+            },
+            _ => panic!(),
+        })
+        .collect();
+    assert_eq!(ids, (1..=30000).collect());
+    let new_pid = match &*r.handle().status.borrow() {
+        CdcStatus::Streaming { pid } => *pid,
+        other => panic!("{other:?}"),
+    };
+    assert_ne!(new_pid, pid, "a new walsender");
+    r.stop().await;
+}
+
+async fn retry_error(r: &Reader) -> String {
+    let mut status = r.handle().status.clone();
+    let s = tokio::time::timeout(WAIT, status.wait_for(|s| matches!(s, CdcStatus::Retrying { .. })))
+        .await
+        .expect("an error")
+        .unwrap()
+        .clone();
+    match s {
+        CdcStatus::Retrying { error, .. } => error,
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test]
+async fn set_up_errors_say_what_to_do() {
+    let db = PgCluster::shared().fresh_db("cdc_errors").await.unwrap();
+    let c = db.connect().await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);
+         CREATE PUBLICATION pulse_test FOR TABLE a;",
+    )
+    .await
+    .unwrap();
+    let role = format!("norepl_{}", std::process::id());
+    c.batch_execute(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN; GRANT ALL ON DATABASE \"{}\" TO {role}",
+        db.name
+    ))
+    .await
+    .unwrap();
+
+    // The publication lacks a configured table.
+    let r = Reader::start(&db.url(), "errors", &["public.a", "public.b"]);
+    let e = retry_error(&r).await;
+    assert!(
+        e.contains("does not include table public.b") && e.contains("ALTER PUBLICATION"),
+        "{e}"
+    );
+    r.stop().await;
+
+    // A configured table is missing.
+    let r = Reader::start(&db.url(), "errors", &["public.nope"]);
+    let e = retry_error(&r).await;
+    assert!(e.contains("public.nope") && e.contains("does not exist"), "{e}");
+    r.stop().await;
+
+    // The role lacks REPLICATION.
+    let url = db.url().replacen("postgres@", &format!("{role}@"), 1);
+    let r = Reader::start(&url, "errors", &["public.a"]);
+    let e = retry_error(&r).await;
+    assert!(e.contains("REPLICATION") && e.contains(&role), "{e}");
+    r.stop().await;
+
+    // The slot is active in another process: the error names the PID.
+    let slot = unique_slot("busy");
+    let first = Reader::start_on(&db.url(), &slot, &["public.a"], |_| {});
+    first.streaming().await;
+    let pid = match &*first.handle().status.borrow() {
+        CdcStatus::Streaming { pid } => *pid,
+        _ => unreachable!(),
+    };
+    let second = Reader::start_on(&db.url(), &slot, &["public.a"], |_| {});
+    let e = retry_error(&second).await;
+    assert!(e.contains(&format!("PID {pid}")) && e.contains("active"), "{e}");
+    second.stop().await;
+    first.stop().await;
+
+    // A slot without a loaded state, for a consumer that needs the snapshot.
+    let r = Reader::start_on(&db.url(), &slot, &["public.a"], |c| c.needs_snapshot = true);
+    let e = retry_error(&r).await;
+    assert!(
+        e.contains("never loaded") && e.contains("pulsed slot drop"),
+        "{e}"
+    );
+    r.stop().await;
+
+    // Creation off and nothing there.
+    let r = Reader::start_on(&db.url(), &unique_slot("missing"), &["public.a"], |c| {
+        c.create = false
+    });
+    let e = retry_error(&r).await;
+    assert!(
+        e.contains("does not exist") && e.contains("replication.create"),
+        "{e}"
+    );
+    r.stop().await;
+    c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn slot_status_and_drop_from_the_command_line() {
+    let db = PgCluster::shared().fresh_db("cdc_slot_cli").await.unwrap();
+    db.connect()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE a (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let slot = unique_slot("cli");
+    let r = Reader::start_on(&db.url(), &slot, &["public.a"], |_| {});
+    r.streaming().await;
+    let pulsed = |args: &[&str]| {
+        std::process::Command::new(pulsed_bin())
+            .args(["--config", "/dev/null", "slot"])
+            .args(args)
+            .env("PULSE__SOURCE__URL", db.url())
+            .env("PULSE__REPLICATION__SLOT", &slot)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = pulsed(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for field in [
+        "confirmed flush",
+        "retained wal",
+        "wal_status       reserved",
+        "lag",
+    ] {
+        assert!(text.contains(field), "{field}: {text}");
+    }
+    assert!(text.contains("active pid       "), "{text}");
+    // Active: refused, naming the PID.
+    let out = pulsed(&["drop", "--yes"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PID"));
+    r.stop().await;
+    // Without a terminal and without --yes: refused, kept.
+    let out = pulsed(&["drop"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--yes"));
+    assert!(slot_flush(&db, &slot).await.is_some(), "kept");
+    let out = pulsed(&["drop", "--yes"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = pulsed(&["status"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
