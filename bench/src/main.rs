@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod cdc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "pulse-bench",
@@ -38,7 +40,28 @@ enum Bench {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Bench::Cdc = cli.bench {
+        return block_on(cdc::run(cli.quick));
+    }
     let name = format!("{:?}", cli.bench).to_lowercase();
     eprintln!("pulse-bench {name}: this benchmark is not written yet; see the open issues");
     ExitCode::from(2)
+}
+
+/// Runs one benchmark on a multi-threaded runtime; a failure exits non-zero.
+fn block_on(bench: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pulse-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(bench) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pulse-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
