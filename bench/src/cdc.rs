@@ -240,6 +240,21 @@ pub async fn run(quick: bool) -> Result<()> {
     ];
     let t = Instant::now();
     let mut pulsed = Pulsed::spawn(&pulsed_bin, &env)?;
+    let mut streaming_after = None;
+    while streaming_after.is_none() && t.elapsed() < Duration::from_secs(60) {
+        let active: bool = client
+            .query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&SLOT_PULSE],
+            )
+            .await?
+            .get(0);
+        if active {
+            streaming_after = Some(t.elapsed());
+        } else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     if let Err(e) = wait_confirmed(&client, SLOT_PULSE, target, Duration::from_secs(600)).await {
         bail!("{e}; pulsed log:\n{}", pulsed.log());
     }
@@ -253,7 +268,8 @@ pub async fn run(quick: bool) -> Result<()> {
         .await?
         .map(|r| r.get(0));
     println!(
-        "pulse ({sink} sink): drained {rows} rows in {pulse_secs:.2} s, checkpoint at {}: {pulse_rate:.0} rows/s",
+        "pulse ({sink} sink): drained {rows} rows in {pulse_secs:.2} s (streaming after {:.2} s of start-up), checkpoint at {}: {pulse_rate:.0} rows/s",
+        streaming_after.unwrap_or_default().as_secs_f64(),
         applied.unwrap_or_default()
     );
     pulsed.signal(nix::sys::signal::Signal::SIGTERM)?;

@@ -386,6 +386,31 @@ impl ReplConn {
         }
     }
 
+    /// A CopyData payload already complete in the read buffer, without waiting for the
+    /// socket; `None` when there is none (or the next message is not CopyData: the
+    /// awaiting [`ReplConn::read_copy`] handles that one). Lets the reader work through
+    /// a burst of messages without a trip through the scheduler for each.
+    pub fn buffered_copy(&mut self) -> Option<Bytes> {
+        loop {
+            if self.read.len() < 5 {
+                return None;
+            }
+            let len = (&self.read[1..5]).get_i32();
+            if len < 4 || len as usize > MAX_MESSAGE || self.read.len() < 1 + len as usize {
+                return None;
+            }
+            match self.read[0] {
+                b'd' => {
+                    let mut frame = self.read.split_to(1 + len as usize).freeze();
+                    frame.advance(5);
+                    return Some(frame);
+                }
+                b'N' | b'S' => self.read.advance(1 + len as usize),
+                _ => return None,
+            }
+        }
+    }
+
     /// Sends one CopyData message.
     pub async fn send_copy(&mut self, payload: &[u8]) -> Result<(), CdcError> {
         frontend::CopyData::new(payload)?.write(&mut self.write);

@@ -527,21 +527,45 @@ impl Reader {
                         )));
                     };
                     *attempt = 0;
-                    match parse_copy(frame)? {
-                        ReplMessage::XLogData { wal_start, data, .. } => {
-                            s.received = s.received.max(wal_start);
-                            self.handle_data(&catalog, &mut s, data).await?;
+                    let mut next = Some(frame);
+                    // Work through what is already buffered before polling anything else,
+                    // until a transaction waits for room in the channel.
+                    while let Some(frame) = next {
+                        if self.on_frame(&catalog, &mut repl, &mut s, frame).await? {
+                            last_status = Instant::now();
                         }
-                        ReplMessage::Keepalive { wal_end, reply_requested, .. } => {
-                            s.keepalive_end = s.keepalive_end.max(wal_end);
-                            s.received = s.received.max(wal_end);
-                            if reply_requested {
-                                s.send_status(&mut repl, self.durable_now(), false).await?;
-                                last_status = Instant::now();
-                            }
-                        }
+                        next = if s.pending.is_none() { repl.buffered_copy() } else { None };
                     }
                 }
+            }
+        }
+    }
+
+    /// Handles one CopyData payload; returns whether it sent a status update.
+    async fn on_frame(
+        &self,
+        catalog: &tokio_postgres::Client,
+        repl: &mut ReplConn,
+        s: &mut Streaming,
+        frame: Bytes,
+    ) -> Result<bool, CdcError> {
+        match parse_copy(frame)? {
+            ReplMessage::XLogData { wal_start, data, .. } => {
+                s.received = s.received.max(wal_start);
+                self.handle_data(catalog, s, data).await?;
+                Ok(false)
+            }
+            ReplMessage::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                s.keepalive_end = s.keepalive_end.max(wal_end);
+                s.received = s.received.max(wal_end);
+                if reply_requested {
+                    s.send_status(repl, self.durable_now(), false).await?;
+                }
+                Ok(reply_requested)
             }
         }
     }
@@ -568,9 +592,20 @@ impl Reader {
             // Empty transactions (possible before PostgreSQL 15, or when every change
             // was filtered) carry nothing to apply: the keepalive rule confirms past them.
             Output::Commit(tx) if tx.changes.is_empty() && tx.messages.is_empty() => {}
-            Output::Commit(tx) => s.pending = Some(tx),
+            Output::Commit(tx) => {
+                // Straight into the channel when there is room; else it waits as
+                // `pending`, and nothing more is read until the consumer makes room.
+                let end = tx.end_lsn.0;
+                match self.tx.try_send(Event::Commit(tx)) {
+                    Ok(()) => s.last_sent_end = Some(end),
+                    Err(mpsc::error::TrySendError::Full(Event::Commit(tx))) => s.pending = Some(tx),
+                    Err(mpsc::error::TrySendError::Full(_)) => unreachable!("only commits are sent here"),
+                    Err(mpsc::error::TrySendError::Closed(_)) => return Err(CdcError::ConsumerGone),
+                }
+                metrics::gauge!("pulse_replication_streamed_changes_buffered")
+                    .set(s.asm.streamed_changes() as f64);
+            }
         }
-        metrics::gauge!("pulse_replication_streamed_changes_buffered").set(s.asm.streamed_changes() as f64);
         Ok(())
     }
 }
