@@ -3,16 +3,17 @@
 //! A throwaway cluster gets two logical slots (pgoutput) before a backlog is written
 //! with pgbench: single-row transactions plus transactions of 100 rows. Then, one after
 //! the other, pg_recvlogical drains the backlog through its slot (to a file, no fsync),
-//! and pulsed drains it through the other: decode, apply to its sink, persist the
-//! checkpoint, confirm. Each is timed from its start until its slot has confirmed the
+//! and pulsed (in this process, the library the binary wraps) drains it through the
+//! other: decode, apply to its sink, persist the checkpoint, confirm. Each is timed from its start until its slot has confirmed the
 //! end of the backlog.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use pulse_harness::{PgCluster, Pulsed, pg_bindir};
+use pulse_harness::{PgCluster, pg_bindir};
+use tokio_util::sync::CancellationToken;
 
 const PUBLICATION: &str = "bench_pub";
 const SLOT_RECV: &str = "bench_recvlogical";
@@ -30,21 +31,6 @@ impl Workload {
     fn rows(&self) -> u64 {
         self.single + self.batches * self.rows_per_batch
     }
-}
-
-fn pulsed_path() -> Result<PathBuf> {
-    if let Ok(p) = std::env::var("PULSE_BENCH_PULSED") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let p = exe.with_file_name("pulsed");
-    if !p.exists() {
-        bail!(
-            "no pulsed beside {} ; build it first (cargo build --release -p pulse-daemon) or set PULSE_BENCH_PULSED",
-            exe.display()
-        );
-    }
-    Ok(p)
 }
 
 fn run_tool(cmd: &mut Command, what: &str) -> Result<()> {
@@ -107,7 +93,6 @@ pub async fn run(quick: bool) -> Result<()> {
             clients: 4,
         }
     };
-    let pulsed_bin = pulsed_path()?;
     let bindir = pg_bindir()?;
     eprintln!("cdc: starting a throwaway PostgreSQL cluster");
     let cluster: &'static PgCluster = Box::leak(Box::new(PgCluster::start()?));
@@ -215,14 +200,10 @@ pub async fn run(quick: bool) -> Result<()> {
         std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0
     );
 
-    // pulsed through the other: its schema first, and its (empty) state's checkpoint at
-    // the slot's start.
-    run_tool(
-        Command::new(&pulsed_bin)
-            .args(["--config", "/dev/null", "migrate"])
-            .env("PULSE__SOURCE__URL", db.url()),
-        "pulsed migrate",
-    )?;
+    // pulsed through the other, in this process: its schema first, and its (empty)
+    // state's checkpoint at the slot's start.
+    let mut admin = db.connect().await?;
+    pulse_daemon::migrate::migrate(&mut admin).await?;
     client
         .execute(
             "INSERT INTO pulse.checkpoints (name, lsn) VALUES ($1, $2::text::pg_lsn)",
@@ -230,16 +211,33 @@ pub async fn run(quick: bool) -> Result<()> {
         )
         .await?;
     let sink = std::env::var("PULSE_BENCH_CDC_SINK").unwrap_or_else(|_| "checkpoint".into());
-    let env = [
+    let state_dir = tempfile::tempdir()?;
+    let env: Vec<(String, String)> = [
         ("PULSE__SOURCE__URL", db.url()),
         ("PULSE__REPLICATION__SLOT", SLOT_PULSE.to_string()),
         ("PULSE__REPLICATION__PUBLICATION", PUBLICATION.to_string()),
         ("PULSE__REPLICATION__TABLES", "public.bench_items".to_string()),
         ("PULSE__REPLICATION__SINK", sink.clone()),
-        ("PULSE__LOG__LEVEL", "warn".to_string()),
-    ];
+        ("PULSE__METRICS__LISTEN", String::new()),
+        (
+            "PULSE__STORAGE__PATH",
+            state_dir.path().join("files").display().to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = pulse_daemon::config::Config::load(&pulse_daemon::config::ConfigSource { file: None, env })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let listeners = pulse_daemon::Listeners {
+        http: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        metrics: None,
+        admin: pulse_daemon::bind_admin_socket(&state_dir.path().join("admin.sock"), 0o600)?,
+    };
+    let shutdown = CancellationToken::new();
+    let (control, _reload) = pulse_daemon::Control::new(shutdown.clone());
     let t = Instant::now();
-    let mut pulsed = Pulsed::spawn(&pulsed_bin, &env)?;
+    let daemon = tokio::spawn(pulse_daemon::run(config, listeners, control));
     let mut streaming_after = None;
     while streaming_after.is_none() && t.elapsed() < Duration::from_secs(60) {
         let active: bool = client
@@ -255,9 +253,7 @@ pub async fn run(quick: bool) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    if let Err(e) = wait_confirmed(&client, SLOT_PULSE, target, Duration::from_secs(600)).await {
-        bail!("{e}; pulsed log:\n{}", pulsed.log());
-    }
+    wait_confirmed(&client, SLOT_PULSE, target, Duration::from_secs(600)).await?;
     let pulse_secs = t.elapsed().as_secs_f64();
     let pulse_rate = rows as f64 / pulse_secs;
     let applied: Option<String> = client
@@ -272,8 +268,11 @@ pub async fn run(quick: bool) -> Result<()> {
         streaming_after.unwrap_or_default().as_secs_f64(),
         applied.unwrap_or_default()
     );
-    pulsed.signal(nix::sys::signal::Signal::SIGTERM)?;
-    let _ = pulsed.wait_exit(Duration::from_secs(20)).await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), daemon)
+        .await
+        .context("pulsed did not stop")??
+        .map_err(|e| anyhow::anyhow!("pulsed: {e}"))?;
     drop(client);
     drop(db);
     println!(
