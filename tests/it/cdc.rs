@@ -1054,3 +1054,82 @@ async fn slot_status_and_drop_from_the_command_line() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 }
+
+async fn replication_component(pulsed: &Pulsed) -> Option<(u16, String, String)> {
+    let r = reqwest::get(format!("{}/readyz", pulsed.http)).await.ok()?;
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().await.ok()?;
+    let c = v["components"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == "replication")?
+        .clone();
+    Some((
+        status,
+        c["state"].as_str()?.to_string(),
+        c["detail"].as_str()?.to_string(),
+    ))
+}
+
+#[tokio::test]
+async fn readyz_reflects_the_stream_and_retained_wal() {
+    let db = PgCluster::shared().fresh_db("cdc_readyz").await.unwrap();
+    let c = db.connect().await.unwrap();
+    c.batch_execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE other (pad text)")
+        .await
+        .unwrap();
+    let slot = unique_slot("readyz");
+    // Someone else streams from the slot: pulsed is not ready and says who.
+    let squatter = Reader::start_on(&db.url(), &slot, &["public.a"], |_| {});
+    squatter.streaming().await;
+    let pid = match &*squatter.handle().status.borrow() {
+        CdcStatus::Streaming { pid } => *pid,
+        _ => unreachable!(),
+    };
+    let env = [
+        ("PULSE__SOURCE__URL", db.url()),
+        ("PULSE__REPLICATION__SLOT", slot.clone()),
+        ("PULSE__REPLICATION__TABLES", "public.a".to_string()),
+        ("PULSE__REPLICATION__MAX_RETAINED_WAL_MB", "1".to_string()),
+    ];
+    let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
+    let (status, state, detail) = wait_for("replication down", WAIT, || async {
+        replication_component(&pulsed)
+            .await
+            .filter(|(_, _, d)| d.contains("PID"))
+    })
+    .await
+    .unwrap();
+    assert_eq!((status, state.as_str()), (503, "down"));
+    assert!(detail.contains(&format!("PID {pid}")), "{detail}");
+    squatter.stop().await;
+    pulsed.wait_ready(WAIT).await.unwrap();
+    let (_, state, _) = replication_component(&pulsed).await.unwrap();
+    assert_eq!(state, "up");
+
+    // An open transaction holds the slot's restart point while WAL grows past 1 MiB.
+    let mut holder = db.connect().await.unwrap();
+    let hold = holder.transaction().await.unwrap();
+    hold.batch_execute("INSERT INTO other VALUES ('hold')")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO other SELECT repeat(md5(g::text), 4) FROM generate_series(1, 30000) g")
+        .await
+        .unwrap();
+    let (status, _, detail) = wait_for("the retained-WAL warning", WAIT, || async {
+        replication_component(&pulsed)
+            .await
+            .filter(|(_, s, _)| s == "degraded")
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "degraded, still ready");
+    assert!(
+        detail.contains("retains") && detail.contains("limit 1 MiB"),
+        "{detail}"
+    );
+    assert!(pulsed.log().contains("max_retained_wal_mb"), "{}", pulsed.log());
+    hold.rollback().await.unwrap();
+    pulsed.signal(Signal::SIGTERM).unwrap();
+    assert!(pulsed.wait_exit(Duration::from_secs(20)).await.unwrap().success());
+}
