@@ -91,6 +91,8 @@ pub struct Assembler {
     relations: HashMap<u32, RelEntry>,
     /// Types, shared with the reader, which fills in what the catalog says.
     pub types: TypeCache,
+    /// Names of types from Type messages: the fallback when the catalog cannot say.
+    type_names: HashMap<u32, String>,
     current: Option<Building>,
     streams: HashMap<u32, StreamBuf>,
     in_stream: Option<u32>,
@@ -122,6 +124,11 @@ impl Assembler {
     /// Changes buffered for streamed transactions, for metrics.
     pub fn streamed_changes(&self) -> usize {
         self.streams.values().map(|s| s.changes.len()).sum()
+    }
+
+    /// The name a Type message gave `oid`, if any.
+    pub fn type_name(&self, oid: u32) -> Option<&str> {
+        self.type_names.get(&oid).map(String::as_str)
     }
 
     /// Type OIDs of a Relation message that the cache does not know.
@@ -191,9 +198,13 @@ impl Assembler {
                     }
                 }
             }
-            PgOutput::Type { .. } => {
-                // Names only; the reader asks the catalog for what a type is (a domain's
-                // base, an array's element) when a Relation uses it.
+            PgOutput::Type {
+                oid, namespace, name, ..
+            } => {
+                // Names only; the reader asks the catalog what a type is (a domain's base,
+                // an array's element) when a Relation uses it. The name is the fallback
+                // when the catalog cannot say.
+                self.type_names.insert(oid, format!("{namespace}.{name}"));
             }
             PgOutput::Insert { xid, relation, new } => {
                 let rel = self.lookup(relation)?;
@@ -595,5 +606,103 @@ mod tests {
             .is_err(),
             "column count"
         );
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::decode::parse_pgoutput;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    fn message() -> impl Strategy<Value = Vec<u8>> {
+        // A tag the decoder knows, a small body, and often a relation OID of 1 so that
+        // changes find a relation and reach the typing and buffering code.
+        (
+            proptest::sample::select(b"BCORYIUDTMSEcA".to_vec()),
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..48),
+        )
+            .prop_map(|(tag, rel1, body)| {
+                let mut m = vec![tag];
+                if rel1 && matches!(tag, b'I' | b'U' | b'D') {
+                    m.extend([0, 0, 0, 1]);
+                }
+                m.extend(body);
+                m
+            })
+    }
+
+    /// Well-formed messages in any order: the state machine's side of the fuzzing.
+    fn structured() -> impl Strategy<Value = PgOutput> {
+        let xid = 1u32..4;
+        prop_oneof![
+            (0u64..4, xid.clone()).prop_map(|(l, xid)| PgOutput::Begin {
+                final_lsn: l,
+                timestamp: 0,
+                xid
+            }),
+            (0u64..4).prop_map(|l| PgOutput::Commit {
+                flags: 0,
+                commit_lsn: l,
+                end_lsn: l + 1,
+                timestamp: 0
+            }),
+            (proptest::option::of(xid.clone()), ".{0,8}").prop_map(|(xid, v)| PgOutput::Insert {
+                xid,
+                relation: 1,
+                new: vec![TupleValue::Text(Bytes::from(v))],
+            }),
+            (xid.clone(), any::<bool>()).prop_map(|(xid, first)| PgOutput::StreamStart { xid, first }),
+            Just(PgOutput::StreamStop),
+            (xid.clone(), 0u64..4).prop_map(|(xid, l)| PgOutput::StreamCommit {
+                xid,
+                flags: 0,
+                commit_lsn: l,
+                end_lsn: l + 1,
+                timestamp: -1
+            }),
+            (xid.clone(), xid).prop_map(|(xid, subxid)| PgOutput::StreamAbort { xid, subxid }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn well_formed_messages_in_any_order_never_panic(msgs in proptest::collection::vec(structured(), 0..60)) {
+            let mut a = Assembler::default();
+            let _ = a.handle(PgOutput::Relation {
+                xid: None,
+                oid: 1,
+                namespace: "public".into(),
+                name: "t".into(),
+                replica_identity: b'd',
+                columns: vec![RelationColumn { flags: 1, name: "v".into(), type_oid: 1007, type_mod: -1 }],
+            });
+            for m in msgs {
+                let _ = a.handle(m);
+            }
+        }
+
+        /// Any sequence of messages: errors at worst, never a panic or a hang.
+        #[test]
+        fn arbitrary_message_sequences_never_panic(msgs in proptest::collection::vec(message(), 0..40)) {
+            let mut a = Assembler::default();
+            let _ = a.handle(PgOutput::Relation {
+                xid: None,
+                oid: 1,
+                namespace: "public".into(),
+                name: "t".into(),
+                replica_identity: b'd',
+                columns: vec![RelationColumn { flags: 1, name: "id".into(), type_oid: 1007, type_mod: -1 }],
+            });
+            for m in msgs {
+                if let Ok(msg) = parse_pgoutput(Bytes::from(m), a.in_stream()) {
+                    let _ = a.handle(msg);
+                }
+            }
+        }
     }
 }

@@ -632,11 +632,15 @@ async fn resolve_types(
         let mut next = Vec::new();
         for oid in &oids {
             let Some(r) = rows.iter().find(|r| r.get::<_, u32>(0) == *oid) else {
-                // Dropped meanwhile: text.
+                // Dropped meanwhile: text, named as the Type message had it.
+                let name = asm
+                    .type_name(*oid)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("oid:{oid}"));
                 asm.types.insert(
                     *oid,
                     TypeInfo {
-                        name: format!("oid:{oid}"),
+                        name,
                         kind: Kind::Text,
                     },
                 );

@@ -1133,3 +1133,64 @@ async fn readyz_reflects_the_stream_and_retained_wal() {
     pulsed.signal(Signal::SIGTERM).unwrap();
     assert!(pulsed.wait_exit(Duration::from_secs(20)).await.unwrap().success());
 }
+
+#[tokio::test]
+async fn invalidated_slot_and_wal_level_are_reported() {
+    let cluster: &'static PgCluster = Box::leak(Box::new(PgCluster::start().unwrap()));
+    let db = cluster.fresh_db("cdc_cluster_errors").await.unwrap();
+    let c = db.connect().await.unwrap();
+    c.batch_execute("CREATE TABLE a (id int PRIMARY KEY, pad text)")
+        .await
+        .unwrap();
+    let slot = unique_slot("lost");
+    c.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&slot],
+    )
+    .await
+    .unwrap();
+    // Let PostgreSQL remove WAL the idle slot still needs.
+    c.batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        .await
+        .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    wait_for("the slot to be invalidated", WAIT, || async {
+        for sql in [
+            "INSERT INTO a SELECT g, repeat('x', 100) FROM generate_series(1, 2000) g ON CONFLICT (id) DO UPDATE SET pad = EXCLUDED.pad",
+            "SELECT pg_switch_wal()",
+            "CHECKPOINT",
+        ] {
+            c.batch_execute(sql).await.ok()?;
+        }
+        let status: Option<String> = c
+            .query_one("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .await
+            .ok()?
+            .get(0);
+        (status.as_deref() == Some("lost")).then_some(())
+    })
+    .await
+    .unwrap();
+    let r = Reader::start_on(&db.url(), &slot, &["public.a"], |_| {});
+    let e = retry_error(&r).await;
+    assert!(e.contains("invalidated") && e.contains("pulsed slot drop"), "{e}");
+    r.stop().await;
+
+    // wal_level below logical (no logical slot may exist then).
+    c.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
+    c.batch_execute("ALTER SYSTEM SET wal_level = replica")
+        .await
+        .unwrap();
+    drop(c);
+    cluster.stop().unwrap();
+    cluster.restart().unwrap();
+    let r = Reader::start(&db.url(), "wal_level", &["public.a"]);
+    let e = retry_error(&r).await;
+    assert!(
+        e.contains("wal_level is \"replica\"") && e.contains("wal_level = logical"),
+        "{e}"
+    );
+    r.stop().await;
+}
