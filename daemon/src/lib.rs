@@ -15,7 +15,9 @@ pub mod db;
 pub mod engine;
 pub mod health;
 pub mod migrate;
+pub mod replication;
 pub mod schema;
+pub mod settings;
 pub mod systemd;
 pub mod telemetry;
 
@@ -180,6 +182,8 @@ pub struct App {
     pub engine: Arc<engine::Engine>,
     /// Connection caps and rate limits.
     pub limits: Arc<api::limits::EdgeLimits>,
+    /// The platform settings in force (config defaults overlaid with stored edits).
+    pub settings: Arc<settings::Settings>,
 }
 
 impl App {
@@ -189,21 +193,26 @@ impl App {
     }
 
     /// The platform settings in force.
-    pub fn platform(&self) -> config::PlatformDefaults {
-        self.config().platform.clone()
+    pub fn platform(&self) -> settings::PlatformSettings {
+        self.settings.current()
     }
 
-    /// Constant-time comparison with the deploy key; an unset key matches nothing.
+    /// Whether `candidate` is the deploy key in force (constant time); an unset key
+    /// matches nothing.
     pub fn deploy_key_matches(&self, candidate: &str) -> bool {
-        let config = self.config();
-        let key = config.platform.deploy_key.expose().as_bytes();
-        if key.is_empty() || key.len() != candidate.len() {
-            return false;
+        self.settings.deploy_key_matches(candidate)
+    }
+
+    /// Re-reads the stored platform settings (edits from other instances).
+    pub async fn refresh_settings(&self) {
+        match self.pool.get().await {
+            Ok(client) => {
+                if let Err(e) = self.settings.refresh(&client).await {
+                    tracing::warn!(error = %e, "cannot refresh platform settings");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot refresh platform settings"),
         }
-        key.iter()
-            .zip(candidate.as_bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
     }
 
     /// Probes the state database and records the result.
@@ -278,10 +287,18 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
     systemd::status("applying migrations");
     let report = migrate::migrate(&mut client).await?;
     tracing::info!(applied = ?report.applied, current = report.current, "pulse schema is current");
-    drop(client);
 
     let pool =
         db::pool(&config.state_db, 16).map_err(|e| StartError::Other(format!("state database pool: {e}")))?;
+    let settings = settings::Settings::new(&config.platform);
+    settings
+        .refresh(&client)
+        .await
+        .map_err(|e| StartError::Other(e.to_string()))?;
+    drop(client);
+    if settings.current().deploy_key_sha256.is_empty() {
+        tracing::warn!("no deploy key is set (platform.deploy_key): service access is off until one is set");
+    }
     let source_pool = db::pool(&config.source_db, 8)
         .map_err(|e| StartError::Other(format!("source database pool: {e}")))?;
     let schema = match &config.schema_path {
@@ -332,6 +349,7 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         metrics: telemetry::metrics_handle(),
         started: Instant::now(),
         shutdown: shutdown.clone(),
+        settings,
     });
     app.check_state_db().await;
 
@@ -399,13 +417,14 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         let app = app.clone();
         let token = shutdown.clone();
         tasks.spawn(async move {
-            let mut every = tokio::time::interval(systemd::IDLE_TICK);
+            let mut every = tokio::time::interval(systemd::idle_tick());
             loop {
                 tokio::select! {
                     _ = every.tick() => {}
                     _ = token.cancelled() => break,
                 }
                 app.check_state_db().await;
+                app.refresh_settings().await;
                 app.health.tick("health");
             }
             app.health.retire("health");

@@ -1144,3 +1144,61 @@ pub mod events {
         Ok(())
     }
 }
+
+/// The engine as the change stream's consumer (see [`crate::replication::ChangeSink`]):
+/// metric cells and stream notifications are written in the loop's state transaction,
+/// beside the checkpoint, and published only once it is committed.
+pub struct EngineSink {
+    engine: Arc<Engine>,
+    /// The checkpoint row (the slot name).
+    name: String,
+}
+
+impl EngineSink {
+    /// A sink feeding `engine`, checkpointed under `name` (the slot name).
+    pub fn new(engine: Arc<Engine>, name: impl Into<String>) -> EngineSink {
+        EngineSink {
+            engine,
+            name: name.into(),
+        }
+    }
+}
+
+impl crate::replication::ChangeSink for EngineSink {
+    async fn checkpoint(
+        &mut self,
+        state: &tokio_postgres::Client,
+    ) -> Result<Option<pulse_cdc::Lsn>, crate::replication::SinkError> {
+        // Whatever memory holds beyond the persisted state is dropped: the stream replays it.
+        *self.engine.stash.lock().expect("stash lock") = Stash::default();
+        self.engine.load_state(state).await?;
+        crate::replication::read_checkpoint(state, &self.name).await
+    }
+
+    async fn load_snapshot(
+        &mut self,
+        source: &tokio_postgres::Transaction<'_>,
+        state_tx: &tokio_postgres::Transaction<'_>,
+        _lsn: pulse_cdc::Lsn,
+    ) -> Result<(), crate::replication::SinkError> {
+        self.engine.load_snapshot(source, state_tx).await?;
+        Ok(())
+    }
+
+    async fn apply(
+        &mut self,
+        batch: &[Transaction],
+        state_tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<(), crate::replication::SinkError> {
+        self.engine.apply(batch, state_tx).await?;
+        Ok(())
+    }
+
+    fn committed(&mut self, batch: &[Transaction]) {
+        self.engine.committed(batch);
+    }
+
+    fn needs_snapshot(&self) -> bool {
+        !self.engine.schema.metrics.is_empty()
+    }
+}
