@@ -365,6 +365,12 @@ impl Engine {
                 let mut hub = self.hub();
                 hub.subscribe_metric(c.session, id, name, &tenant, max)
                     .map_err(|e| sub_error(e, id))?;
+                // What this subscriber has counts as sent: the periodic refresh sends
+                // only changes.
+                self.last_values
+                    .lock()
+                    .expect("last values lock")
+                    .insert((name.to_string(), tenant.clone()), v.clone());
                 hub.deliver(
                     c.session,
                     ServerFrame::Result {

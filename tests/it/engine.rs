@@ -1,0 +1,719 @@
+//! The realtime engine against the real binary with a real WebSocket client: JWTs
+//! (good, forged, expired, wrong issuer, malformed), malformed frames, presence, live
+//! tables with tenant and owner scoping, notifications, the capability matrix with every
+//! cross-tenant attempt, and the polling fallback with its rate limit.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use pulse_harness::{PgCluster, Pulsed, TestDb};
+use pulse_shared::ErrorCode;
+use pulse_shared::caps::{Capability, Principal, Role, Target, authorize};
+use pulse_shared::protocol::{ClientFrame, PROTOCOL_VERSION, PresenceEvent, ServerFrame, UpdateOp};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::pulsed_bin;
+
+const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+const ISSUER: &str = "https://symfony.test";
+const AUDIENCE: &str = "pulse";
+
+const SCHEMA: &str = r#"
+[roles]
+ROLE_SUPER_ADMIN = "platform_admin"
+ROLE_ADMIN = "tenant_admin"
+ROLE_STAFF = "staff"
+ROLE_USER = "member"
+
+[tables.members]
+source = "public.members"
+tenant_column = "tenant_id"
+owner_column = "user_id"
+columns = ["id", "tenant_id", "user_id", "status"]
+roles = ["platform_admin", "tenant_admin", "staff", "member"]
+filters = ["status"]
+
+[metrics.active]
+source = "public.members"
+tenant_column = "tenant_id"
+aggregate = "count"
+filter = "status = 'active'"
+
+[mutations.invite]
+args = { email = "text" }
+"#;
+
+async fn members_db(label: &str) -> TestDb {
+    let db = PgCluster::shared().fresh_db(label).await.unwrap();
+    let c = db.connect().await.unwrap();
+    c.batch_execute(
+        "CREATE TABLE members (id int PRIMARY KEY, tenant_id text NOT NULL, user_id text NOT NULL, status text NOT NULL);
+         ALTER TABLE members REPLICA IDENTITY FULL;
+         INSERT INTO members VALUES (1, 't1', 'alice', 'active'), (2, 't1', 'bob', 'active'),
+                                    (3, 't1', 'alice', 'gone'), (4, 't2', 'carol', 'active');",
+    )
+    .await
+    .unwrap();
+    db
+}
+
+struct Daemon {
+    pulsed: Pulsed,
+    _dir: tempfile::TempDir,
+    ws: String,
+}
+
+async fn start(db: &TestDb, extra: &[(&str, String)]) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("schema.toml");
+    std::fs::write(&schema, SCHEMA).unwrap();
+    let mut env = vec![
+        ("PULSE__SOURCE__URL", db.url()),
+        ("PULSE__SCHEMA__PATH", schema.display().to_string()),
+        ("PULSE__AUTH__ISSUER", ISSUER.to_string()),
+        ("PULSE__AUTH__AUDIENCE", AUDIENCE.to_string()),
+        ("PULSE__AUTH__HS256_SECRET", SECRET.to_string()),
+        ("PULSE__AUTH__LEEWAY_SECS", "0".to_string()),
+        ("PULSE__PLATFORM__DEPLOY_KEY", "d".repeat(40)),
+    ];
+    env.extend(extra.iter().cloned());
+    let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
+    pulsed.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let ws = format!("{}/ws", pulsed.http.replace("http://", "ws://"));
+    Daemon {
+        pulsed,
+        _dir: dir,
+        ws,
+    }
+}
+
+fn token_with(claims: Value, secret: &str) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn now() -> u64 {
+    pulse_daemon::auth::now_secs()
+}
+
+/// A valid token for a user of a tenant with Symfony roles.
+fn token(user: &str, tenant: Option<&str>, roles: &[&str]) -> String {
+    let mut claims =
+        json!({ "iss": ISSUER, "aud": AUDIENCE, "exp": now() + 600, "sub": user, "roles": roles });
+    if let Some(t) = tenant {
+        claims["tenant_id"] = json!(t);
+    }
+    token_with(claims, SECRET)
+}
+
+struct Client {
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+}
+
+impl Client {
+    async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        Client { ws }
+    }
+
+    async fn send(&mut self, frame: &ClientFrame) {
+        self.ws
+            .send(Message::Text(serde_json::to_string(frame).unwrap().into()))
+            .await
+            .unwrap();
+    }
+
+    async fn raw(&mut self, text: &str) {
+        self.ws
+            .send(Message::Text(text.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    /// The next frame within `secs`, or None when the connection closed or nothing came.
+    async fn next_within(&mut self, secs: u64) -> Option<ServerFrame> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(secs), self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => return Some(serde_json::from_str(&t).unwrap()),
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => return None,
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    async fn next(&mut self) -> ServerFrame {
+        self.next_within(5).await.expect("a frame within 5 s")
+    }
+
+    /// Connects and says hello with a token; returns the client after `welcome`.
+    async fn open(url: &str, token: &str) -> Client {
+        let mut c = Client::connect(url).await;
+        c.send(&ClientFrame::Hello {
+            protocol: PROTOCOL_VERSION,
+            token: Some(token.into()),
+            deploy_key: None,
+        })
+        .await;
+        match c.next().await {
+            ServerFrame::Welcome { .. } => c,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// Sends hello and returns the error code it gets.
+    async fn refused(url: &str, token: &str) -> ErrorCode {
+        let mut c = Client::connect(url).await;
+        c.send(&ClientFrame::Hello {
+            protocol: PROTOCOL_VERSION,
+            token: Some(token.into()),
+            deploy_key: None,
+        })
+        .await;
+        match c.next().await {
+            ServerFrame::Error { error, .. } => {
+                // The session ends after a refused hello.
+                assert!(
+                    c.next_within(5).await.is_none(),
+                    "the session stayed open after a refused hello"
+                );
+                error.code
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    async fn subscribe(&mut self, id: &str, query: &str, args: Value) -> ServerFrame {
+        self.send(&ClientFrame::Subscribe {
+            id: id.into(),
+            query: query.into(),
+            args,
+        })
+        .await;
+        self.next().await
+    }
+
+    async fn heartbeat(&mut self, resource: &str) {
+        self.send(&ClientFrame::Heartbeat {
+            resource: resource.into(),
+            state: json!({ "typing": false }),
+        })
+        .await;
+    }
+
+    async fn mutate(&mut self, id: &str, name: &str, args: Value) -> ServerFrame {
+        self.send(&ClientFrame::Mutate {
+            id: id.into(),
+            name: name.into(),
+            args,
+        })
+        .await;
+        self.next().await
+    }
+}
+
+fn code_of(f: &ServerFrame) -> Option<ErrorCode> {
+    match f {
+        ServerFrame::Error { error, .. } => Some(error.code),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn tokens_forged_expired_wrong_issuer_and_malformed_are_refused() {
+    let db = members_db("engine_tokens").await;
+    let d = start(&db, &[]).await;
+    let good = json!({ "iss": ISSUER, "aud": AUDIENCE, "exp": now() + 600, "sub": "alice", "tenant_id": "t1", "roles": ["ROLE_USER"] });
+    Client::open(&d.ws, &token_with(good.clone(), SECRET)).await;
+
+    let forged = token_with(good.clone(), "another-secret-another-secret-another-12");
+    assert_eq!(Client::refused(&d.ws, &forged).await, ErrorCode::Unauthenticated);
+    let mut expired = good.clone();
+    expired["exp"] = json!(now() - 10);
+    assert_eq!(
+        Client::refused(&d.ws, &token_with(expired, SECRET)).await,
+        ErrorCode::Unauthenticated
+    );
+    let mut wrong_iss = good.clone();
+    wrong_iss["iss"] = json!("https://evil.test");
+    assert_eq!(
+        Client::refused(&d.ws, &token_with(wrong_iss, SECRET)).await,
+        ErrorCode::Unauthenticated
+    );
+    let mut wrong_aud = good.clone();
+    wrong_aud["aud"] = json!("someone-else");
+    assert_eq!(
+        Client::refused(&d.ws, &token_with(wrong_aud, SECRET)).await,
+        ErrorCode::Unauthenticated
+    );
+    let mut early = good.clone();
+    early["nbf"] = json!(now() + 600);
+    assert_eq!(
+        Client::refused(&d.ws, &token_with(early, SECRET)).await,
+        ErrorCode::Unauthenticated
+    );
+    // alg=none with the signature stripped.
+    let parts: Vec<&str> = forged.split('.').collect();
+    let none_header = base64_url(r#"{"alg":"none","typ":"JWT"}"#);
+    let unsigned = format!("{none_header}.{}.", parts[1]);
+    assert_eq!(
+        Client::refused(&d.ws, &unsigned).await,
+        ErrorCode::Unauthenticated
+    );
+    for malformed in ["", "not-a-jwt", "a.b.c", "a.b", "....."] {
+        assert_eq!(
+            Client::refused(&d.ws, malformed).await,
+            ErrorCode::Unauthenticated,
+            "{malformed:?}"
+        );
+    }
+    // A wrong deploy key too.
+    let mut c = Client::connect(&d.ws).await;
+    c.send(&ClientFrame::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: None,
+        deploy_key: Some("x".repeat(40)),
+    })
+    .await;
+    assert_eq!(code_of(&c.next().await), Some(ErrorCode::Unauthenticated));
+    drop(d);
+}
+
+fn base64_url(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+}
+
+#[tokio::test]
+async fn a_session_ends_when_its_token_expires_unless_refreshed() {
+    let db = members_db("engine_expiry").await;
+    let d = start(&db, &[]).await;
+    let short = |secs: u64| {
+        token_with(
+            json!({ "iss": ISSUER, "aud": AUDIENCE, "exp": now() + secs, "sub": "alice", "tenant_id": "t1", "roles": ["ROLE_USER"] }),
+            SECRET,
+        )
+    };
+    let mut refreshed = Client::open(&d.ws, &short(2)).await;
+    let mut lapsed = Client::open(&d.ws, &short(2)).await;
+    refreshed.send(&ClientFrame::Token { token: short(600) }).await;
+    // A token for someone else is refused and does not replace the session's.
+    let other = token("mallory", Some("t1"), &["ROLE_USER"]);
+    refreshed.send(&ClientFrame::Token { token: other }).await;
+    assert_eq!(code_of(&refreshed.next().await), Some(ErrorCode::Unauthenticated));
+    match lapsed.next_within(6).await {
+        Some(ServerFrame::Error { error, .. }) => {
+            assert_eq!(error.code, ErrorCode::Unauthenticated);
+            assert!(error.message.contains("expired"), "{}", error.message);
+        }
+        other => panic!("expected unauthenticated on expiry, got {other:?}"),
+    }
+    assert!(
+        lapsed.next_within(5).await.is_none(),
+        "the expired session stayed open"
+    );
+    // The refreshed one is still up after the first token's expiry.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    refreshed.send(&ClientFrame::Ping { nonce: 7 }).await;
+    assert_eq!(refreshed.next().await, ServerFrame::Pong { nonce: 7 });
+}
+
+#[tokio::test]
+async fn malformed_frames_get_an_error_and_the_connection_stays_up() {
+    let db = members_db("engine_frames").await;
+    let d = start(&db, &[]).await;
+    let mut c = Client::open(&d.ws, &token("alice", Some("t1"), &["ROLE_USER"])).await;
+    for bad in [
+        "{",
+        "[]",
+        "null",
+        r#"{"type":"teleport"}"#,
+        r#"{"type":"subscribe","id":1}"#,
+        r#"{"type":"heartbeat"}"#,
+        r#"{"type":"mutate","id":"m"}"#,
+        "\u{0}\u{1}",
+    ] {
+        c.raw(bad).await;
+        assert_eq!(
+            code_of(&c.next().await),
+            Some(ErrorCode::InvalidArgument),
+            "{bad:?}"
+        );
+    }
+    c.ws.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    assert_eq!(code_of(&c.next().await), Some(ErrorCode::InvalidArgument));
+    // Well-formed but wrong input names the field.
+    match c.subscribe("s", "members", json!({ "secret": 1 })).await {
+        ServerFrame::Error { error, id } => {
+            assert_eq!(id.as_deref(), Some("s"));
+            assert_eq!(error.code, ErrorCode::InvalidArgument);
+            assert_eq!(error.details["field"], "args.secret");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        code_of(&c.subscribe("u", "nothing_like_this", json!({})).await),
+        Some(ErrorCode::NotFound)
+    );
+    match c.mutate("m", "invite", json!({ "email": 3 })).await {
+        ServerFrame::Error { error, .. } => assert_eq!(error.details["field"], "args.email"),
+        other => panic!("{other:?}"),
+    }
+    c.send(&ClientFrame::Ping { nonce: 1 }).await;
+    assert_eq!(c.next().await, ServerFrame::Pong { nonce: 1 });
+}
+
+#[tokio::test]
+async fn presence_join_update_leave_and_ttl_expiry() {
+    let db = members_db("engine_presence").await;
+    let d = start(&db, &[("PULSE__LIMITS__PRESENCE_TTL_SECS", "1".to_string())]).await;
+    let mut watcher = Client::open(&d.ws, &token("wendy", Some("t1"), &["ROLE_STAFF"])).await;
+    let mut outsider = Client::open(&d.ws, &token("oscar", Some("t2"), &["ROLE_STAFF"])).await;
+    match watcher.subscribe("p", "presence", json!({})).await {
+        ServerFrame::Result { data, .. } => assert_eq!(data["count"], 0),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        outsider.subscribe("p", "presence", json!({})).await,
+        ServerFrame::Result { .. }
+    ));
+
+    let alice = token("alice", Some("t1"), &["ROLE_USER"]);
+    let mut tab1 = Client::open(&d.ws, &alice).await;
+    let mut tab2 = Client::open(&d.ws, &alice).await;
+    tab1.heartbeat("/home").await;
+    let expect = |f: ServerFrame, event: PresenceEvent, resource: &str| match f {
+        ServerFrame::Presence {
+            event: e,
+            user,
+            resource: r,
+            ..
+        } => {
+            assert_eq!((e, user.as_str(), r.as_str()), (event, "alice", resource));
+        }
+        other => panic!("expected {event:?} {resource}, got {other:?}"),
+    };
+    expect(watcher.next().await, PresenceEvent::Join, "/home");
+    // A second tab on the same page changes nothing; moving pages is an update.
+    tab2.heartbeat("/home").await;
+    tab2.heartbeat("/members/7").await;
+    expect(watcher.next().await, PresenceEvent::Update, "/members/7");
+    drop(tab2);
+    expect(watcher.next().await, PresenceEvent::Update, "/home");
+    drop(tab1);
+    expect(watcher.next().await, PresenceEvent::Leave, "/home");
+
+    // A tab that stops heartbeating leaves after the TTL.
+    let mut quiet = Client::open(&d.ws, &alice).await;
+    quiet.heartbeat("/away").await;
+    expect(watcher.next().await, PresenceEvent::Join, "/away");
+    match watcher.next_within(4).await {
+        Some(f) => expect(f, PresenceEvent::Leave, "/away"),
+        None => panic!("no leave after the TTL"),
+    }
+    // The other tenant saw none of it; a cross-tenant presence subscription is refused.
+    assert!(outsider.next_within(1).await.is_none());
+    assert_eq!(
+        code_of(
+            &outsider
+                .subscribe("x", "presence", json!({ "tenant": "t1" }))
+                .await
+        ),
+        Some(ErrorCode::Forbidden)
+    );
+    drop(quiet);
+}
+
+#[tokio::test]
+async fn live_tables_scope_rows_by_tenant_and_owner() {
+    let db = members_db("engine_live").await;
+    let d = start(&db, &[]).await;
+    let ids = |f: ServerFrame| match f {
+        ServerFrame::Result { data, cursor, .. } => {
+            assert!(cursor.is_some());
+            let mut v: Vec<i64> = data
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["id"].as_i64().unwrap())
+                .collect();
+            v.sort();
+            v
+        }
+        other => panic!("{other:?}"),
+    };
+    let mut member = Client::open(&d.ws, &token("alice", Some("t1"), &["ROLE_USER"])).await;
+    assert_eq!(ids(member.subscribe("a", "members", json!({})).await), vec![1, 3]);
+    assert_eq!(
+        ids(member
+            .subscribe("b", "members", json!({ "status": "active" }))
+            .await),
+        vec![1]
+    );
+    let mut staff = Client::open(&d.ws, &token("sam", Some("t1"), &["ROLE_STAFF"])).await;
+    assert_eq!(
+        ids(staff.subscribe("a", "members", json!({})).await),
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        code_of(&staff.subscribe("x", "members", json!({ "tenant": "t2" })).await),
+        Some(ErrorCode::Forbidden)
+    );
+    // Services read any tenant.
+    let mut service = Client::connect(&d.ws).await;
+    service
+        .send(&ClientFrame::Hello {
+            protocol: PROTOCOL_VERSION,
+            token: None,
+            deploy_key: Some("d".repeat(40)),
+        })
+        .await;
+    assert!(matches!(service.next().await, ServerFrame::Welcome { .. }));
+    assert_eq!(
+        ids(service.subscribe("a", "members", json!({ "tenant": "t2" })).await),
+        vec![4]
+    );
+    assert_eq!(
+        ids(service.subscribe("b", "members", json!({})).await),
+        vec![1, 2, 3, 4]
+    );
+    // Unsubscribe, and a second one of the same id is not found.
+    member.send(&ClientFrame::Unsubscribe { id: "a".into() }).await;
+    assert_eq!(member.next().await, ServerFrame::Unsubscribed { id: "a".into() });
+    member.send(&ClientFrame::Unsubscribe { id: "a".into() }).await;
+    assert_eq!(code_of(&member.next().await), Some(ErrorCode::NotFound));
+}
+
+#[tokio::test]
+async fn notifications_are_sent_read_and_counted_live() {
+    let db = members_db("engine_notify").await;
+    let d = start(&db, &[]).await;
+    let mut alice = Client::open(&d.ws, &token("alice", Some("t1"), &["ROLE_USER"])).await;
+    match alice.subscribe("n", "notifications", json!({})).await {
+        ServerFrame::Result { data, .. } => assert_eq!(data["unread"], 0),
+        other => panic!("{other:?}"),
+    }
+    let mut staff = Client::open(&d.ws, &token("sam", Some("t1"), &["ROLE_STAFF"])).await;
+    for i in 0..2 {
+        match staff
+            .mutate(
+                "m",
+                "notify",
+                json!({ "user": "alice", "title": format!("hello {i}") }),
+            )
+            .await
+        {
+            ServerFrame::MutationResult { result, .. } => assert!(result["id"].is_i64()),
+            other => panic!("{other:?}"),
+        }
+        match alice.next().await {
+            ServerFrame::Update { op, row, .. } => {
+                assert_eq!(op, UpdateOp::Insert);
+                assert_eq!(row.unwrap()["title"], format!("hello {i}"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            alice.next().await,
+            ServerFrame::Value {
+                id: "n".into(),
+                name: "unread".into(),
+                value: json!(i + 1)
+            }
+        );
+    }
+    // Members may not send; staff of another tenant may not send here.
+    assert_eq!(
+        code_of(
+            &alice
+                .mutate("m", "notify", json!({ "user": "bob", "title": "x" }))
+                .await
+        ),
+        Some(ErrorCode::Forbidden)
+    );
+    let mut other = Client::open(&d.ws, &token("olga", Some("t2"), &["ROLE_STAFF"])).await;
+    assert_eq!(
+        code_of(
+            &other
+                .mutate(
+                    "m",
+                    "notify",
+                    json!({ "tenant": "t1", "user": "alice", "title": "x" })
+                )
+                .await
+        ),
+        Some(ErrorCode::Forbidden)
+    );
+    match alice.mutate("r", "mark_all_read", json!({})).await {
+        ServerFrame::Value { name, value, .. } => {
+            assert_eq!((name.as_str(), value), ("unread", json!(0)));
+            assert!(matches!(alice.next().await, ServerFrame::MutationResult { .. }));
+        }
+        ServerFrame::MutationResult { result, .. } => assert_eq!(result["unread"], 0),
+        other => panic!("{other:?}"),
+    }
+    // The inbox query sees them, read.
+    match alice.subscribe("n2", "notifications", json!({})).await {
+        ServerFrame::Result { data, .. } => {
+            assert_eq!(data["unread"], 0);
+            assert_eq!(data["items"].as_array().unwrap().len(), 2);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Every capability the API exposes, for every role, against the own tenant and another:
+/// the answer on the wire must match `authorize` over the matrix.
+#[tokio::test]
+async fn every_capability_cell_and_cross_tenant_attempt_on_the_api() {
+    let db = members_db("engine_caps").await;
+    let d = start(&db, &[]).await;
+    let roles: [(Role, &str); 4] = [
+        (Role::PlatformAdmin, "ROLE_SUPER_ADMIN"),
+        (Role::TenantAdmin, "ROLE_ADMIN"),
+        (Role::Staff, "ROLE_STAFF"),
+        (Role::Member, "ROLE_USER"),
+    ];
+    let mut checked = 0;
+    for (role, symfony) in roles {
+        let principal = Principal {
+            user: Some("u1".into()),
+            tenant: Some("t1".into()),
+            roles: vec![role],
+        };
+        let mut c = Client::open(&d.ws, &token("u1", Some("t1"), &[symfony])).await;
+        for tenant in ["t1", "t2"] {
+            let target = Target {
+                tenant: Some(tenant),
+                ..Target::default()
+            };
+            let cases: [(Capability, &str, Value); 4] = [
+                (Capability::SeePresence, "presence", json!({ "tenant": tenant })),
+                (
+                    Capability::SeeMetrics,
+                    "metric:active",
+                    json!({ "tenant": tenant }),
+                ),
+                (Capability::ReadLiveTable, "members", json!({ "tenant": tenant })),
+                (
+                    Capability::SendNotifications,
+                    "notify",
+                    json!({ "tenant": tenant, "user": "u9", "title": "t" }),
+                ),
+            ];
+            for (i, (cap, what, args)) in cases.into_iter().enumerate() {
+                let expected = authorize(&principal, cap, &target).is_allowed();
+                let id = format!("{tenant}-{i}");
+                let answer = if cap == Capability::SendNotifications {
+                    c.mutate(&id, what, args).await
+                } else {
+                    c.subscribe(&id, what, args).await
+                };
+                let allowed = match &answer {
+                    ServerFrame::Result { .. } | ServerFrame::MutationResult { .. } => true,
+                    ServerFrame::Error { error, .. } if error.code == ErrorCode::Forbidden => false,
+                    other => panic!("{role:?} {cap:?} {tenant}: unexpected {other:?}"),
+                };
+                assert_eq!(allowed, expected, "{role:?} {cap:?} on tenant {tenant}");
+                checked += 1;
+            }
+        }
+        // Own presence and own inbox, on a session that watches nothing.
+        let mut c = Client::open(&d.ws, &token("u1", Some("t1"), &[symfony])).await;
+        c.heartbeat("/x").await;
+        let inbox = c.subscribe("inbox", "notifications", json!({})).await;
+        assert!(
+            matches!(inbox, ServerFrame::Result { .. }),
+            "{role:?} inbox: {inbox:?}"
+        );
+        c.send(&ClientFrame::Ping { nonce: 3 }).await;
+        assert_eq!(
+            c.next().await,
+            ServerFrame::Pong { nonce: 3 },
+            "{role:?}: heartbeat was refused"
+        );
+    }
+    assert_eq!(checked, 32);
+    // The service (deploy key) may not publish presence nor read an inbox.
+    let mut s = Client::connect(&d.ws).await;
+    s.send(&ClientFrame::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: None,
+        deploy_key: Some("d".repeat(40)),
+    })
+    .await;
+    assert!(matches!(s.next().await, ServerFrame::Welcome { .. }));
+    s.heartbeat("/x").await;
+    assert_eq!(code_of(&s.next().await), Some(ErrorCode::Forbidden));
+    assert_eq!(
+        code_of(&s.subscribe("i", "notifications", json!({})).await),
+        Some(ErrorCode::Forbidden)
+    );
+    assert!(matches!(
+        s.subscribe("m", "metric:active", json!({ "tenant": "t2" })).await,
+        ServerFrame::Result { .. }
+    ));
+}
+
+#[tokio::test]
+async fn polling_answers_with_a_cursor_and_its_rate_limit() {
+    let db = members_db("engine_poll").await;
+    let d = start(
+        &db,
+        &[("PULSE__LIMITS__HTTP_REQUESTS_PER_SEC_PER_IP", "3".to_string())],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/poll", d.pulsed.http);
+    let staff = token("sam", Some("t1"), &["ROLE_STAFF"]);
+    let r = http
+        .get(&url)
+        .query(&[("query", "members")])
+        .bearer_auth(&staff)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["resnapshot"], true);
+    assert_eq!(body["rows"].as_array().unwrap().len(), 3);
+    assert_eq!(body["realtime"], true);
+    assert!(body["sync_interval_ms"].is_u64());
+    // With the cursor: nothing changed since.
+    let r = http
+        .get(&url)
+        .query(&[("query", "members"), ("cursor", body["cursor"].as_str().unwrap())])
+        .bearer_auth(&staff)
+        .send()
+        .await
+        .unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        (body["resnapshot"].clone(), body["updates"].clone()),
+        (json!(false), json!([]))
+    );
+    // No token, then too many requests.
+    let r = http
+        .get(&url)
+        .query(&[("query", "members")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .get(&url)
+        .query(&[("query", "members")])
+        .bearer_auth(&staff)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().get("retry-after").is_some());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "rate_limited");
+}
