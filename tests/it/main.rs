@@ -2,5 +2,6 @@
 //! replication, one database per test) and the real RabbitMQ.
 
 mod engine;
+mod engine_state;
 mod foundation;
 mod support;
