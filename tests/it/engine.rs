@@ -717,3 +717,121 @@ async fn polling_answers_with_a_cursor_and_its_rate_limit() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["code"], "rate_limited");
 }
+
+#[tokio::test]
+async fn metrics_endpoint_shows_engine_series() {
+    let db = members_db("engine_prom").await;
+    let d = start(&db, &[]).await;
+    let mut c = Client::open(&d.ws, &token("sam", Some("t1"), &["ROLE_STAFF"])).await;
+    assert!(matches!(
+        c.subscribe("p", "presence", json!({})).await,
+        ServerFrame::Result { .. }
+    ));
+    assert!(matches!(
+        c.subscribe("m", "members", json!({})).await,
+        ServerFrame::Result { .. }
+    ));
+    let mut alice = Client::open(&d.ws, &token("alice", Some("t1"), &["ROLE_USER"])).await;
+    alice.heartbeat("/home").await;
+    assert!(matches!(c.next().await, ServerFrame::Presence { .. }));
+    assert!(matches!(
+        c.mutate("n", "notify", json!({ "user": "alice", "title": "hi" }))
+            .await,
+        ServerFrame::MutationResult { .. }
+    ));
+    c.raw("{").await;
+    assert_eq!(code_of(&c.next().await), Some(ErrorCode::InvalidArgument));
+    let text = reqwest::get(format!("{}/metrics", d.pulsed.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+    };
+    assert_eq!(value("pulse_connections_active"), 2.0);
+    assert_eq!(value("pulse_subscriptions"), 2.0);
+    assert_eq!(value("pulse_presence_online"), 1.0);
+    assert!(value("pulse_query_latency_seconds_count") >= 2.0);
+    assert!(value("pulse_mutation_latency_seconds_count") >= 1.0);
+    assert!(
+        text.contains("pulse_query_latency_seconds_bucket{le=\"0.2\"}"),
+        "{text}"
+    );
+    assert!(value("pulse_errors_total{code=\"invalid_argument\"}") >= 1.0);
+}
+
+/// A client that stops reading is cut loose; a client beside it gets everything.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_loose_and_others_are_unaffected() {
+    let db = members_db("engine_slow").await;
+    let d = start(
+        &db,
+        &[("PULSE__LIMITS__FRAMES_PER_SEC_PER_USER", "1000000".to_string())],
+    )
+    .await;
+    let mut slow = Client::open(&d.ws, &token("slow", Some("t1"), &["ROLE_STAFF"])).await;
+    let mut fast = Client::open(&d.ws, &token("fast", Some("t1"), &["ROLE_STAFF"])).await;
+    assert!(matches!(
+        slow.subscribe("p", "presence", json!({})).await,
+        ServerFrame::Result { .. }
+    ));
+    assert!(matches!(
+        fast.subscribe("p", "presence", json!({})).await,
+        ServerFrame::Result { .. }
+    ));
+    let mut busy = Client::open(&d.ws, &token("busy", Some("t1"), &["ROLE_USER"])).await;
+    let padding = "x".repeat(900);
+    let total = 12_000;
+    // The fast client reads everything while the slow one reads nothing.
+    let (progress, mut seen_rx) = tokio::sync::watch::channel(0usize);
+    let reader = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < total {
+            match fast.next_within(20).await {
+                Some(ServerFrame::Presence { .. }) => seen += 1,
+                Some(other) => panic!("{other:?}"),
+                None => break,
+            }
+            let _ = progress.send(seen);
+        }
+        seen
+    });
+    // Paced to what the reading client keeps up with: only the one that reads nothing
+    // falls behind.
+    for i in 0..total {
+        while i >= *seen_rx.borrow() + 200 {
+            if seen_rx.changed().await.is_err() {
+                break;
+            }
+        }
+        busy.send(&ClientFrame::Heartbeat {
+            resource: format!("/page/{}", i % 2),
+            state: json!({ "pad": padding }),
+        })
+        .await;
+    }
+    assert_eq!(reader.await.unwrap(), total, "the reading client missed updates");
+    // The slow client finds its connection closed after what was buffered.
+    let mut drained = 0;
+    while let Some(f) = slow.next_within(5).await {
+        assert!(matches!(f, ServerFrame::Presence { .. }));
+        drained += 1;
+    }
+    assert!(
+        drained < total,
+        "the slow client was never cut ({drained} frames)"
+    );
+    let text = reqwest::get(format!("{}/metrics", d.pulsed.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("pulse_slow_clients_cut_total 1"), "{text}");
+}
