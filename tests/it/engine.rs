@@ -835,3 +835,56 @@ async fn a_client_that_stops_reading_is_cut_loose_and_others_are_unaffected() {
         .unwrap();
     assert!(text.contains("pulse_slow_clients_cut_total 1"), "{text}");
 }
+
+/// Turning Real-time off and changing the Sync Interval reach connected clients and the
+/// polling answer without a restart.
+#[tokio::test]
+async fn platform_settings_take_effect_live() {
+    let db = members_db("engine_settings").await;
+    let d = start(&db, &[]).await;
+    let mut c = Client::open(&d.ws, &token("sam", Some("t1"), &["ROLE_STAFF"])).await;
+    // Another instance (or the console) edits the stored settings.
+    let mut admin = db.connect().await.unwrap();
+    let config = pulse_daemon::config::Config::load(&pulse_daemon::config::ConfigSource {
+        file: None,
+        env: vec![("PULSE__SOURCE__URL".into(), db.url())],
+    })
+    .unwrap();
+    let settings = pulse_daemon::settings::Settings::new(&config.platform);
+    settings
+        .update(&mut admin, "enable_realtime", "false", "ops")
+        .await
+        .unwrap();
+    settings
+        .update(&mut admin, "sync_interval_ms", "1500", "ops")
+        .await
+        .unwrap();
+    let mut last = None;
+    while let Some(f) = c.next_within(15).await {
+        if let ServerFrame::Settings {
+            realtime,
+            sync_interval_ms,
+        } = f
+        {
+            last = Some((realtime, sync_interval_ms));
+            if last == Some((false, 1500)) {
+                break;
+            }
+        }
+    }
+    assert_eq!(last, Some((false, 1500)), "the session was not told to poll");
+    let body: Value = reqwest::Client::new()
+        .get(format!("{}/v1/poll", d.pulsed.http))
+        .query(&[("query", "presence")])
+        .bearer_auth(token("sam", Some("t1"), &["ROLE_STAFF"]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (body["realtime"].clone(), body["sync_interval_ms"].clone()),
+        (json!(false), json!(1500))
+    );
+}

@@ -64,6 +64,8 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
     };
     if let Some(mut identity) = identity {
         let session = app.engine.open_session(tx.clone(), kill.clone());
+        let mut settings = app.settings.subscribe();
+        settings.mark_unchanged();
         let rate_key = identity
             .principal
             .user
@@ -83,6 +85,16 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
                 m = stream.next() => m,
                 _ = shutdown.cancelled() => break,
                 _ = kill.cancelled() => break,
+                Ok(()) = settings.changed() => {
+                    let now = settings.borrow_and_update().clone();
+                    if !send(&tx, ServerFrame::Settings {
+                        realtime: now.enable_realtime,
+                        sync_interval_ms: now.sync_interval_ms,
+                    }) {
+                        break;
+                    }
+                    continue;
+                }
                 _ = expiry => {
                     send(&tx, error(None, ErrorCode::Unauthenticated,
                         "the token expired; reconnect with a fresh one (send token frames before expiry to stay connected)"));
