@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod fanout;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "pulse-bench",
@@ -38,6 +40,22 @@ enum Bench {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Bench::Fanout = cli.bench {
+        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("pulse-bench: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        return match runtime.block_on(fanout::run(cli.quick)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pulse-bench fanout failed: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let name = format!("{:?}", cli.bench).to_lowercase();
     eprintln!("pulse-bench {name}: this benchmark is not written yet; see the open issues");
     ExitCode::from(2)
