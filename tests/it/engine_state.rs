@@ -176,6 +176,7 @@ impl Fixture {
                 relation: relation(),
                 kind,
             }],
+            messages: Vec::new(),
         }
     }
 
