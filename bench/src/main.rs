@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod fanout;
+mod latency;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,7 +41,7 @@ enum Bench {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Bench::Fanout = cli.bench {
+    if matches!(cli.bench, Bench::Fanout | Bench::Latency) {
         let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
             Ok(r) => r,
             Err(e) => {
@@ -48,10 +49,14 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        return match runtime.block_on(fanout::run(cli.quick)) {
+        let result = match cli.bench {
+            Bench::Fanout => runtime.block_on(fanout::run(cli.quick)),
+            _ => runtime.block_on(latency::run(cli.quick)),
+        };
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("pulse-bench fanout failed: {e:#}");
+                eprintln!("pulse-bench {:?} failed: {e:#}", cli.bench);
                 ExitCode::FAILURE
             }
         };
