@@ -145,7 +145,7 @@ pub async fn run(quick: bool) -> Result<()> {
                 {
                     let _ = local.record((now_micros() - c).max(1) as u64);
                     n += 1;
-                    if n % 256 == 0 {
+                    if n.is_multiple_of(256) {
                         received.fetch_add(256, Ordering::Relaxed);
                         hist.lock().expect("histogram").add(&local).ok();
                         local.reset();
