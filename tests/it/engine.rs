@@ -1069,3 +1069,45 @@ async fn commits_reach_subscribers_resume_gets_what_was_missed_and_metrics_survi
     c.send(&ClientFrame::Ping { nonce: 0 }).await;
     assert_eq!(c.next().await, ServerFrame::Pong { nonce: 0 });
 }
+
+/// The demo's schema file matches the demo database, and a wrong entry is named.
+#[tokio::test]
+async fn the_demo_schema_file_matches_the_demo_database() {
+    let db = PgCluster::shared().fresh_db("engine_demo_schema").await.unwrap();
+    let c = db.connect().await.unwrap();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    for f in ["demo/schema.sql", "demo/seed.sql"] {
+        c.batch_execute(&std::fs::read_to_string(format!("{root}/{f}")).unwrap())
+            .await
+            .unwrap();
+    }
+    let text = std::fs::read_to_string(format!("{root}/demo/pulse-schema.toml")).unwrap();
+    let mut schema = pulse_daemon::schema::Schema::parse("demo/pulse-schema.toml", &text).unwrap();
+    schema.check(&c).await.unwrap();
+    assert_eq!(schema.tables["payments"].key, vec!["id".to_string()]);
+    let mut wrong = pulse_daemon::schema::Schema::parse(
+        "x",
+        &text.replace(
+            "\"full_name\", \"status\"",
+            "\"full_name\", \"status\", \"nickname\"",
+        ),
+    )
+    .unwrap();
+    let e = wrong.check(&c).await.unwrap_err();
+    assert_eq!(e.entry, "tables.members.columns");
+    assert!(e.message.contains("nickname"), "{e}");
+    let mut wrong = pulse_daemon::schema::Schema::parse(
+        "x",
+        &text.replace("column = \"amount\"", "column = \"currency\""),
+    )
+    .unwrap();
+    assert_eq!(
+        wrong.check(&c).await.unwrap_err().entry,
+        "metrics.revenue_this_month.column"
+    );
+    c.batch_execute("ALTER TABLE payment REPLICA IDENTITY DEFAULT")
+        .await
+        .unwrap();
+    let e = schema.check(&c).await.unwrap_err();
+    assert!(e.message.contains("REPLICA IDENTITY FULL"), "{e}");
+}
