@@ -62,11 +62,22 @@ fn committed_micros(frame: &str) -> Option<i64> {
 
 /// Runs the benchmark; prints the summary line last.
 pub async fn run(quick: bool) -> Result<()> {
-    let (clients, rate, seconds) = if quick {
+    let (mut clients, mut rate, mut seconds) = if quick {
         (100, 500u64, 5u64)
     } else {
         (1_000, 2_000u64, 30u64)
     };
+    // Overrides for exploring (the figures that count are from the defaults).
+    let knob = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = knob("PULSE_BENCH_CLIENTS") {
+        clients = n as usize;
+    }
+    if let Some(n) = knob("PULSE_BENCH_RATE") {
+        rate = n.max(1);
+    }
+    if let Some(n) = knob("PULSE_BENCH_SECONDS") {
+        seconds = n.max(1);
+    }
     let cluster: &'static PgCluster = Box::leak(Box::new(PgCluster::start()?));
     let db = cluster.fresh_db("latency").await?;
     let setup = db.connect().await?;

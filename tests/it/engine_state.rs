@@ -312,7 +312,7 @@ async fn a_committed_change_reaches_live_subscribers_and_resume_gets_what_was_mi
         .subscribe(&caller, "s", "payments", &json!({ "status": "paid" }), None)
         .await
         .unwrap();
-    let cursor = match rx.recv().await.unwrap() {
+    let cursor = match rx.recv().await.unwrap().into_frame() {
         ServerFrame::Result { data, cursor, .. } => {
             assert_eq!(data.as_array().unwrap().len(), 2);
             cursor.unwrap()
@@ -336,7 +336,7 @@ async fn a_committed_change_reaches_live_subscribers_and_resume_gets_what_was_mi
         .await;
     f.consume(&f.engine, vec![t1, t2, t3]).await;
     let mut got = Vec::new();
-    while let Ok(ServerFrame::Update { op, key, .. }) = rx.try_recv() {
+    while let Ok(ServerFrame::Update { op, key, .. }) = rx.try_recv().map(|o| o.into_frame()) {
         got.push((op, key["id"].as_i64().unwrap()));
     }
     assert_eq!(
@@ -364,7 +364,7 @@ async fn a_committed_change_reaches_live_subscribers_and_resume_gets_what_was_mi
         .await
         .unwrap();
     let mut resumed = Vec::new();
-    while let Ok(ServerFrame::Update { op, key, .. }) = rx2.try_recv() {
+    while let Ok(ServerFrame::Update { op, key, .. }) = rx2.try_recv().map(|o| o.into_frame()) {
         resumed.push((op, key["id"].as_i64().unwrap()));
     }
     assert_eq!(resumed, got);
@@ -379,8 +379,11 @@ async fn a_committed_change_reaches_live_subscribers_and_resume_gets_what_was_mi
         .await
         .unwrap();
     assert_eq!(
-        rx3.recv().await.unwrap(),
+        rx3.recv().await.unwrap().into_frame(),
         ServerFrame::Resnapshot { id: "s".into() }
     );
-    assert!(matches!(rx3.recv().await.unwrap(), ServerFrame::Result { .. }));
+    assert!(matches!(
+        rx3.recv().await.unwrap().into_frame(),
+        ServerFrame::Result { .. }
+    ));
 }

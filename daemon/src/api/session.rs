@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::App;
 use crate::engine::Caller;
+use crate::engine::hub::Outgoing;
 
 /// How the client reached us, which decides how `hello` authenticates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,13 +45,12 @@ struct Identity {
 /// Runs one session to its end. `guard` (a connection slot) is held until then.
 pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport: Transport, guard: G) {
     let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<ServerFrame>(OUTBOX_FRAMES);
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(OUTBOX_FRAMES);
     let shutdown = app.shutdown.clone();
     let kill = CancellationToken::new();
     let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            let text = serde_json::to_string(&frame).expect("server frames serialize");
-            if sink.send(Message::Text(text.into())).await.is_err() {
+        while let Some(out) = rx.recv().await {
+            if sink.send(Message::Text(out.into_text().into())).await.is_err() {
                 break;
             }
         }
@@ -176,8 +176,8 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
 }
 
 /// Queues a frame; false when the client is gone or too slow (then the session ends).
-fn send(tx: &mpsc::Sender<ServerFrame>, frame: ServerFrame) -> bool {
-    match tx.try_send(frame) {
+fn send(tx: &mpsc::Sender<Outgoing>, frame: ServerFrame) -> bool {
+    match tx.try_send(Outgoing::Frame(frame)) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
             tracing::warn!("client stopped reading; cutting it loose");
@@ -214,7 +214,7 @@ fn verify_token(app: &App, token: &str) -> Result<Identity, ErrorBody> {
 
 async fn hello(
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
-    tx: &mpsc::Sender<ServerFrame>,
+    tx: &mpsc::Sender<Outgoing>,
     app: &App,
     transport: Transport,
 ) -> Option<Identity> {

@@ -22,10 +22,39 @@ use super::value;
 /// A session's id, unique within the process.
 pub type SessionId = u64;
 
+/// What goes into a session's writer queue: a frame, or one already serialized (a
+/// live update is serialized once per group and only its subscription id differs
+/// between members).
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A frame, serialized by the writer.
+    Frame(ServerFrame),
+    /// JSON text of a frame.
+    Text(String),
+}
+
+impl Outgoing {
+    /// The JSON text on the wire.
+    pub fn into_text(self) -> String {
+        match self {
+            Outgoing::Frame(f) => serde_json::to_string(&f).expect("server frames serialize"),
+            Outgoing::Text(t) => t,
+        }
+    }
+
+    /// The frame (parsed back when pre-serialized), for tests and diagnostics.
+    pub fn into_frame(self) -> ServerFrame {
+        match self {
+            Outgoing::Frame(f) => f,
+            Outgoing::Text(t) => serde_json::from_str(&t).expect("pre-serialized frames parse"),
+        }
+    }
+}
+
 /// What the hub keeps of a session: where its frames go and how to cut it loose.
 pub struct SessionHandle {
     /// The session's bounded writer queue.
-    pub tx: mpsc::Sender<ServerFrame>,
+    pub tx: mpsc::Sender<Outgoing>,
     /// Cancelled when the session must end (slow client).
     pub kill: CancellationToken,
 }
@@ -186,7 +215,7 @@ pub struct Hub {
     inbox_subs: HashMap<(String, String), Vec<(SessionId, String)>>,
     presence_subs: HashMap<Option<String>, Vec<PresenceSub>>,
     /// Subscriptions whose initial result is still being read: their updates wait here.
-    pending: HashMap<(SessionId, String), Vec<ServerFrame>>,
+    pending: HashMap<(SessionId, String), Vec<Outgoing>>,
     /// tenant -> user -> tabs.
     presence: HashMap<String, HashMap<String, UserPresence>>,
     clock: u64,
@@ -242,9 +271,13 @@ impl Hub {
 
     /// Queues a frame for one session; a full queue cuts the session loose.
     pub fn deliver(&mut self, session: SessionId, frame: ServerFrame) {
+        self.deliver_out(session, Outgoing::Frame(frame));
+    }
+
+    fn deliver_out(&mut self, session: SessionId, out: Outgoing) {
         let cut = match self.sessions.get(&session) {
             None => false,
-            Some(h) => match h.tx.try_send(frame) {
+            Some(h) => match h.tx.try_send(out) {
                 Ok(()) => false,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::warn!(session, "client stopped reading; cutting it loose");
@@ -324,7 +357,7 @@ impl Hub {
             .unwrap_or_default();
         self.deliver(session, result);
         for f in waiting {
-            self.deliver(session, f);
+            self.deliver_out(session, f);
         }
     }
 
@@ -423,7 +456,7 @@ impl Hub {
             tenants.push(new_tenant);
         }
         let cursor = self.cursor(self.seq);
-        let mut out: Vec<(SessionId, ServerFrame)> = Vec::new();
+        let mut out: Vec<(SessionId, String, String)> = Vec::new();
         let mut tenant_keys: Vec<Option<String>> = vec![None];
         for t in tenants.into_iter().skip(1).flatten() {
             tenant_keys.push(Some(t));
@@ -436,20 +469,27 @@ impl Hub {
                 let Some(op) = op_for(&g.filter, &change) else {
                     continue;
                 };
+                // Serialized once for the group: everything after the id is the same.
+                let whole = serde_json::to_string(&update_frame("", cursor.clone(), op, &change))
+                    .expect("server frames serialize");
+                let tail = whole
+                    .strip_prefix(r#"{"type":"update","id":"""#)
+                    .expect("update frames start with their type and id")
+                    .to_string();
                 for (session, id) in &g.members {
-                    out.push((*session, update_frame(id, cursor.clone(), op, &change)));
+                    let text = format!(
+                        r#"{{"type":"update","id":{}{tail}"#,
+                        serde_json::to_string(id).expect("strings serialize")
+                    );
+                    out.push((*session, id.clone(), text));
                 }
             }
         }
-        for (session, frame) in out {
-            let id = match &frame {
-                ServerFrame::Update { id, .. } => id.clone(),
-                _ => unreachable!("only updates are built above"),
-            };
+        for (session, id, text) in out {
             if let Some(buf) = self.pending.get_mut(&(session, id)) {
-                buf.push(frame);
+                buf.push(Outgoing::Text(text));
             } else {
-                self.deliver(session, frame);
+                self.deliver_out(session, Outgoing::Text(text));
             }
         }
     }
@@ -818,7 +858,7 @@ mod tests {
         }
     }
 
-    fn session(hub: &mut Hub, id: SessionId) -> mpsc::Receiver<ServerFrame> {
+    fn session(hub: &mut Hub, id: SessionId) -> mpsc::Receiver<Outgoing> {
         let (tx, rx) = mpsc::channel(16);
         hub.add_session(
             id,
@@ -840,10 +880,10 @@ mod tests {
         }
     }
 
-    fn ops(rx: &mut mpsc::Receiver<ServerFrame>) -> Vec<(UpdateOp, i64)> {
+    fn ops(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<(UpdateOp, i64)> {
         let mut out = Vec::new();
         while let Ok(f) = rx.try_recv() {
-            if let ServerFrame::Update { op, key, .. } = f {
+            if let ServerFrame::Update { op, key, .. } = f.into_frame() {
                 out.push((op, key["id"].as_i64().unwrap()));
             }
         }
@@ -885,6 +925,26 @@ mod tests {
             ]
         );
         assert!(ops(&mut b).is_empty(), "t2 saw t1's rows");
+    }
+
+    #[test]
+    fn pre_serialized_updates_equal_the_frame_with_awkward_ids() {
+        let mut hub = Hub::new(10, 1);
+        let mut rx = session(&mut hub, 1);
+        let id = "quote\" back\\ slash \u{1}";
+        hub.subscribe_live(1, id, "m", filter("t1", None), 10).unwrap();
+        hub.complete(1, id, ServerFrame::Pong { nonce: 0 });
+        let _ = rx.try_recv();
+        hub.publish_live("m", "tenant_id", None, Some(row(9, "t1", "ok")));
+        let text = rx.try_recv().unwrap().into_text();
+        let expected = ServerFrame::Update {
+            id: id.to_string(),
+            cursor: Some(hub.current_cursor()),
+            op: UpdateOp::Insert,
+            key: serde_json::json!({ "id": 9 }),
+            row: Some(serde_json::json!({ "id": 9, "status": "ok" })),
+        };
+        assert_eq!(text, serde_json::to_string(&expected).unwrap());
     }
 
     #[test]
@@ -938,7 +998,7 @@ mod tests {
         hub.remove_session(2);
         hub.remove_session(1);
         let events: Vec<_> = std::iter::from_fn(|| watcher.try_recv().ok())
-            .map(|f| match f {
+            .map(|f| match f.into_frame() {
                 ServerFrame::Presence { event, resource, .. } => (event, resource),
                 other => panic!("{other:?}"),
             })

@@ -171,7 +171,7 @@ impl Engine {
     /// Registers a session; returns its id.
     pub fn open_session(
         &self,
-        tx: tokio::sync::mpsc::Sender<ServerFrame>,
+        tx: tokio::sync::mpsc::Sender<hub::Outgoing>,
         kill: CancellationToken,
     ) -> SessionId {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
