@@ -32,6 +32,8 @@ pub enum Transport {
 
 /// Frames queued for one client before it is considered too slow and cut loose.
 const OUTBOX_FRAMES: usize = 1024;
+/// Most frames written between two flushes.
+const WRITE_BATCH: usize = 64;
 /// How long a client has to send `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -49,8 +51,23 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
     let shutdown = app.shutdown.clone();
     let kill = CancellationToken::new();
     let writer = tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
-            if sink.send(Message::Text(out.into_text().into())).await.is_err() {
+        // Frames that are already waiting go out in one flush: under load that is one
+        // write for many frames instead of one each.
+        'writing: while let Some(out) = rx.recv().await {
+            if sink.feed(Message::Text(out.into_text().into())).await.is_err() {
+                break;
+            }
+            for _ in 0..WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => {
+                        if sink.feed(Message::Text(more.into_text().into())).await.is_err() {
+                            break 'writing;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            if sink.flush().await.is_err() {
                 break;
             }
         }
