@@ -9,13 +9,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod cdc;
+mod fanout;
+mod files;
+mod latency;
+mod webhooks;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "pulse-bench",
-    version,
-    about = "Pulse benchmarks, each beside its anchor"
-)]
+#[command(name = "pulse-bench", version, about = "Pulse benchmarks, each beside its anchor")]
 struct Cli {
     /// A smaller workload for a first look; the figures that count are from the full one.
     #[arg(long, global = true)]
@@ -40,16 +40,6 @@ enum Bench {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Bench::Cdc = cli.bench {
-        return block_on(cdc::run(cli.quick));
-    }
-    let name = format!("{:?}", cli.bench).to_lowercase();
-    eprintln!("pulse-bench {name}: this benchmark is not written yet; see the open issues");
-    ExitCode::from(2)
-}
-
-/// Runs one benchmark on a multi-threaded runtime; a failure exits non-zero.
-fn block_on(bench: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -57,10 +47,19 @@ fn block_on(bench: impl std::future::Future<Output = anyhow::Result<()>>) -> Exi
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(bench) {
+    let result = runtime.block_on(async {
+        match cli.bench {
+            Bench::Cdc => cdc::run(cli.quick).await,
+            Bench::Latency => latency::run(cli.quick).await,
+            Bench::Fanout => fanout::run(cli.quick).await,
+            Bench::Webhooks => webhooks::run(cli.quick).await,
+            Bench::Files => files::run(cli.quick).await,
+        }
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pulse-bench: {e:#}");
+            eprintln!("pulse-bench {:?} failed: {e:#}", cli.bench);
             ExitCode::FAILURE
         }
     }

@@ -2,5 +2,7 @@
 //! replication, one database per test) and the real RabbitMQ.
 
 mod cdc;
+mod engine;
+mod engine_state;
 mod foundation;
 mod support;
