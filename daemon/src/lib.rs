@@ -9,10 +9,14 @@
 
 pub mod admin;
 pub mod api;
+pub mod commands;
 pub mod config;
 pub mod db;
 pub mod health;
+pub mod jobs;
 pub mod migrate;
+pub mod outbox;
+pub mod relay;
 pub mod settings;
 pub mod systemd;
 pub mod telemetry;
@@ -168,6 +172,8 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// The platform settings in force (config defaults overlaid with stored edits).
     pub settings: Arc<settings::Settings>,
+    /// Scheduled jobs, and "run now" for the console.
+    pub jobs: Arc<jobs::Scheduler>,
 }
 
 impl App {
@@ -283,7 +289,15 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
     if settings.current().deploy_key_sha256.is_empty() {
         tracing::warn!("no deploy key is set (platform.deploy_key): service access is off until one is set");
     }
+    let scheduler = jobs::Scheduler::new(
+        pool.clone(),
+        jobs::builtin(&config),
+        &config.jobs.schedules,
+        config.limits.job_timeout,
+    )
+    .map_err(StartError::Other)?;
     let app = Arc::new(App {
+        jobs: Arc::new(scheduler),
         config: RwLock::new(Arc::new(config)),
         health: Arc::new(health::Health::default()),
         pool,
@@ -343,6 +357,33 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
             app.health.retire("health");
         });
     }
+    // Scheduled jobs run on every instance; each run's advisory lock keeps them single.
+    if app.config().jobs.enabled {
+        app.jobs.spawn(&tasks, shutdown.clone());
+    }
+
+    // The broker: webhooks out, commands in. Without amqp.url pulsed runs without it.
+    if let Some(amqp) = app.config().amqp.clone() {
+        app.health.set(
+            "broker",
+            HealthState::Degraded,
+            "connecting to RabbitMQ; events wait in the outbox",
+            false,
+        );
+        let broker = Arc::new(relay::Broker {
+            catalog: outbox::EventCatalog::new(&amqp.class_namespace, &amqp.events),
+            config: amqp,
+            pool: app.pool.clone(),
+            state_db: app.config().state_db.clone(),
+            health: app.health.clone(),
+            effects: Arc::new(commands::CoreEffects {
+                settings: app.settings.clone(),
+                pool: app.pool.clone(),
+            }),
+        });
+        tasks.spawn(relay::supervise(broker, shutdown.clone()));
+    }
+
     app.health.tick("health");
     if let Some(w) = systemd::spawn_watchdog(app.health.clone(), shutdown.clone()) {
         tasks.spawn(async move {
