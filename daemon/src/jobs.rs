@@ -440,7 +440,7 @@ impl Job for PruneOutbox {
                         "DELETE FROM pulse.outbox WHERE id IN (
                              SELECT id FROM pulse.outbox
                               WHERE (delivered_at IS NOT NULL OR NOT $2)
-                                AND COALESCE(delivered_at, created_at) < now() - make_interval(secs => $1)
+                                AND COALESCE(delivered_at, created_at) < now() - make_interval(secs => $1::float8)
                               LIMIT 5000)",
                         &[&secs, &self.broker],
                     )
@@ -455,7 +455,7 @@ impl Job for PruneOutbox {
                 .client
                 .execute(
                     "DELETE FROM pulse.processed_commands
-                      WHERE processed_at < now() - make_interval(secs => greatest($1, 7 * 86400.0))",
+                      WHERE processed_at < now() - make_interval(secs => greatest($1::float8, 7 * 86400.0::float8))",
                     &[&secs],
                 )
                 .await

@@ -3,4 +3,5 @@
 
 mod amqp;
 mod foundation;
+mod jobs;
 mod support;
