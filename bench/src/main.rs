@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod webhooks;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "pulse-bench",
@@ -39,6 +41,28 @@ enum Bench {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let name = format!("{:?}", cli.bench).to_lowercase();
-    eprintln!("pulse-bench {name}: this benchmark is not written yet; see the open issues");
-    ExitCode::from(2)
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pulse-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.bench {
+        Bench::Webhooks => runtime.block_on(webhooks::run(cli.quick)),
+        _ => {
+            eprintln!("pulse-bench {name}: this benchmark is not written yet; see the open issues");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pulse-bench {name} failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
