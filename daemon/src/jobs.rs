@@ -204,6 +204,18 @@ impl Scheduler {
 
     /// Starts one task per schedule; they stop with `shutdown`.
     pub fn spawn(self: &Arc<Self>, tasks: &TaskTracker, shutdown: CancellationToken) {
+        metrics::describe_histogram!(
+            "pulse_job_duration_seconds",
+            "Duration of job runs, by job, in seconds."
+        );
+        metrics::describe_counter!(
+            "pulse_job_runs_total",
+            "Job runs, by job and outcome (ok, failed, timeout)."
+        );
+        metrics::describe_counter!(
+            "pulse_job_skipped_total",
+            "Scheduled runs skipped because another run (on any instance) held the job's lock."
+        );
         for (job, expr, cron) in &self.schedules {
             let this = self.clone();
             let job = job.clone();
@@ -410,6 +422,64 @@ impl Scheduler {
         tx.commit().await.map_err(db)?;
         Ok(())
     }
+}
+
+/// One run as the console lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRow {
+    /// `pulse.job_runs.id`.
+    pub id: i64,
+    /// The job.
+    pub job: String,
+    /// `schedule` or `manual`.
+    pub trigger: String,
+    /// The instance or the actor.
+    pub started_by: String,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    /// Seconds it ran (so far, when still running).
+    pub duration_secs: f64,
+    /// `running`, `ok`, `failed` or `timeout`.
+    pub outcome: String,
+    /// What it counted.
+    pub counts: Value,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// The newest runs, all jobs or one, for the console.
+pub async fn recent_runs(
+    client: &tokio_postgres::Client,
+    job: Option<&str>,
+    limit: i64,
+) -> Result<Vec<RunRow>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT id, job, trigger, started_by,
+                    to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    EXTRACT(EPOCH FROM COALESCE(ended_at, clock_timestamp()) - started_at)::float8,
+                    outcome, counts, error
+               FROM pulse.job_runs
+              WHERE $1::text IS NULL OR job = $1
+              ORDER BY started_at DESC, id DESC
+              LIMIT $2",
+            &[&job, &limit],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| RunRow {
+            id: r.get(0),
+            job: r.get(1),
+            trigger: r.get(2),
+            started_by: r.get(3),
+            started_at: r.get(4),
+            duration_secs: r.get(5),
+            outcome: r.get(6),
+            counts: r.get(7),
+            error: r.get(8),
+        })
+        .collect())
 }
 
 /// Deletes delivered outbox rows older than the retention, and the records of commands

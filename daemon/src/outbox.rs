@@ -6,7 +6,7 @@
 //! the caller's transaction decides whether the event exists at all, which is the
 //! durability rule (an event is sent if and only if its change committed).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 use tokio_postgres::Transaction;
@@ -161,6 +161,8 @@ pub struct EventCatalog {
     namespace: String,
     /// `None`: every event.
     enabled: Option<HashSet<String>>,
+    /// Classes named one by one (the schema file may map an event to any class).
+    classes: HashMap<String, String>,
 }
 
 impl EventCatalog {
@@ -173,7 +175,14 @@ impl EventCatalog {
             } else {
                 Some(enabled.iter().cloned().collect())
             },
+            classes: HashMap::new(),
         }
+    }
+
+    /// Maps `event` to `class` instead of the namespace rule.
+    pub fn with_class(mut self, event: &str, class: &str) -> EventCatalog {
+        self.classes.insert(event.to_string(), class.to_string());
+        self
     }
 
     /// Whether `event` is sent to Symfony.
@@ -183,6 +192,9 @@ impl EventCatalog {
 
     /// The PHP class of `event`: `presence.joined` is `<namespace>\PresenceJoined`.
     pub fn class_of(&self, event: &str) -> String {
+        if let Some(class) = self.classes.get(event) {
+            return class.clone();
+        }
         let mut class = String::with_capacity(self.namespace.len() + event.len() + 1);
         class.push_str(&self.namespace);
         class.push('\\');
@@ -222,6 +234,8 @@ mod tests {
         assert!(only.is_enabled("file.deleted"));
         assert!(!only.is_enabled("file.uploaded"));
         assert_eq!(only.class_of("file.deleted"), "X\\FileDeleted");
+        let mapped = only.with_class("file.deleted", "Shop\\Media\\Removed");
+        assert_eq!(mapped.class_of("file.deleted"), "Shop\\Media\\Removed");
     }
 
     #[test]

@@ -14,9 +14,13 @@
 //! time (a PostgreSQL advisory lock held for the session), so events of one aggregate
 //! leave in the order they were enqueued. A row is marked delivered only after the broker
 //! confirmed it; a crash or an outage between the publish and that mark sends it again
-//! with the same `message_id` (at least once). Returned or nacked events are retried with
-//! capped exponential backoff, holding back later events of their aggregate, and move to
-//! `pulse.outbox_dead` after `amqp.max_attempts` failures.
+//! with the same `message_id` (at least once), and since the relay always restarts from
+//! the oldest undelivered row, the first copies still arrive in order. Returned or nacked
+//! events are retried with capped exponential backoff and move to `pulse.outbox_dead`
+//! after `amqp.max_attempts` failures; while one waits for its retry, no newer event of its
+//! aggregate is sent. The one exception to the order: newer events of the same aggregate
+//! that were already in flight in the same batch (up to `amqp.publish_batch`) when the
+//! broker returned or nacked an older one are not recalled.
 //!
 //! This module never writes to the outbox except to mark progress, never decides what an
 //! event says, and never acknowledges a command (that is [`crate::commands`]).
@@ -84,9 +88,43 @@ pub enum SessionError {
     },
 }
 
+/// Registers the help text of the broker-side metrics.
+fn describe_metrics() {
+    metrics::describe_gauge!(
+        "pulse_outbox_depth",
+        "Outbox events not yet delivered to RabbitMQ."
+    );
+    metrics::describe_gauge!(
+        "pulse_outbox_oldest_pending_seconds",
+        "Age of the oldest undelivered outbox event, in seconds (0 when none)."
+    );
+    metrics::describe_gauge!("pulse_outbox_dead_letters", "Events in pulse.outbox_dead.");
+    metrics::describe_counter!(
+        "pulse_outbox_published_total",
+        "Events published and confirmed by the broker (its rate is the publish rate)."
+    );
+    metrics::describe_histogram!(
+        "pulse_outbox_confirm_seconds",
+        "Time from a relay batch's first publish to its last confirm, in seconds."
+    );
+    metrics::describe_counter!(
+        "pulse_outbox_publish_failures_total",
+        "Publishes returned (unroutable) or nacked by the broker."
+    );
+    metrics::describe_counter!(
+        "pulse_outbox_dead_letters_total",
+        "Events moved to the dead-letter table after amqp.max_attempts failures."
+    );
+    metrics::describe_counter!(
+        "pulse_commands_total",
+        "Commands from Symfony, by kind and outcome (applied, duplicate, dead_lettered, requeued)."
+    );
+}
+
 /// Runs the supervisor until `shutdown`: connect, declare, relay and consume; on any
 /// failure, report Degraded, back off (capped) and start over.
 pub async fn supervise(broker: Arc<Broker>, shutdown: CancellationToken) {
+    describe_metrics();
     let stats = tokio::spawn(stats_loop(broker.clone(), shutdown.clone()));
     let mut delay = Duration::from_millis(200);
     while !shutdown.is_cancelled() {

@@ -401,6 +401,34 @@ async fn a_broker_outage_mid_stream_loses_nothing() {
     })
     .await
     .unwrap();
+    // The command consumer came back with the new session too.
+    channel
+        .basic_publish(
+            "".into(),
+            names.commands.as_str().into(),
+            BasicPublishOptions::default(),
+            json!({"commandId": "after-outage", "key": "sync_interval_ms", "value": 900})
+                .to_string()
+                .as_bytes(),
+            command_properties(Some("App\\Message\\Pulse\\Command\\ChangeSetting")),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let client = db.connect().await.unwrap();
+    wait_for("a command after the outage", Duration::from_secs(20), || async {
+        client
+            .query_opt(
+                "SELECT 1 FROM pulse.processed_commands WHERE command_id = 'after-outage'",
+                &[],
+            )
+            .await
+            .ok()
+            .flatten()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", pulsed.log()));
     let all = seen.lock().unwrap().clone();
     let dups = check_delivery(&all, "outage", TOTAL, 20);
     eprintln!(

@@ -302,6 +302,18 @@ async fn run_now_is_for_allowed_roles_and_audited() {
         .unwrap()
         .get(0);
     assert_eq!(by, "ops");
+    let listed = pulse_daemon::jobs::recent_runs(&client, Some("quick"), 10)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (
+            listed[0].id,
+            listed[0].outcome.as_str(),
+            listed[0].trigger.as_str()
+        ),
+        (run.id, "ok", "manual")
+    );
 }
 
 #[tokio::test]
