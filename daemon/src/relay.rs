@@ -50,6 +50,9 @@ const RELAY_LOCK_KEY: i64 = 0x7075_6c73_655f_726c;
 /// How often a standby instance tries to become the relay.
 const STANDBY_RETRY: Duration = Duration::from_secs(2);
 
+/// Longest wait for the confirms of one batch before the session is given up.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Longest wait for new events before the outbox is read again anyway (a missed NOTIFY,
 /// a retry coming due).
 const IDLE_POLL: Duration = Duration::from_millis(250);
@@ -76,6 +79,9 @@ pub enum SessionError {
     /// The broker or the network failed.
     #[error("{0}")]
     Amqp(#[from] lapin::Error),
+    /// The broker confirmed nothing for too long.
+    #[error("no publisher confirm within {0:?}")]
+    NoConfirm(Duration),
     /// The topology pulsed expects is missing (passive declare failed).
     #[error("{what} {name:?} does not exist and amqp.declare_topology is false: {source}")]
     Topology {
@@ -229,8 +235,21 @@ async fn session(
     };
     let watch = async {
         while let Some(event) = events.next().await {
-            if let lapin::Event::Error(e) = event {
-                return Err(SessionError::Amqp(e));
+            match event {
+                lapin::Event::Error(e) => return Err(SessionError::Amqp(e)),
+                // A resource alarm (memory, disk): publishes wait; say so.
+                lapin::Event::ConnectionBlocked(reason) => broker.health.set(
+                    "broker",
+                    HealthState::Degraded,
+                    format!("RabbitMQ blocks publishing ({reason}); events wait in the outbox"),
+                    false,
+                ),
+                lapin::Event::ConnectionUnblocked => {
+                    broker
+                        .health
+                        .set("broker", HealthState::Up, "connected; publishing again", false)
+                }
+                _ => {}
             }
         }
         session_end.cancelled().await;
@@ -513,12 +532,19 @@ async fn publish(
         }
     }
     let mut outcomes = Vec::with_capacity(confirms.len());
+    let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
     for (row, confirm) in batch.iter().zip(confirms) {
         let Some(confirm) = confirm else {
             outcomes.push(Outcome::Skipped);
             continue;
         };
-        match confirm.await {
+        let Ok(confirm) = tokio::time::timeout_at(deadline, confirm).await else {
+            // A broker that neither confirms nor drops the connection (blocked for too
+            // long, a half-open link): start a new session; the rest is sent again.
+            failure.get_or_insert(SessionError::NoConfirm(CONFIRM_TIMEOUT));
+            break;
+        };
+        match confirm {
             Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => outcomes.push(Outcome::Delivered),
             Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
                 outcomes.push(Outcome::Failed(format!(

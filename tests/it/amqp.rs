@@ -911,3 +911,56 @@ async fn symfony_messenger_decodes_events_and_sends_commands() {
             .await;
     }
 }
+
+#[tokio::test]
+async fn missing_topology_owned_by_symfony_is_reported_until_it_exists() {
+    let db = PgCluster::shared().fresh_db("amqp_passive").await.unwrap();
+    let rabbit = Rabbit::from_env();
+    let conn = rabbit.connect().await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let names = Names::new("passive");
+    let mut env = names.env(&db, &rabbit.url);
+    env.push(("PULSE__AMQP__DECLARE_TOPOLOGY", "false".into()));
+    let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
+    pulsed.wait_ready(Duration::from_secs(20)).await.unwrap();
+    // The exchange exists (Symfony set up its events transport), the queues do not yet.
+    tap(&channel, &names, "#").await;
+    let detail = wait_for(
+        "the missing queue in /readyz",
+        Duration::from_secs(20),
+        || async {
+            let (status, body) = readyz(&pulsed).await;
+            let broker = component(&body, "broker")?;
+            let detail = broker["detail"].as_str()?.to_string();
+            (status == 200 && broker["state"] == "degraded" && detail.contains(&names.commands))
+                .then_some(detail)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", pulsed.log()));
+    assert!(detail.contains("declare_topology"), "{detail}");
+    for q in [&names.commands, &names.dead] {
+        channel
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+    wait_for(
+        "the broker up once the topology exists",
+        Duration::from_secs(20),
+        || async {
+            let (_, body) = readyz(&pulsed).await;
+            (component(&body, "broker")?["state"] == "up").then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", pulsed.log()));
+    names.cleanup(&channel).await;
+}
