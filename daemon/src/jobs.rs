@@ -415,7 +415,7 @@ impl Scheduler {
                 }),
             )
             .map_err(|e| JobError::Db(e.to_string()))?;
-            outbox::enqueue(&tx, &event)
+            outbox::enqueue(&*tx, &event)
                 .await
                 .map_err(|e| JobError::Db(e.to_string()))?;
         }

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
-use tokio_postgres::Transaction;
+use tokio_postgres::GenericClient;
 
 /// Every event Pulse sends to Symfony; the name is also the AMQP routing key.
 pub const EVENTS: &[&str] = &[
@@ -108,7 +108,11 @@ pub fn message_id_from_command(command_id: &str, position: u32) -> String {
 
 /// Writes `event` in the caller's transaction. Returns false when an event with the same
 /// message_id is already there (a replay): nothing new is sent.
-pub async fn enqueue(tx: &Transaction<'_>, event: &OutboxEvent) -> Result<bool, OutboxError> {
+///
+/// Pass the [`Transaction`](tokio_postgres::Transaction) that makes the state change the event reports; any
+/// [`GenericClient`] is accepted so that code generic over it can call this, but a plain
+/// client gives up the atomicity the durability rule needs.
+pub async fn enqueue<C: GenericClient>(tx: &C, event: &OutboxEvent) -> Result<bool, OutboxError> {
     let rows = tx
         .query(
             "WITH ins AS (
@@ -131,7 +135,7 @@ pub async fn enqueue(tx: &Transaction<'_>, event: &OutboxEvent) -> Result<bool, 
 
 /// Writes many events in one statement (in slice order, so per-aggregate order is the
 /// slice order). Returns how many were new.
-pub async fn enqueue_all(tx: &Transaction<'_>, events: &[OutboxEvent]) -> Result<u64, OutboxError> {
+pub async fn enqueue_all<C: GenericClient>(tx: &C, events: &[OutboxEvent]) -> Result<u64, OutboxError> {
     if events.is_empty() {
         return Ok(0);
     }
