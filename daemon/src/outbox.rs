@@ -213,6 +213,64 @@ impl EventCatalog {
     }
 }
 
+/// Debounces presence for Symfony (`amqp.presence_debounce_ms`): a user who drops and
+/// comes back within the window (a page reload, a flaky network) sends neither
+/// `presence.left` nor a second `presence.joined`. The engine feeds it joins and leaves
+/// and asks it, on its own clock, which leaves are due; it keeps no timers of its own.
+#[derive(Debug)]
+pub struct PresenceDebounce<K> {
+    window: std::time::Duration,
+    /// Keys Symfony was told joined and not yet told left.
+    present: HashSet<K>,
+    /// Leaves held back, with when they were seen.
+    leaving: HashMap<K, std::time::Instant>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> PresenceDebounce<K> {
+    /// A debouncer with the given window (zero: every change is sent at once).
+    pub fn new(window: std::time::Duration) -> Self {
+        PresenceDebounce {
+            window,
+            present: HashSet::new(),
+            leaving: HashMap::new(),
+        }
+    }
+
+    /// A join: true when `presence.joined` must be sent (not a quick return).
+    pub fn joined(&mut self, key: K) -> bool {
+        if self.leaving.remove(&key).is_some() {
+            return false;
+        }
+        self.present.insert(key)
+    }
+
+    /// A leave: held back until [`PresenceDebounce::due`] releases it. True when the key
+    /// was known as present (else there is nothing to announce).
+    pub fn left(&mut self, key: K, now: std::time::Instant) -> bool {
+        if !self.present.contains(&key) {
+            return false;
+        }
+        self.leaving.entry(key).or_insert(now);
+        true
+    }
+
+    /// The leaves whose window has passed at `now`: send `presence.left` for each.
+    pub fn due(&mut self, now: std::time::Instant) -> Vec<K> {
+        let window = self.window;
+        let due: Vec<K> = self
+            .leaving
+            .iter()
+            .filter(|(_, at)| now.saturating_duration_since(**at) >= window)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &due {
+            self.leaving.remove(k);
+            self.present.remove(k);
+        }
+        due
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,6 +308,27 @@ mod tests {
         assert!(OutboxEvent::new("presence.joined", "k", "", json!({})).is_err());
         assert!(OutboxEvent::new("presence.joined", "k", "u", json!([1])).is_err());
         assert!(OutboxEvent::new("presence.joined", "k".repeat(256), "u", json!({})).is_err());
+    }
+
+    #[test]
+    fn a_quick_return_sends_nothing() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let mut d = PresenceDebounce::new(Duration::from_secs(5));
+        assert!(d.joined("u1"));
+        assert!(!d.joined("u1"), "already present");
+        assert!(d.left("u1", t0));
+        assert!(d.due(t0 + Duration::from_secs(4)).is_empty());
+        assert!(!d.joined("u1"), "back within the window: no new join");
+        assert!(d.due(t0 + Duration::from_secs(10)).is_empty(), "and no leave");
+        assert!(d.left("u1", t0 + Duration::from_secs(10)));
+        assert_eq!(d.due(t0 + Duration::from_secs(15)), vec!["u1"]);
+        assert!(d.joined("u1"), "a real return joins again");
+        assert!(!d.left("u2", t0), "never joined: nothing to announce");
+        let mut now = PresenceDebounce::new(Duration::ZERO);
+        assert!(now.joined(1));
+        assert!(now.left(1, t0));
+        assert_eq!(now.due(t0), vec![1]);
     }
 
     #[test]
