@@ -746,6 +746,39 @@ mod tests {
         );
     }
 
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The command parser never panics, whatever arrives from the queue.
+        #[test]
+        fn parse_never_panics(
+            kind in proptest::sample::select(vec!["SendNotification", "EndPresence", "EraseUserData", "ExportUserData", "ChangeSetting", "Nope", ""]),
+            prefix in "[A-Za-z\\\\]{0,12}",
+            content_type in proptest::option::of("[a-z/;= -]{0,24}"),
+            raw in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            fields in proptest::collection::btree_map(
+                proptest::sample::select(vec!["commandId", "tenantId", "userId", "role", "title", "body", "data", "key", "value", "actor", "x"]),
+                proptest::prop_oneof![
+                    proptest::strategy::Just(Value::Null),
+                    proptest::num::i64::ANY.prop_map(Value::from),
+                    "\\PC{0,40}".prop_map(Value::from),
+                    proptest::bool::ANY.prop_map(Value::from),
+                ],
+                0..8,
+            ),
+            use_raw in proptest::bool::ANY,
+        ) {
+            let class = format!("{prefix}{kind}");
+            let body = if use_raw {
+                raw
+            } else {
+                serde_json::to_vec(&fields).unwrap()
+            };
+            let _ = parse(Some(&class), content_type.as_deref(), &body);
+            let _ = parse(None, None, &body);
+        }
+    }
+
     #[test]
     fn headers_are_found_whatever_their_case() {
         let mut t = FieldTable::default();
