@@ -170,8 +170,10 @@ async fn two_instances_never_run_the_same_job_at_once() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    // Four or five ticks, each wanted by both instances; one run per tick at most.
-    assert!((3..=5).contains(&runs.len()), "{runs:?}");
+    // Four or five ticks, each wanted by both instances: one run per tick at most (without
+    // the lock both would run, twice as many runs, overlapping). A loaded machine may make
+    // a run outlast a tick, hence the low bound.
+    assert!((2..=5).contains(&runs.len()), "{runs:?}");
     for w in runs.windows(2) {
         assert!(w[0].1 <= w[1].0, "two runs overlapped: {w:?}");
     }
