@@ -202,6 +202,14 @@ impl Scheduler {
             .collect()
     }
 
+    /// When `job` runs next on its schedule (RFC 3339, UTC); `None` when unscheduled.
+    pub fn next_run(&self, job: &str) -> Option<String> {
+        let (_, _, cron) = self.schedules.iter().find(|(j, _, _)| j == job)?;
+        cron.find_next_occurrence(&chrono::Utc::now(), false)
+            .ok()
+            .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+    }
+
     /// Starts one task per schedule; they stop with `shutdown`.
     pub fn spawn(self: &Arc<Self>, tasks: &TaskTracker, shutdown: CancellationToken) {
         metrics::describe_histogram!(

@@ -148,6 +148,8 @@ async fn two_instances_never_run_the_same_job_at_once() {
     let pool = |_: u8| pulse_daemon::db::pool(&DbUrl::parse(&db.url()).unwrap(), 4).unwrap();
     let x = Arc::new(Scheduler::new(pool(0), registry.clone(), &schedules, Duration::from_secs(10)).unwrap());
     let y = Arc::new(Scheduler::new(pool(1), registry, &schedules, Duration::from_secs(10)).unwrap());
+    assert!(x.next_run("slow").is_some_and(|t| t.ends_with('Z')));
+    assert_eq!(a.next_run("slow"), None, "not scheduled on that one");
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
     x.spawn(&tasks, stop.clone());
