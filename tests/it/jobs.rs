@@ -122,17 +122,25 @@ async fn an_overrunning_job_ends_with_timeout() {
 async fn two_instances_never_run_the_same_job_at_once() {
     let db = PgCluster::shared().fresh_db("jobs_single").await.unwrap();
     let slow = || -> Vec<Arc<dyn Job>> {
-        vec![Arc::new(Sleep {
-            name: "slow",
-            secs: 0.7,
-        })]
+        vec![
+            Arc::new(Sleep {
+                name: "slow",
+                secs: 0.7,
+            }),
+            // Long enough that the second instance asks while the first still runs, even
+            // on a loaded machine.
+            Arc::new(Sleep {
+                name: "long",
+                secs: 2.0,
+            }),
+        ]
     };
     // Two instances: separate pools, separate sessions, as two pulsed processes have.
     let a = Arc::new(scheduler(&db, slow(), Duration::from_secs(10)).await);
     let b = Arc::new(scheduler(&db, slow(), Duration::from_secs(10)).await);
     let (ra, rb) = tokio::join!(
-        a.run_once("slow", "manual", "a"),
-        b.run_once("slow", "manual", "b")
+        a.run_once("long", "manual", "a"),
+        b.run_once("long", "manual", "b")
     );
     let ok = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
     let busy = [&ra, &rb]
@@ -144,7 +152,9 @@ async fn two_instances_never_run_the_same_job_at_once() {
     // Both on the same every-second schedule for a while.
     let schedules = vec![("slow".to_string(), "* * * * * *".to_string())];
     let mut registry = Registry::default();
-    registry.register(slow().remove(0));
+    for job in slow() {
+        registry.register(job);
+    }
     let pool = |_: u8| pulse_daemon::db::pool(&DbUrl::parse(&db.url()).unwrap(), 4).unwrap();
     let x = Arc::new(Scheduler::new(pool(0), registry.clone(), &schedules, Duration::from_secs(10)).unwrap());
     let y = Arc::new(Scheduler::new(pool(1), registry, &schedules, Duration::from_secs(10)).unwrap());
