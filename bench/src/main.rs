@@ -52,7 +52,7 @@ fn main() -> ExitCode {
             Bench::Cdc => cdc::run(cli.quick).await,
             Bench::Latency => latency::run(cli.quick).await,
             Bench::Fanout => fanout::run(cli.quick).await,
-            Bench::Webhooks => webhooks::run(cli.quick).await,
+            Bench::Webhooks => webhooks::run(cli.quick).await.map(|summary| println!("{summary}")),
             Bench::Files => files::run(cli.quick).await,
         }
     });

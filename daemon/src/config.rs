@@ -170,6 +170,78 @@ pub const KEYS: &[KeySpec] = &[
         "RabbitMQ URL for webhooks and commands; empty runs without a broker.",
     ),
     key(
+        "amqp.exchange",
+        "pulse.events",
+        KeyKind::Text,
+        "Exchange the relay publishes events to, with the event name as routing key.",
+    ),
+    key(
+        "amqp.declare_topology",
+        "true",
+        KeyKind::Bool,
+        "Declare the exchange and queues (durable) at connect; false: Symfony owns the topology and pulsed only checks it (passive declare).",
+    ),
+    key(
+        "amqp.commands_queue",
+        "pulse.commands",
+        KeyKind::Text,
+        "Queue of commands from Symfony; empty turns the command consumer off.",
+    ),
+    key(
+        "amqp.commands_dead_letter_queue",
+        "pulse.commands.dead",
+        KeyKind::Text,
+        "Queue invalid or refused commands are moved to, with the reason in the x-pulse-reason header.",
+    ),
+    key(
+        "amqp.commands_prefetch",
+        "16",
+        KeyKind::Integer,
+        "Commands taken from the queue before earlier ones are acknowledged.",
+    ),
+    key(
+        "amqp.publish_batch",
+        "500",
+        KeyKind::Integer,
+        "Outbox events published per relay round before their confirms are awaited.",
+    ),
+    key(
+        "amqp.max_attempts",
+        "10",
+        KeyKind::Integer,
+        "Failed publishes (returned or nacked) after which an event moves to the dead-letter table.",
+    ),
+    key(
+        "amqp.retry_base_ms",
+        "500",
+        KeyKind::Integer,
+        "First retry delay of a failed publish, doubled each attempt.",
+    ),
+    key(
+        "amqp.retry_max_ms",
+        "60000",
+        KeyKind::Integer,
+        "Cap of the publish retry delay and of the reconnect delay.",
+    ),
+    key(
+        "amqp.class_namespace",
+        "App\\Message\\Pulse",
+        KeyKind::Text,
+        "PHP namespace of event classes: presence.joined is sent as <namespace>\\PresenceJoined.",
+    ),
+    key(
+        "amqp.events",
+        "",
+        KeyKind::List,
+        "Events sent to Symfony; empty means all of them.",
+    ),
+    key(
+        "amqp.presence_debounce_ms",
+        "5000",
+        KeyKind::Integer,
+        "A presence left followed by a join within this time sends neither event.",
+    ),
+    key(
         "storage.backend",
         "local",
         KeyKind::Choice(&["local", "s3"]),
@@ -363,6 +435,24 @@ pub const KEYS: &[KeySpec] = &[
         "10000",
         KeyKind::Integer,
         "Live-table updates kept for resume; older cursors get a resnapshot.",
+    ),
+    key(
+        "jobs.enabled",
+        "true",
+        KeyKind::Bool,
+        "Run scheduled jobs on this instance (each run still takes the job's advisory lock).",
+    ),
+    key(
+        "jobs.prune_outbox",
+        "0 */10 * * * *",
+        KeyKind::Text,
+        "Cron schedule (5 or 6 fields, UTC) of the job deleting delivered outbox rows; empty turns it off.",
+    ),
+    key(
+        "jobs.outbox_retention_hours",
+        "24",
+        KeyKind::Integer,
+        "Delivered outbox rows older than this many hours are deleted by prune_outbox.",
     ),
     key(
         "log.level",
@@ -620,6 +710,48 @@ pub struct AuthConfig {
     pub roles_claim: String,
 }
 
+/// RabbitMQ settings: webhooks out, commands in.
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    /// Broker URL (contains the password).
+    pub url: Secret,
+    /// Exchange events are published to.
+    pub exchange: String,
+    /// Declare the topology (true) or only check it passively (Symfony owns it).
+    pub declare_topology: bool,
+    /// Commands queue; `None` turns the consumer off.
+    pub commands_queue: Option<String>,
+    /// Dead-letter queue of refused commands.
+    pub commands_dead_letter_queue: String,
+    /// Unacknowledged commands in flight.
+    pub commands_prefetch: u16,
+    /// Events published per relay round.
+    pub publish_batch: usize,
+    /// Failed publishes before the dead-letter table.
+    pub max_attempts: u32,
+    /// First publish retry delay.
+    pub retry_base: Duration,
+    /// Cap of retry and reconnect delays.
+    pub retry_max: Duration,
+    /// PHP namespace of event classes.
+    pub class_namespace: String,
+    /// Events sent; empty means all.
+    pub events: Vec<String>,
+    /// Presence flap window.
+    pub presence_debounce: Duration,
+}
+
+/// Scheduled jobs.
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    /// Whether this instance runs schedules.
+    pub enabled: bool,
+    /// Schedules by job name (only jobs with a non-empty schedule).
+    pub schedules: Vec<(String, String)>,
+    /// Retention of delivered outbox rows.
+    pub outbox_retention: Duration,
+}
+
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -654,6 +786,10 @@ pub struct Config {
     pub admin_socket_mode: u32,
     /// Broker; `None` runs without one.
     pub amqp_url: Option<Secret>,
+    /// Broker settings; `None` when amqp.url is empty (no webhooks, no commands).
+    pub amqp: Option<AmqpConfig>,
+    /// Scheduled jobs.
+    pub jobs: JobsConfig,
     /// File storage.
     pub storage: StorageConfig,
     /// Platform settings defaults.
@@ -1032,6 +1168,107 @@ impl Validator<'_> {
         }
     }
 
+    fn amqp(&mut self, url: Option<Option<Secret>>) -> Option<Option<AmqpConfig>> {
+        let name = |v: &mut Self, key: &str, may_be_empty: bool| -> Option<String> {
+            let t = v.text(key);
+            // AMQP short strings: at most 255 bytes; no control characters.
+            if (t.is_empty() && !may_be_empty) || t.len() > 255 || t.chars().any(char::is_control) {
+                v.fail(key, "expected a name of 1 to 255 printable characters");
+                None
+            } else {
+                Some(t)
+            }
+        };
+        let exchange = name(self, "amqp.exchange", false);
+        let declare_topology = self.bool("amqp.declare_topology");
+        let commands_queue = name(self, "amqp.commands_queue", true);
+        let dlq = name(self, "amqp.commands_dead_letter_queue", false);
+        let prefetch = self.int("amqp.commands_prefetch", 1, 10_000);
+        let batch = self.int("amqp.publish_batch", 1, 100_000);
+        let max_attempts = self.int("amqp.max_attempts", 1, 1_000_000);
+        let retry_base = self.int("amqp.retry_base_ms", 1, 3_600_000);
+        let retry_max = self.int("amqp.retry_max_ms", 1, 86_400_000);
+        let class_namespace = {
+            let t = self.text("amqp.class_namespace");
+            let ok = !t.is_empty()
+                && t.split('\\').all(|part| {
+                    part.chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                        && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                });
+            if ok {
+                Some(t)
+            } else {
+                self.fail(
+                    "amqp.class_namespace",
+                    "expected a PHP namespace such as App\\Message\\Pulse",
+                );
+                None
+            }
+        };
+        let events = self.list("amqp.events");
+        for e in &events {
+            if !crate::outbox::EVENTS.contains(&e.as_str()) {
+                self.fail(
+                    "amqp.events",
+                    format!(
+                        "unknown event {e:?}; the events are {}",
+                        crate::outbox::EVENTS.join(", ")
+                    ),
+                );
+            }
+        }
+        let debounce = self.int("amqp.presence_debounce_ms", 0, 3_600_000);
+        let url = url?;
+        let Some(url) = url else {
+            return Some(None);
+        };
+        Some(Some(AmqpConfig {
+            url,
+            exchange: exchange?,
+            declare_topology: declare_topology?,
+            commands_queue: commands_queue.map(|q| if q.is_empty() { None } else { Some(q) })?,
+            commands_dead_letter_queue: dlq?,
+            commands_prefetch: prefetch? as u16,
+            publish_batch: batch? as usize,
+            max_attempts: max_attempts? as u32,
+            retry_base: Duration::from_millis(retry_base?),
+            retry_max: Duration::from_millis(retry_max?),
+            class_namespace: class_namespace?,
+            events,
+            presence_debounce: Duration::from_millis(debounce?),
+        }))
+    }
+
+    fn jobs(&mut self) -> Option<JobsConfig> {
+        let enabled = self.bool("jobs.enabled");
+        let mut schedules = Vec::new();
+        for spec in KEYS.iter().filter(|k| k.key.starts_with("jobs.")) {
+            // Schedules are the jobs.* text keys; the other jobs.* keys are numbers or flags.
+            if spec.kind != KeyKind::Text {
+                continue;
+            }
+            let t = self.text(spec.key);
+            if t.is_empty() {
+                continue;
+            }
+            match t.parse::<croner::Cron>() {
+                Ok(_) => schedules.push((spec.key["jobs.".len()..].to_string(), t)),
+                Err(e) => self.fail(
+                    spec.key,
+                    format!("expected a cron expression of 5 or 6 fields such as 0 */10 * * * *: {e}"),
+                ),
+            }
+        }
+        let retention = self.int("jobs.outbox_retention_hours", 1, 24 * 3650);
+        Some(JobsConfig {
+            enabled: enabled?,
+            schedules,
+            outbox_retention: Duration::from_secs(retention? * 3600),
+        })
+    }
+
     fn build(&mut self) -> Option<Config> {
         let source_db = self.db("source.url");
         let state_db = if self.text("state.url").is_empty() {
@@ -1160,6 +1397,8 @@ impl Validator<'_> {
                 Some(Secret::new(t))
             }
         };
+        let amqp = self.amqp(amqp_url.clone());
+        let jobs = self.jobs();
         let enable_realtime = self.bool("platform.enable_realtime");
         let sync_interval_ms = self.int("platform.sync_interval_ms", 100, 3_600_000);
         let max_upload = self.int("limits.max_upload_bytes", 1, 5 << 30);
@@ -1239,6 +1478,8 @@ impl Validator<'_> {
             admin_socket: admin_socket?,
             admin_socket_mode: admin_socket_mode?,
             amqp_url: amqp_url?,
+            amqp: amqp?,
+            jobs: jobs?,
             storage: storage?,
             platform: PlatformDefaults {
                 deployment_url: deployment_url?,

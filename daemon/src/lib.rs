@@ -10,13 +10,17 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod commands;
 pub mod config;
 pub mod db;
 pub mod engine;
 pub mod health;
+pub mod jobs;
 pub mod migrate;
 pub mod replication;
 pub mod schema;
+pub mod outbox;
+pub mod relay;
 pub mod settings;
 pub mod systemd;
 pub mod telemetry;
@@ -184,6 +188,8 @@ pub struct App {
     pub limits: Arc<api::limits::EdgeLimits>,
     /// The platform settings in force (config defaults overlaid with stored edits).
     pub settings: Arc<settings::Settings>,
+    /// Scheduled jobs, and "run now" for the console.
+    pub jobs: Arc<jobs::Scheduler>,
 }
 
 impl App {
@@ -339,10 +345,18 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
             .map_err(|e| StartError::Other(format!("cannot load the engine state: {e}")))?;
     }
     let limits = Arc::new(api::limits::EdgeLimits::new(&config.limits));
+    let scheduler = jobs::Scheduler::new(
+        pool.clone(),
+        jobs::builtin(&config),
+        &config.jobs.schedules,
+        config.limits.job_timeout,
+    )
+    .map_err(StartError::Other)?;
     let app = Arc::new(App {
         auth: authenticator,
         engine: engine.clone(),
         limits,
+        jobs: Arc::new(scheduler),
         config: RwLock::new(Arc::new(config)),
         health: Arc::new(health::Health::default()),
         pool,
@@ -430,6 +444,33 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
             app.health.retire("health");
         });
     }
+    // Scheduled jobs run on every instance; each run's advisory lock keeps them single.
+    if app.config().jobs.enabled {
+        app.jobs.spawn(&tasks, shutdown.clone());
+    }
+
+    // The broker: webhooks out, commands in. Without amqp.url pulsed runs without it.
+    if let Some(amqp) = app.config().amqp.clone() {
+        app.health.set(
+            "broker",
+            HealthState::Degraded,
+            "connecting to RabbitMQ; events wait in the outbox",
+            false,
+        );
+        let broker = Arc::new(relay::Broker {
+            catalog: outbox::EventCatalog::new(&amqp.class_namespace, &amqp.events),
+            config: amqp,
+            pool: app.pool.clone(),
+            state_db: app.config().state_db.clone(),
+            health: app.health.clone(),
+            effects: Arc::new(commands::CoreEffects {
+                settings: app.settings.clone(),
+                pool: app.pool.clone(),
+            }),
+        });
+        tasks.spawn(relay::supervise(broker, shutdown.clone()));
+    }
+
     app.health.tick("health");
 
     // The change stream, consumed by the sink replication.sink names (the engine by

@@ -4,5 +4,7 @@
 mod cdc;
 mod engine;
 mod engine_state;
+mod amqp;
 mod foundation;
+mod jobs;
 mod support;
