@@ -11,6 +11,7 @@ pub mod admin;
 pub mod api;
 pub mod config;
 pub mod db;
+pub mod files;
 pub mod health;
 pub mod migrate;
 pub mod settings;
@@ -168,6 +169,8 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// The platform settings in force (config defaults overlaid with stored edits).
     pub settings: Arc<settings::Settings>,
+    /// File storage: backend, encryption keys, URL signing.
+    pub files: files::Files,
 }
 
 impl App {
@@ -283,7 +286,9 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
     if settings.current().deploy_key_sha256.is_empty() {
         tracing::warn!("no deploy key is set (platform.deploy_key): service access is off until one is set");
     }
+    let files = files::Files::open(&config).map_err(|e| StartError::Other(format!("file storage: {e}")))?;
     let app = Arc::new(App {
+        files,
         config: RwLock::new(Arc::new(config)),
         health: Arc::new(health::Health::default()),
         pool,
