@@ -8,5 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod model;
+pub mod stream;
 
 pub use model::{Change, ChangeKind, Column, Lsn, Relation, Row, Transaction, Value};
+pub use stream::{Durable, Event, SnapshotRequest};

@@ -299,6 +299,120 @@ pub const KEYS: &[KeySpec] = &[
         "How long a graceful stop lets in-flight work finish, in seconds.",
     ),
     key(
+        "auth.issuer",
+        "",
+        KeyKind::Text,
+        "Issuer (iss) of the JWTs Symfony signs with auth.hs256_secret or auth.public_key_path; empty turns tokens off.",
+    ),
+    key(
+        "auth.audience",
+        "",
+        KeyKind::Text,
+        "Audience (aud) tokens must carry; empty skips the audience check.",
+    ),
+    key(
+        "auth.hs256_secret",
+        "",
+        KeyKind::Secret,
+        "HS256 shared secret of the issuer (at least 32 characters).",
+    ),
+    key(
+        "auth.public_key_path",
+        "",
+        KeyKind::Path,
+        "RS256 or ES256 public key in PEM (LexikJWTAuthenticationBundle's public.pem).",
+    ),
+    key(
+        "auth.key_id",
+        "",
+        KeyKind::Text,
+        "Key id (kid) of the secret or PEM key; empty matches tokens without a kid.",
+    ),
+    key(
+        "auth.jwks_path",
+        "",
+        KeyKind::Path,
+        "A JWKS file of public keys (each with a kid).",
+    ),
+    key(
+        "auth.jwks_issuer",
+        "",
+        KeyKind::Text,
+        "Issuer the JWKS keys belong to; empty means auth.issuer.",
+    ),
+    key(
+        "auth.leeway_secs",
+        "30",
+        KeyKind::Integer,
+        "Clock skew allowed on exp and nbf, in seconds.",
+    ),
+    key(
+        "auth.user_claim",
+        "sub",
+        KeyKind::Text,
+        "Claim holding the user id.",
+    ),
+    key(
+        "auth.tenant_claim",
+        "tenant_id",
+        KeyKind::Text,
+        "Claim holding the tenant id.",
+    ),
+    key(
+        "auth.roles_claim",
+        "roles",
+        KeyKind::Text,
+        "Claim holding the Symfony role names.",
+    ),
+    key(
+        "schema.path",
+        "",
+        KeyKind::Path,
+        "The declarative schema (TOML): live tables, metrics, notifications, mutations, role mapping; empty: none.",
+    ),
+    key(
+        "limits.max_connections",
+        "20000",
+        KeyKind::Integer,
+        "Most WebSocket connections at once; more are refused with 503.",
+    ),
+    key(
+        "limits.connections_per_ip",
+        "200",
+        KeyKind::Integer,
+        "Most WebSocket connections from one IP address.",
+    ),
+    key(
+        "limits.http_requests_per_sec_per_ip",
+        "50",
+        KeyKind::Integer,
+        "HTTP polling requests per second from one IP address (429 with Retry-After beyond).",
+    ),
+    key(
+        "limits.frames_per_sec_per_user",
+        "100",
+        KeyKind::Integer,
+        "Client frames per second per user (rate_limited beyond).",
+    ),
+    key(
+        "limits.subscriptions_per_user",
+        "100",
+        KeyKind::Integer,
+        "Live subscriptions one user may hold at once.",
+    ),
+    key(
+        "limits.presence_ttl_secs",
+        "30",
+        KeyKind::Integer,
+        "A user is offline this long after their last heartbeat.",
+    ),
+    key(
+        "limits.history_updates",
+        "10000",
+        KeyKind::Integer,
+        "Live-table updates kept for resume; older cursors get a resnapshot.",
+    ),
+    key(
         "log.level",
         "info",
         KeyKind::Text,
@@ -541,6 +655,47 @@ pub struct Limits {
     pub job_timeout: Duration,
     /// Graceful stop bound.
     pub shutdown_grace: Duration,
+    /// WebSocket connections at once.
+    pub max_connections: u64,
+    /// WebSocket connections per IP.
+    pub connections_per_ip: u64,
+    /// Polling requests per second per IP.
+    pub http_requests_per_sec_per_ip: u64,
+    /// Client frames per second per user.
+    pub frames_per_sec_per_user: u64,
+    /// Subscriptions per user.
+    pub subscriptions_per_user: u64,
+    /// Presence lifetime after the last heartbeat.
+    pub presence_ttl: Duration,
+    /// Updates kept for resume.
+    pub history_updates: u64,
+}
+
+/// JWT verification settings (see `crate::auth`).
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Issuer of the secret and PEM keys.
+    pub issuer: String,
+    /// Required audience, empty for none.
+    pub audience: String,
+    /// HS256 secret.
+    pub hs256_secret: Secret,
+    /// RS256/ES256 PEM public key.
+    pub public_key_path: Option<PathBuf>,
+    /// JWKS file.
+    pub jwks_path: Option<PathBuf>,
+    /// Issuer of the JWKS keys (empty: `issuer`).
+    pub jwks_issuer: String,
+    /// kid of the secret / PEM key.
+    pub key_id: String,
+    /// Leeway on exp / nbf.
+    pub leeway_secs: u64,
+    /// User id claim.
+    pub user_claim: String,
+    /// Tenant id claim.
+    pub tenant_claim: String,
+    /// Roles claim.
+    pub roles_claim: String,
 }
 
 /// How logs are written.
@@ -585,6 +740,10 @@ pub struct Config {
     pub platform: PlatformDefaults,
     /// Reloadable limits.
     pub limits: Limits,
+    /// JWT verification.
+    pub auth: AuthConfig,
+    /// The schema file, if any.
+    pub schema_path: Option<PathBuf>,
     /// Log filter.
     pub log_level: String,
     /// Log output.
@@ -1193,6 +1352,32 @@ impl Validator<'_> {
         let fn_timeout = self.int("limits.function_timeout_secs", 1, 3600);
         let job_timeout = self.int("limits.job_timeout_secs", 1, 86_400);
         let grace = self.int("limits.shutdown_grace_secs", 1, 600);
+        let max_connections = self.int("limits.max_connections", 1, 1_000_000);
+        let connections_per_ip = self.int("limits.connections_per_ip", 1, 1_000_000);
+        let http_rps = self.int("limits.http_requests_per_sec_per_ip", 1, 1_000_000);
+        let frames_ps = self.int("limits.frames_per_sec_per_user", 1, 1_000_000);
+        let subs = self.int("limits.subscriptions_per_user", 1, 100_000);
+        let presence_ttl = self.int("limits.presence_ttl_secs", 1, 3600);
+        let history = self.int("limits.history_updates", 0, 10_000_000);
+        let leeway = self.int("auth.leeway_secs", 0, 600);
+        let opt_path = |v: &Self, k: &str| {
+            let t = v.text(k);
+            (!t.is_empty()).then(|| PathBuf::from(t))
+        };
+        let auth = AuthConfig {
+            issuer: self.text("auth.issuer"),
+            audience: self.text("auth.audience"),
+            hs256_secret: Secret::new(self.raw("auth.hs256_secret").text.clone()),
+            public_key_path: opt_path(self, "auth.public_key_path"),
+            jwks_path: opt_path(self, "auth.jwks_path"),
+            jwks_issuer: self.text("auth.jwks_issuer"),
+            key_id: self.text("auth.key_id"),
+            leeway_secs: leeway.unwrap_or(30),
+            user_claim: self.nonempty("auth.user_claim").unwrap_or_default(),
+            tenant_claim: self.nonempty("auth.tenant_claim").unwrap_or_default(),
+            roles_claim: self.nonempty("auth.roles_claim").unwrap_or_default(),
+        };
+        let schema_path = opt_path(self, "schema.path");
         let log_level = {
             let t = self.text("log.level");
             match tracing_subscriber::EnvFilter::try_new(&t) {
@@ -1252,7 +1437,16 @@ impl Validator<'_> {
                 function_timeout: Duration::from_secs(fn_timeout?),
                 job_timeout: Duration::from_secs(job_timeout?),
                 shutdown_grace: Duration::from_secs(grace?),
+                max_connections: max_connections?,
+                connections_per_ip: connections_per_ip?,
+                http_requests_per_sec_per_ip: http_rps?,
+                frames_per_sec_per_user: frames_ps?,
+                subscriptions_per_user: subs?,
+                presence_ttl: Duration::from_secs(presence_ttl?),
+                history_updates: history?,
             },
+            auth,
+            schema_path,
             log_level: log_level?,
             log_format: log_format?,
             effective,

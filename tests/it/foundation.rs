@@ -493,3 +493,81 @@ fn the_readme_documents_every_config_key() {
         assert!(readme.contains(&pulse_daemon::config::env_var_for(key.key)));
     }
 }
+
+/// The broker the suite uses is reachable, and per-test names keep tests apart.
+#[tokio::test]
+async fn the_broker_round_trips_with_confirms_on_unique_names() {
+    use futures_util::StreamExt;
+    use lapin::options::*;
+    use lapin::types::FieldTable;
+    let rabbit = pulse_harness::Rabbit::from_env();
+    let conn = rabbit.connect().await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let exchange = pulse_harness::Rabbit::unique("x");
+    let queue = pulse_harness::Rabbit::unique("q");
+    assert_ne!(exchange, pulse_harness::Rabbit::unique("x"));
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let confirm = ch
+        .basic_publish(
+            exchange.as_str().into(),
+            "pulse.test".into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            b"hello",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "t".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.data, b"hello");
+    delivery.ack(BasicAckOptions::default()).await.unwrap();
+    conn.close(200, "done".into()).await.unwrap();
+}

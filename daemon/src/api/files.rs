@@ -81,6 +81,7 @@ pub fn files_router(app: Arc<App>) -> Router {
                 header::RANGE,
                 header::IF_NONE_MATCH,
                 header::HeaderName::from_static(files::TENANT_HEADER),
+                header::HeaderName::from_static(files::DEPLOY_KEY_HEADER),
             ])
             .expose_headers([
                 header::ETAG,

@@ -5,7 +5,7 @@
 //! Owns the `pulse.file_blobs`, `pulse.files`, `pulse.upload_tickets` and
 //! `pulse.storage_usage` tables and the objects of the storage backend. Every permission
 //! decision goes through `pulse_shared::caps::authorize`; this module never verifies
-//! JWTs itself (see [`principal_from_headers`]) and never holds a whole file in memory.
+//! JWTs itself (it asks `crate::auth`, see [`principal_from_headers`]) and never holds a whole file in memory.
 //!
 //! Quota: an upload reserves its declared length (or the ticket's maximum) in
 //! `pulse.storage_usage` with one conditional UPDATE before any byte is stored, so
@@ -39,6 +39,8 @@ use store::{Backend, StoreError};
 
 /// The header a service holding the deploy key names the tenant it acts for with.
 pub const TENANT_HEADER: &str = "x-pulse-tenant";
+/// The header a service may send the deploy key in (as the engine's HTTP routes do).
+pub const DEPLOY_KEY_HEADER: &str = "x-pulse-deploy-key";
 /// The header a service names the user it acts for with (the owner of what it uploads).
 pub const USER_HEADER: &str = "x-pulse-user";
 /// Share of the quota past which a warning is logged.
@@ -254,11 +256,31 @@ fn now_unix() -> i64 {
 
 /// Who is asking, from the request headers.
 ///
-/// Today: `Authorization: Bearer <deploy key>` is a service (Role::Service), acting for the
-/// tenant in `X-Pulse-Tenant` and, optionally, the user in `X-Pulse-User`. Browser JWTs are
-/// verified by the engine's `auth` module once it exists; until then a bearer token that is
-/// not the deploy key is refused as unauthenticated. `Ok(None)`: no credentials at all.
+/// A service holding the deploy key sends it as `Authorization: Bearer <deploy key>` or
+/// `X-Pulse-Deploy-Key: <deploy key>` (Role::Service), acting for the tenant in
+/// `X-Pulse-Tenant` and, optionally, the user in `X-Pulse-User`. Anything else in
+/// `Authorization: Bearer` is a JWT, verified by [`crate::auth`]. `Ok(None)`: no
+/// credentials at all.
 pub fn principal_from_headers(app: &App, headers: &http::HeaderMap) -> Result<Option<Principal>, FileError> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(String::from)
+    };
+    let service = || Principal {
+        user: header(USER_HEADER),
+        tenant: header(TENANT_HEADER),
+        roles: vec![Role::Service],
+    };
+    if let Some(key) = headers.get(DEPLOY_KEY_HEADER) {
+        return match key.to_str() {
+            Ok(k) if app.deploy_key_matches(k.trim()) => Ok(Some(service())),
+            _ => Err(FileError::Unauthenticated("the deploy key is wrong".into())),
+        };
+    }
     let Some(value) = headers.get(http::header::AUTHORIZATION) else {
         return Ok(None);
     };
@@ -270,24 +292,13 @@ pub fn principal_from_headers(app: &App, headers: &http::HeaderMap) -> Result<Op
         .ok_or_else(|| {
             FileError::Unauthenticated("the Authorization header must be `Bearer <token>`".into())
         })?;
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(String::from)
-    };
     if app.deploy_key_matches(token) {
-        return Ok(Some(Principal {
-            user: header(USER_HEADER),
-            tenant: header(TENANT_HEADER),
-            roles: vec![Role::Service],
-        }));
+        return Ok(Some(service()));
     }
-    Err(FileError::Unauthenticated(
-        "the bearer token is not valid: sign in again, or use the deploy key".into(),
-    ))
+    app.auth
+        .verify(token, &app.engine.schema)
+        .map(|v| Some(v.principal))
+        .map_err(|e| FileError::Unauthenticated(e.to_string()))
 }
 
 fn decide(principal: &Principal, capability: Capability, target: &Target<'_>) -> Result<(), FileError> {
