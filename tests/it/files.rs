@@ -1153,3 +1153,146 @@ async fn cleanup_removes_orphans_and_erasure_removes_a_users_files() {
     let usage = files::storage_usage(&cx, Some("club-c")).await.unwrap();
     assert_eq!(usage[0].files, 1);
 }
+
+/// moto's S3-compatible server (PyPI `moto[server]`), run on a free port for one test.
+struct Moto {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Moto {
+    fn binary() -> PathBuf {
+        if let Some(p) = std::env::var_os("PULSE_TEST_MOTO") {
+            return PathBuf::from(p);
+        }
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/moto-venv/bin/moto_server");
+        if venv.exists() {
+            return venv;
+        }
+        PathBuf::from("moto_server")
+    }
+
+    async fn start() -> Moto {
+        let port = pulse_harness::free_port();
+        let bin = Moto::binary();
+        let child = std::process::Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} ({e}): the S3 backend is tested against moto's S3 server; \
+                     install it with `python3 -m venv target/moto-venv && target/moto-venv/bin/pip install 'moto[server]'` \
+                     (scripts/test does) or set PULSE_TEST_MOTO",
+                    bin.display()
+                )
+            });
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        wait_for("moto's S3 server", Duration::from_secs(30), || {
+            let http = http.clone();
+            let url = url.clone();
+            async move { http.get(&url).send().await.ok().map(|_| ()) }
+        })
+        .await
+        .unwrap();
+        Moto { child, url }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_s3_backend_stores_serves_and_deletes() {
+    let moto = Moto::start().await;
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("{}/pulse-files", moto.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success(),
+        "cannot create the bucket: {}",
+        r.status()
+    );
+    let s3: [(&'static str, String); 6] = [
+        ("PULSE__STORAGE__BACKEND", "s3".into()),
+        ("PULSE__STORAGE__S3__ENDPOINT", moto.url.clone()),
+        ("PULSE__STORAGE__S3__BUCKET", "pulse-files".into()),
+        ("PULSE__STORAGE__S3__ACCESS_KEY_ID", "testing".into()),
+        ("PULSE__STORAGE__S3__SECRET_ACCESS_KEY", "testing".into()),
+        ("PULSE__STORAGE__S3__PATH_STYLE", "true".into()),
+    ];
+    let env = Env::start("files_s3", &s3).await;
+    // The test's own view of the bucket, through the same backend code.
+    let bucket = pulse_daemon::files::store::Backend::open(&env.config(&s3).storage).unwrap();
+    // Larger than one multipart part (8 MiB), so the multipart path runs.
+    let big: Vec<u8> = (0..12 * MB).map(|i| (i % 241) as u8).collect();
+    let small = text(5000, 9);
+    let f = env
+        .upload("club-s", "big.bin", "application/octet-stream", big.clone())
+        .await;
+    let g = env
+        .upload("club-s", "small.txt", "text/plain", small.clone())
+        .await;
+    let dup = env
+        .upload("club-s", "again.txt", "text/plain", small.clone())
+        .await;
+    // Nothing landed in the local folder but the (empty) staging area.
+    assert!(env.objects().is_empty());
+    assert!(env.staged().is_empty());
+    let r = env.get(f["id"].as_str().unwrap(), "club-s").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &big[..]);
+    let r = env
+        .service(
+            env.http
+                .get(env.url(&format!("/files/{}", f["id"].as_str().unwrap()))),
+            "club-s",
+        )
+        .header("Range", "bytes=8388600-8388700")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &big[8_388_600..8_388_701]);
+    assert_eq!(env.usage("club-s").await, ((12 * MB + 5000) as i64, 0));
+
+    // The object is in the bucket under its content address, and goes with its last file.
+    let c = env.db.connect().await.unwrap();
+    let key: String = c
+        .query_one(
+            "SELECT storage_key FROM pulse.file_blobs WHERE sha256 = $1",
+            &[&g["sha256"].as_str().unwrap()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(bucket.exists(&key).await.unwrap());
+    for id in [&g["id"], &dup["id"]] {
+        let r = env
+            .service(
+                env.http
+                    .delete(env.url(&format!("/files/{}", id.as_str().unwrap()))),
+                "club-s",
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    }
+    assert!(!bucket.exists(&key).await.unwrap());
+    assert_eq!(
+        bucket.list("t").await.unwrap().len(),
+        1,
+        "only the big file is left"
+    );
+    assert_eq!(env.usage("club-s").await, ((12 * MB) as i64, 0));
+}
