@@ -4,6 +4,8 @@
 
 #![forbid(unsafe_code)]
 
+mod files;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -38,7 +40,28 @@ enum Bench {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Bench::Files = cli.bench {
+        return finish(runtime().block_on(files::run(cli.quick)));
+    }
     let name = format!("{:?}", cli.bench).to_lowercase();
     eprintln!("pulse-bench {name}: this benchmark is not written yet; see the open issues");
     ExitCode::from(2)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// Exit status of a finished benchmark: non-zero, with the reason, when it failed.
+fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pulse-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
