@@ -1628,4 +1628,51 @@ mod tests {
             assert!(seen.insert(k.key), "{} declared twice", k.key);
         }
     }
+
+    #[test]
+    fn file_storage_keys_parse_overrides_and_refuse_bad_keys() {
+        let c = load(
+            &[
+                ("PULSE__STORAGE__QUOTA_BYTES", "1000"),
+                ("PULSE__STORAGE__TENANT_QUOTA_BYTES", "club-a=5000, club-b=0"),
+                ("PULSE__STORAGE__TENANT_MAX_UPLOAD_BYTES", "club-a=10"),
+                (
+                    "PULSE__STORAGE__ENCRYPTION_KEY",
+                    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                ),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.files.quota_for("club-a"), Some(5000));
+        assert_eq!(c.files.quota_for("club-b"), None);
+        assert_eq!(c.files.quota_for("club-c"), Some(1000));
+        assert_eq!(c.files.max_upload_for("club-a", 99), 10);
+        assert_eq!(c.files.max_upload_for("club-c", 99), 99);
+        assert_eq!(c.files.encryption_key, Some([0u8; 32]));
+        let shown = c
+            .effective
+            .iter()
+            .find(|e| e.key == "storage.encryption_key")
+            .unwrap();
+        assert_eq!(shown.shown, "***");
+
+        let errors = load(
+            &[
+                ("PULSE__STORAGE__TENANT_QUOTA_BYTES", "club-a"),
+                ("PULSE__STORAGE__ENCRYPTION_KEY", "c2hvcnQ="),
+                ("PULSE__STORAGE__SIGNING_SECRET", "short"),
+            ],
+            None,
+        )
+        .unwrap_err();
+        let text = errors.to_string();
+        for key in [
+            "storage.tenant_quota_bytes",
+            "storage.encryption_key",
+            "storage.signing_secret",
+        ] {
+            assert!(text.contains(key), "{key} not named in {text}");
+        }
+    }
 }
