@@ -588,8 +588,11 @@ where
     E: std::fmt::Display,
 {
     app.files.verify("upload", ticket, expires, sig)?;
-    let client = app.pool.get().await?;
-    let row = client
+    // Claiming the ticket and reserving quota commit together (one WAL flush); a refused
+    // upload still uses up its ticket.
+    let mut client = app.pool.get().await?;
+    let tx = client.transaction().await?;
+    let row = tx
         .query_opt(
             "UPDATE pulse.upload_tickets SET used_at = now()
               WHERE id = $1 AND used_at IS NULL AND expires_at > now()
@@ -605,13 +608,19 @@ where
     if let Some(len) = content_length
         && len > limit
     {
+        tx.commit().await?;
         count_upload("too_large");
         return Err(FileError::TooLarge { limit });
     }
     let reserve = content_length.unwrap_or(limit);
     let quota = app.config().files.quota_for(&tenant);
-    reserve_quota(&client, &tenant, quota, reserve, ticket).await?;
+    let reserved = reserve_quota(&tx, &tenant, quota, reserve, ticket).await;
+    tx.commit().await?;
     drop(client);
+    if let Err(e) = reserved {
+        count_upload("quota_exceeded");
+        return Err(e);
+    }
     let result = store_upload(app, &row, ticket, limit, content_length, reserve, body).await;
     if result.is_err() {
         let config = app.config();
@@ -633,38 +642,35 @@ fn count_upload(result: &'static str) {
 }
 
 async fn reserve_quota(
-    client: &deadpool_postgres::Object,
+    tx: &deadpool_postgres::Transaction<'_>,
     tenant: &str,
     quota: Option<u64>,
     bytes: u64,
     ticket: Uuid,
 ) -> Result<(), FileError> {
-    client
-        .execute(
-            "INSERT INTO pulse.storage_usage (tenant) VALUES ($1) ON CONFLICT DO NOTHING",
-            &[&tenant],
-        )
-        .await?;
-    // One conditional UPDATE: the row lock makes concurrent reservations queue, and each
-    // sees the others' bytes, so the quota cannot be passed together.
+    // One conditional upsert: the row lock makes concurrent reservations queue, and each
+    // re-checks against the others' bytes, so the quota cannot be passed together.
     let quota_i = quota.map(|q| q as i64);
-    let reserved = client
+    let reserved = tx
         .query_opt(
-            "UPDATE pulse.storage_usage
-                SET reserved_bytes = reserved_bytes + $2, updated_at = now()
-              WHERE tenant = $1 AND ($3::bigint IS NULL OR used_bytes + reserved_bytes + $2 <= $3)
-          RETURNING used_bytes",
+            "INSERT INTO pulse.storage_usage AS u (tenant, reserved_bytes)
+                  SELECT $1, $2 WHERE $3::bigint IS NULL OR $2 <= $3
+             ON CONFLICT (tenant) DO UPDATE
+                    SET reserved_bytes = u.reserved_bytes + EXCLUDED.reserved_bytes, updated_at = now()
+                  WHERE $3::bigint IS NULL OR u.used_bytes + u.reserved_bytes + EXCLUDED.reserved_bytes <= $3
+             RETURNING u.used_bytes",
             &[&tenant, &(bytes as i64), &quota_i],
         )
         .await?;
     if reserved.is_none() {
-        let used: i64 = client
-            .query_one(
+        let used: i64 = tx
+            .query_opt(
                 "SELECT used_bytes + reserved_bytes FROM pulse.storage_usage WHERE tenant = $1",
                 &[&tenant],
             )
             .await?
-            .get(0);
+            .map(|r| r.get(0))
+            .unwrap_or(0);
         return Err(FileError::QuotaExceeded {
             tenant: tenant.to_string(),
             quota: quota.unwrap_or(0),
@@ -672,12 +678,11 @@ async fn reserve_quota(
             wanted: bytes,
         });
     }
-    client
-        .execute(
-            "UPDATE pulse.upload_tickets SET reserved_bytes = $2 WHERE id = $1",
-            &[&ticket, &(bytes as i64)],
-        )
-        .await?;
+    tx.execute(
+        "UPDATE pulse.upload_tickets SET reserved_bytes = $2 WHERE id = $1",
+        &[&ticket, &(bytes as i64)],
+    )
+    .await?;
     Ok(())
 }
 
