@@ -541,6 +541,33 @@ async fn every_upload_error_has_its_code_and_leaves_nothing() {
     let r = env.put(&t, vec![1u8; MB + 10]).await;
     expect_error(r, 413, "file_too_large").await;
 
+    // A client that hangs up halfway: nothing stays staged, the reservation goes back.
+    let t = env
+        .ticket(
+            "club-a",
+            json!({"name": "cut.bin", "content_type": "application/octet-stream"}),
+        )
+        .await;
+    let half = futures_util::stream::iter((0..6).map(|i| {
+        if i < 5 {
+            Ok(vec![9u8; 64 * 1024])
+        } else {
+            Err(std::io::Error::other("the client gives up"))
+        }
+    }));
+    let sent = env
+        .http
+        .put(env.url(t["path"].as_str().unwrap()))
+        .body(reqwest::Body::wrap_stream(half))
+        .send()
+        .await;
+    assert!(sent.is_err(), "the request was cut: {sent:?}");
+    wait_for("the cut upload to clean up", Duration::from_secs(10), || async {
+        (env.usage("club-a").await.1 == 0 && env.staged().is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+
     // Reused, forged and expired tickets.
     let t = env
         .ticket("club-a", json!({"name": "a.txt", "content_type": "text/plain"}))

@@ -140,16 +140,16 @@ async fn upload(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let body = request.into_body().into_data_stream();
-    let info = files::receive_upload(
-        &app,
-        ticket,
-        expires,
-        &sig,
-        content_length,
-        body.map_err(|e| e.to_string()),
-    )
-    .await?;
+    let body = request.into_body().into_data_stream().map_err(|e| e.to_string());
+    // In its own task, so that a client hanging up mid-upload cannot cancel it between
+    // two awaits: the body then ends in an error, and the upload cleans up after itself
+    // (staged bytes removed, quota reservation released).
+    let task = tokio::spawn(async move {
+        files::receive_upload(&app, ticket, expires, &sig, content_length, body).await
+    });
+    let info = task
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("the upload task failed: {e}")))??;
     let location = format!("/files/{}", info.id);
     Ok((
         StatusCode::CREATED,
