@@ -251,7 +251,7 @@ pub const KEYS: &[KeySpec] = &[
         "storage.path",
         "pulse-data/files",
         KeyKind::Path,
-        "Directory of the local file store.",
+        "Directory of the local file store; with storage.backend = s3, where uploads are staged.",
     ),
     key(
         "storage.s3.endpoint",
@@ -273,6 +273,60 @@ pub const KEYS: &[KeySpec] = &[
         "true",
         KeyKind::Bool,
         "Path-style bucket addressing (most self-hosted S3 servers need it).",
+    ),
+    key(
+        "storage.quota_bytes",
+        "1073741824",
+        KeyKind::Integer,
+        "Storage quota of each tenant, in bytes (1 GiB); 0 means no quota.",
+    ),
+    key(
+        "storage.tenant_quota_bytes",
+        "",
+        KeyKind::List,
+        "Per-tenant quota overrides, as tenant=bytes pairs (0 means no quota).",
+    ),
+    key(
+        "storage.tenant_max_upload_bytes",
+        "",
+        KeyKind::List,
+        "Per-tenant overrides of limits.max_upload_bytes, as tenant=bytes pairs.",
+    ),
+    key(
+        "storage.allowed_content_types",
+        "image/png,image/jpeg,image/gif,image/webp,application/pdf,text/plain,text/csv,application/json,application/zip,application/octet-stream",
+        KeyKind::List,
+        "Content types an upload may declare; the first bytes must agree with the declared type.",
+    ),
+    key(
+        "storage.upload_ticket_ttl_secs",
+        "900",
+        KeyKind::Integer,
+        "How long an upload URL stays valid, in seconds.",
+    ),
+    key(
+        "storage.signed_url_ttl_secs",
+        "300",
+        KeyKind::Integer,
+        "Default lifetime of a signed download URL, in seconds.",
+    ),
+    key(
+        "storage.signing_secret",
+        "",
+        KeyKind::Secret,
+        "Secret signing upload and download URLs (at least 32 characters); empty means a random one per process, which breaks URLs across instances and restarts.",
+    ),
+    key(
+        "storage.encryption_key",
+        "",
+        KeyKind::Secret,
+        "AES-256-GCM key for encryption at rest, 32 bytes in base64; empty stores files in clear.",
+    ),
+    key(
+        "storage.encryption_previous_keys",
+        "",
+        KeyKind::Secret,
+        "Earlier encryption keys (base64, comma-separated), still used to read files written with them.",
     ),
     key(
         "platform.deployment_url",
@@ -639,7 +693,50 @@ pub enum StorageConfig {
         secret_access_key: Secret,
         /// Path-style addressing.
         path_style: bool,
+        /// Local folder where uploads are staged before they go to the bucket.
+        staging: PathBuf,
     },
+}
+
+/// File storage policy: quotas, limits, URL signing, encryption at rest.
+#[derive(Debug, Clone)]
+pub struct FilesConfig {
+    /// Quota of a tenant without an override; `None` is no quota.
+    pub quota_bytes: Option<u64>,
+    /// Per-tenant quota overrides (`None`: no quota for that tenant).
+    pub tenant_quota_bytes: BTreeMap<String, Option<u64>>,
+    /// Per-tenant upload size limits, overriding `limits.max_upload_bytes`.
+    pub tenant_max_upload_bytes: BTreeMap<String, u64>,
+    /// Content types an upload may declare.
+    pub allowed_content_types: Vec<String>,
+    /// Lifetime of an upload ticket.
+    pub upload_ticket_ttl: Duration,
+    /// Default lifetime of a signed download URL.
+    pub signed_url_ttl: Duration,
+    /// HMAC key of upload and download URLs; empty means one random per process.
+    pub signing_secret: Secret,
+    /// The AES-256 key new files are encrypted with; `None` stores in clear.
+    pub encryption_key: Option<[u8; 32]>,
+    /// Keys files written earlier may use, for reading only.
+    pub previous_encryption_keys: Vec<[u8; 32]>,
+}
+
+impl FilesConfig {
+    /// The quota of `tenant`, `None` when unlimited.
+    pub fn quota_for(&self, tenant: &str) -> Option<u64> {
+        match self.tenant_quota_bytes.get(tenant) {
+            Some(q) => *q,
+            None => self.quota_bytes,
+        }
+    }
+
+    /// The largest upload `tenant` may make, given the global limit.
+    pub fn max_upload_for(&self, tenant: &str, global: u64) -> u64 {
+        self.tenant_max_upload_bytes
+            .get(tenant)
+            .copied()
+            .unwrap_or(global)
+    }
 }
 
 /// The four platform settings of the product page, as defaults: the live values are in
@@ -792,6 +889,8 @@ pub struct Config {
     pub jobs: JobsConfig,
     /// File storage.
     pub storage: StorageConfig,
+    /// File storage policy.
+    pub files: FilesConfig,
     /// Platform settings defaults.
     pub platform: PlatformDefaults,
     /// Reloadable limits.
@@ -1269,6 +1368,105 @@ impl Validator<'_> {
         })
     }
 
+    /// `tenant=bytes` pairs of a list key.
+    fn tenant_bytes(&mut self, key: &str) -> Option<BTreeMap<String, u64>> {
+        let mut out = BTreeMap::new();
+        let mut ok = true;
+        for item in self.list(key) {
+            match item
+                .split_once('=')
+                .map(|(t, n)| (t.trim(), n.trim().parse::<u64>()))
+            {
+                Some((t, Ok(n))) if !t.is_empty() => {
+                    out.insert(t.to_string(), n);
+                }
+                _ => {
+                    self.fail(
+                        key,
+                        format!("{item:?} is not a tenant=bytes pair such as club-a=1073741824"),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+
+    /// A 32-byte key in base64.
+    fn aes_key(&mut self, key: &str, text: &str) -> Option<[u8; 32]> {
+        use base64::Engine as _;
+        match base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+        {
+            Some(k) => Some(k),
+            None => {
+                self.fail(
+                    key,
+                    "expected 32 bytes in base64 (generate one with `openssl rand -base64 32`)",
+                );
+                None
+            }
+        }
+    }
+
+    fn files(&mut self) -> Option<FilesConfig> {
+        let quota = self.int("storage.quota_bytes", 0, u64::MAX >> 2);
+        let tenant_quota = self.tenant_bytes("storage.tenant_quota_bytes");
+        let tenant_max = self.tenant_bytes("storage.tenant_max_upload_bytes");
+        let allowed = self.list("storage.allowed_content_types");
+        for t in &allowed {
+            if !t.contains('/') || t.contains(char::is_whitespace) {
+                self.fail(
+                    "storage.allowed_content_types",
+                    format!("{t:?} is not a content type such as image/png"),
+                );
+            }
+        }
+        let ticket_ttl = self.int("storage.upload_ticket_ttl_secs", 10, 7 * 86_400);
+        let signed_ttl = self.int("storage.signed_url_ttl_secs", 10, 30 * 86_400);
+        let signing = self.raw("storage.signing_secret").text.clone();
+        let signing_ok = if !signing.is_empty() && signing.len() < 32 {
+            self.fail(
+                "storage.signing_secret",
+                format!("too short: {} characters, at least 32 are needed (generate one with `openssl rand -hex 32`)", signing.len()),
+            );
+            false
+        } else {
+            true
+        };
+        let enc_text = self.raw("storage.encryption_key").text.clone();
+        let encryption_key = if enc_text.trim().is_empty() {
+            Some(None)
+        } else {
+            self.aes_key("storage.encryption_key", &enc_text).map(Some)
+        };
+        let prev_text = self.raw("storage.encryption_previous_keys").text.clone();
+        let mut previous = Vec::new();
+        let mut prev_ok = true;
+        for part in prev_text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match self.aes_key("storage.encryption_previous_keys", part) {
+                Some(k) => previous.push(k),
+                None => prev_ok = false,
+            }
+        }
+        Some(FilesConfig {
+            quota_bytes: quota.map(|q| (q > 0).then_some(q))?,
+            tenant_quota_bytes: tenant_quota?
+                .into_iter()
+                .map(|(t, q)| (t, (q > 0).then_some(q)))
+                .collect(),
+            tenant_max_upload_bytes: tenant_max?,
+            allowed_content_types: allowed.into_iter().map(|t| t.to_ascii_lowercase()).collect(),
+            upload_ticket_ttl: Duration::from_secs(ticket_ttl?),
+            signed_url_ttl: Duration::from_secs(signed_ttl?),
+            signing_secret: signing_ok.then(|| Secret::new(signing))?,
+            encryption_key: encryption_key?,
+            previous_encryption_keys: prev_ok.then_some(previous)?,
+        })
+    }
+
     fn build(&mut self) -> Option<Config> {
         let source_db = self.db("source.url");
         let state_db = if self.text("state.url").is_empty() {
@@ -1355,7 +1553,16 @@ impl Validator<'_> {
                 let access_key_id = self.nonempty("storage.s3.access_key_id");
                 let secret = self.nonempty("storage.s3.secret_access_key");
                 let path_style = self.bool("storage.s3.path_style");
-                match (endpoint, bucket, region, access_key_id, secret, path_style) {
+                let staging = self.nonempty("storage.path");
+                match (
+                    endpoint,
+                    bucket,
+                    region,
+                    access_key_id,
+                    secret,
+                    path_style,
+                    staging,
+                ) {
                     (
                         Some(endpoint),
                         Some(bucket),
@@ -1363,7 +1570,9 @@ impl Validator<'_> {
                         Some(access_key_id),
                         Some(s),
                         Some(path_style),
+                        Some(staging),
                     ) => Some(StorageConfig::S3 {
+                        staging: PathBuf::from(staging),
                         endpoint,
                         bucket,
                         region,
@@ -1376,6 +1585,7 @@ impl Validator<'_> {
             }
             _ => None,
         };
+        let files = self.files();
         let deployment_url = {
             let t = self.text("platform.deployment_url");
             if url::Url::parse(&t)
@@ -1481,6 +1691,7 @@ impl Validator<'_> {
             amqp: amqp?,
             jobs: jobs?,
             storage: storage?,
+            files: files?,
             platform: PlatformDefaults {
                 deployment_url: deployment_url?,
                 deploy_key: deploy_key?,
@@ -1681,6 +1892,53 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for k in KEYS {
             assert!(seen.insert(k.key), "{} declared twice", k.key);
+        }
+    }
+
+    #[test]
+    fn file_storage_keys_parse_overrides_and_refuse_bad_keys() {
+        let c = load(
+            &[
+                ("PULSE__STORAGE__QUOTA_BYTES", "1000"),
+                ("PULSE__STORAGE__TENANT_QUOTA_BYTES", "club-a=5000, club-b=0"),
+                ("PULSE__STORAGE__TENANT_MAX_UPLOAD_BYTES", "club-a=10"),
+                (
+                    "PULSE__STORAGE__ENCRYPTION_KEY",
+                    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                ),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.files.quota_for("club-a"), Some(5000));
+        assert_eq!(c.files.quota_for("club-b"), None);
+        assert_eq!(c.files.quota_for("club-c"), Some(1000));
+        assert_eq!(c.files.max_upload_for("club-a", 99), 10);
+        assert_eq!(c.files.max_upload_for("club-c", 99), 99);
+        assert_eq!(c.files.encryption_key, Some([0u8; 32]));
+        let shown = c
+            .effective
+            .iter()
+            .find(|e| e.key == "storage.encryption_key")
+            .unwrap();
+        assert_eq!(shown.shown, "***");
+
+        let errors = load(
+            &[
+                ("PULSE__STORAGE__TENANT_QUOTA_BYTES", "club-a"),
+                ("PULSE__STORAGE__ENCRYPTION_KEY", "c2hvcnQ="),
+                ("PULSE__STORAGE__SIGNING_SECRET", "short"),
+            ],
+            None,
+        )
+        .unwrap_err();
+        let text = errors.to_string();
+        for key in [
+            "storage.tenant_quota_bytes",
+            "storage.encryption_key",
+            "storage.signing_secret",
+        ] {
+            assert!(text.contains(key), "{key} not named in {text}");
         }
     }
 }

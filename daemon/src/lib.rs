@@ -14,6 +14,7 @@ pub mod commands;
 pub mod config;
 pub mod db;
 pub mod engine;
+pub mod files;
 pub mod health;
 pub mod jobs;
 pub mod migrate;
@@ -190,6 +191,8 @@ pub struct App {
     pub settings: Arc<settings::Settings>,
     /// Scheduled jobs, and "run now" for the console.
     pub jobs: Arc<jobs::Scheduler>,
+    /// File storage: backend, encryption keys, URL signing.
+    pub files: files::Files,
 }
 
 impl App {
@@ -305,6 +308,7 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
     if settings.current().deploy_key_sha256.is_empty() {
         tracing::warn!("no deploy key is set (platform.deploy_key): service access is off until one is set");
     }
+    let files = files::Files::open(&config).map_err(|e| StartError::Other(format!("file storage: {e}")))?;
     let source_pool = db::pool(&config.source_db, 8)
         .map_err(|e| StartError::Other(format!("source database pool: {e}")))?;
     let schema = match &config.schema_path {
@@ -353,6 +357,7 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
     )
     .map_err(StartError::Other)?;
     let app = Arc::new(App {
+        files,
         auth: authenticator,
         engine: engine.clone(),
         limits,

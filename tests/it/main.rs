@@ -5,6 +5,7 @@ mod cdc;
 mod engine;
 mod engine_state;
 mod amqp;
+mod files;
 mod foundation;
 mod jobs;
 mod support;

@@ -2,6 +2,7 @@
 //! metrics listener. Only this module (and `pulse_shared`) knows the wire format;
 //! handlers convert daemon types to protocol frames here.
 
+pub mod files;
 pub mod limits;
 pub mod session;
 
@@ -47,7 +48,8 @@ pub fn http_router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .route("/ws", get(ws_http))
         .route("/v1/poll", get(poll))
-        .with_state(app)
+        .with_state(app.clone())
+        .merge(files::files_router(app))
 }
 
 /// The admin socket router: the same WebSocket protocol, trusted by the socket's mode.
