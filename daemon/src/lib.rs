@@ -12,6 +12,7 @@ pub mod api;
 pub mod config;
 pub mod db;
 pub mod health;
+pub mod logbuf;
 pub mod migrate;
 pub mod settings;
 pub mod systemd;
