@@ -93,21 +93,48 @@ impl Tmux {
         );
     }
 
+    /// The pid of the command in the pane (the child of the pane's shell).
+    fn command_pid(&self) -> u32 {
+        let out = self.run(&["list-panes", "-t", "console", "-F", "#{pane_pid}"]);
+        let shell = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).unwrap();
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no child of the pane's shell {shell}"))
+    }
+
     fn capture(&self) -> String {
         String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-t", "console"]).stdout).into_owned()
     }
 
     /// Waits until the pane shows every needle; fails with the pane and pulsetop's log.
     async fn wait_for(&self, needles: &[&str], timeout: Duration) -> String {
+        self.wait_until(&format!("{needles:?}"), timeout, |screen| {
+            needles.iter().all(|n| screen.contains(n))
+        })
+        .await
+    }
+
+    /// Waits until the pane shows none of the needles.
+    async fn wait_gone(&self, needles: &[&str], timeout: Duration) -> String {
+        self.wait_until(&format!("{needles:?} to go"), timeout, |screen| {
+            !needles.iter().any(|n| screen.contains(n))
+        })
+        .await
+    }
+
+    async fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let screen = self.capture();
-            if needles.iter().all(|n| screen.contains(n)) {
+            if done(&screen) {
                 return screen;
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "timed out after {timeout:?} waiting for {needles:?} on the console; screen:\n{screen}\n\
+                    "timed out after {timeout:?} waiting for {what} on the console; screen:\n{screen}\n\
                      pulsetop log:\n{}",
                     std::fs::read_to_string(&self.log).unwrap_or_default()
                 );
@@ -121,6 +148,15 @@ impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = self.run(&["kill-server"]);
     }
+}
+
+/// CPU time (user + system) a process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 /// Opens a WebSocket session over TCP with a deploy key; the first answer to hello.
@@ -191,6 +227,15 @@ async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
         WAIT,
     )
     .await;
+
+    // Idle, it polls once a second and redraws only then: well under 2% of a core.
+    // (clock ticks are 1/100 s on Linux.)
+    let pid = tui.command_pid();
+    let (ticks, started) = (cpu_ticks(pid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let share = (cpu_ticks(pid) - ticks) as f64 / 100.0 / started.elapsed().as_secs_f64();
+    println!("pulsetop idle: {:.2}% of a core", share * 100.0);
+    assert!(share < 0.02, "pulsetop idle used {:.1}% of a core", share * 100.0);
 
     // Replication: the slot made above, with its WAL status.
     tui.keys(&["8"]);
@@ -264,7 +309,8 @@ async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
         .unwrap_or_else(|| panic!("no 64-hex-digit key on screen:\n{screen}"))
         .to_string();
     tui.keys(&["Escape"]);
-    let screen = tui.wait_for(&["Deploy key rotated"], WAIT).await;
+    let screen = tui.wait_gone(&["New deploy key"], WAIT).await;
+    assert!(screen.contains("Deploy key rotated"), "{screen}");
     assert!(!screen.contains(&new_key), "the key stays on screen:\n{screen}");
     assert!(matches!(
         hello_with_key(&pulsed.http, &old_key).await,
@@ -323,4 +369,149 @@ async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
     assert!(log_text.contains("connected to pulsed"), "{log_text}");
     assert!(!log_text.contains(&new_key), "the key reached pulsetop's log");
     drop(again);
+}
+
+/// Sends one admin request and returns the answer or the error.
+async fn ask(
+    c: &mut crate::support::AdminClient,
+    id: &str,
+    request: pulse_shared::admin::AdminRequest,
+) -> Result<pulse_shared::admin::AdminResponse, pulse_shared::ErrorBody> {
+    c.send(&ClientFrame::Admin {
+        id: id.to_string(),
+        request,
+    })
+    .await
+    .unwrap();
+    match c.recv().await.unwrap() {
+        ServerFrame::Admin { id: got, response } => {
+            assert_eq!(got, id);
+            Ok(*response)
+        }
+        ServerFrame::Error { id: got, error } => {
+            assert_eq!(got.as_deref(), Some(id), "errors name their request");
+            Err(error)
+        }
+        other => panic!("unexpected frame {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn console_requests_answer_with_data_or_a_clear_error() {
+    use pulse_shared::ErrorCode;
+    use pulse_shared::admin::{AdminRequest as R, AdminResponse as A};
+
+    let db = PgCluster::shared().fresh_db("console_requests").await.unwrap();
+    let mut pulsed = Pulsed::spawn(&pulsed_bin(), &[("PULSE__SOURCE__URL", db.url())]).unwrap();
+    pulsed.wait_ready(WAIT).await.unwrap();
+    let mut c = crate::support::AdminClient::connect(&pulsed.admin_socket)
+        .await
+        .unwrap();
+    c.send(&ClientFrame::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: None,
+        deploy_key: None,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(c.recv().await.unwrap(), ServerFrame::Welcome { .. }));
+
+    // Logs come from the daemon's own buffer, in order, and page by sequence.
+    let Ok(A::Logs(page)) = ask(&mut c, "1", R::Logs { after: 0, limit: 500 }).await else {
+        panic!("expected logs")
+    };
+    assert!(
+        page.entries.iter().any(|e| e.message == "pulsed ready"),
+        "{page:?}"
+    );
+    assert!(page.entries.windows(2).all(|w| w[0].seq < w[1].seq));
+    let last = page.entries.last().unwrap().seq;
+    let Ok(A::Logs(newer)) = ask(
+        &mut c,
+        "2",
+        R::Logs {
+            after: last,
+            limit: 500,
+        },
+    )
+    .await
+    else {
+        panic!("expected logs")
+    };
+    assert!(newer.entries.iter().all(|e| e.seq > last));
+
+    // A settings edit refused by validation says why and stores nothing.
+    let err = ask(
+        &mut c,
+        "3",
+        R::UpdateSetting {
+            key: "sync_interval_ms".into(),
+            value: "soon".into(),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument);
+    assert!(err.message.contains("milliseconds"), "{}", err.message);
+    let client = db.connect().await.unwrap();
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM pulse.audit_log", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+
+    // Data explorer: tables of the pulse schema only, the digest of the deploy key masked.
+    let Ok(A::Tables { tables }) = ask(&mut c, "4", R::Tables).await else {
+        panic!("expected tables")
+    };
+    assert!(tables.iter().all(|t| t.name.starts_with("pulse.")), "{tables:?}");
+    assert!(tables.iter().any(|t| t.name == "pulse.audit_log"));
+    let err = ask(
+        &mut c,
+        "5",
+        R::TableRows {
+            table: "pg_authid".into(),
+            limit: 5,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    ask(
+        &mut c,
+        "6",
+        R::UpdateSetting {
+            key: "deploy_key".into(),
+            value: "d".repeat(40),
+        },
+    )
+    .await
+    .unwrap();
+    let Ok(A::TableRows(rows)) = ask(
+        &mut c,
+        "7",
+        R::TableRows {
+            table: "pulse.settings".into(),
+            limit: 5,
+        },
+    )
+    .await
+    else {
+        panic!("expected rows")
+    };
+    let value = rows.columns.iter().position(|c| c == "value").unwrap();
+    assert_eq!(rows.rows[0][value], "***");
+
+    // Subsystems not in this build answer unavailable and name what is missing.
+    for (id, request, missing) in [
+        ("8", R::Presence { tenant: None }, "presence tracker"),
+        ("9", R::Storage, "file storage"),
+        ("10", R::Jobs, "job scheduler"),
+        ("11", R::LiveTables, "state engine"),
+    ] {
+        let err = ask(&mut c, id, request).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unavailable);
+        assert!(err.message.contains(missing), "{}", err.message);
+    }
 }
