@@ -1049,6 +1049,26 @@ impl Validator<'_> {
     }
 }
 
+/// The configuration reference as a Markdown table (the README embeds it).
+pub fn reference_markdown() -> String {
+    let mut out = String::from("| key | default | environment | meaning |\n|---|---|---|---|\n");
+    for k in KEYS {
+        let default = if k.default.is_empty() {
+            "(empty)".to_string()
+        } else {
+            format!("`{}`", k.default)
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | `{}` | {} |\n",
+            k.key,
+            default,
+            env_var_for(k.key),
+            k.help
+        ));
+    }
+    out
+}
+
 /// The admin socket path used when `admin.socket` is empty; pulsetop uses the same rule.
 pub fn default_admin_socket() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {

@@ -331,7 +331,7 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         let app = app.clone();
         let token = shutdown.clone();
         tasks.spawn(async move {
-            let mut every = tokio::time::interval(systemd::IDLE_TICK);
+            let mut every = tokio::time::interval(systemd::idle_tick());
             loop {
                 tokio::select! {
                     _ = every.tick() => {}

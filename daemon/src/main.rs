@@ -46,6 +46,8 @@ enum ConfigCommand {
     /// Show every effective value and where it came from (secrets masked); exit non-zero
     /// when anything is invalid.
     Check,
+    /// Print the reference of every key (Markdown), as in the README.
+    Reference,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +57,12 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check,
         } => config_check(&source),
+        Command::Config {
+            command: ConfigCommand::Reference,
+        } => {
+            print!("{}", pulse_daemon::config::reference_markdown());
+            ExitCode::SUCCESS
+        }
         Command::Migrate => with_runtime(|| migrate(source)),
         Command::Run => with_runtime(|| run(source)),
     }

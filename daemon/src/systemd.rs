@@ -53,5 +53,12 @@ pub fn spawn_watchdog(
     }))
 }
 
-/// How often loops that have nothing to do still tick, well within any sane watchdog.
-pub const IDLE_TICK: Duration = Duration::from_secs(5);
+/// How often loops that have nothing to do still tick: every 5 s, or a quarter of the
+/// watchdog interval when that is shorter, so an idle loop never looks stalled.
+pub fn idle_tick() -> Duration {
+    let base = Duration::from_secs(5);
+    match sd_notify::watchdog_enabled() {
+        Some(w) => base.min(w / 4).max(Duration::from_millis(50)),
+        None => base,
+    }
+}

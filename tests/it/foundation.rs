@@ -393,3 +393,181 @@ async fn a_settings_edit_is_validated_stored_audited_and_live() {
     assert!(other.deploy_key_matches(&key));
     assert!(other.list().iter().any(|v| v.source.contains("ops@example.org")));
 }
+
+#[test]
+fn the_systemd_unit_is_hardened() {
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/pulsed.service");
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager", unit])
+        .output()
+        .expect("systemd-analyze is installed (scripts/test installs systemd)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure line:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let score: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the score from {line:?}"));
+    assert!(score <= 2.0, "exposure {score} > 2.0: {line}");
+    let unit_text = std::fs::read_to_string(unit).unwrap();
+    for needed in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "TimeoutStopSec=",
+        "EnvironmentFile=",
+        "StateDirectory=pulse",
+        "RuntimeDirectory=pulse",
+    ] {
+        assert!(unit_text.contains(needed), "the unit lacks {needed}");
+    }
+}
+
+/// pulsed speaks the sd_notify protocol: READY=1 once it serves, WATCHDOG=1 while its
+/// loops run, STOPPING=1 on SIGTERM. A datagram socket stands in for systemd's.
+#[tokio::test]
+async fn systemd_notifications_follow_the_lifecycle() {
+    let db = PgCluster::shared().fresh_db("sd_notify").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let mut pulsed = Pulsed::spawn(
+        &pulsed_bin(),
+        &[
+            ("PULSE__SOURCE__URL", db.url()),
+            ("NOTIFY_SOCKET", sock_path.display().to_string()),
+            ("WATCHDOG_USEC", "2000000".to_string()),
+        ],
+    )
+    .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let mut drain = |seen: &mut String| {
+        while let Ok(n) = sock.recv(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            seen.push('\n');
+        }
+    };
+    let ready_seen = wait_for("READY=1", Duration::from_secs(20), || {
+        drain(&mut seen);
+        let done = seen.contains("READY=1");
+        async move { done.then_some(()) }
+    })
+    .await;
+    ready_seen.unwrap_or_else(|e| panic!("{e}; got {seen:?}; log:\n{}", pulsed.log()));
+    // The watchdog interval is 2 s: pings come every second while the loops tick.
+    wait_for("WATCHDOG=1 pings to keep coming", Duration::from_secs(10), || {
+        drain(&mut seen);
+        let done = seen.matches("WATCHDOG=1").count() >= 4;
+        async move { done.then_some(()) }
+    })
+    .await
+    .unwrap();
+    pulsed.signal(Signal::SIGTERM).unwrap();
+    assert!(pulsed.wait_exit(Duration::from_secs(10)).await.unwrap().success());
+    drain(&mut seen);
+    assert!(seen.contains("STOPPING=1"), "{seen:?}");
+}
+
+/// The README's configuration reference lists every key pulsed knows.
+#[test]
+fn the_readme_documents_every_config_key() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for key in pulse_daemon::config::KEYS {
+        let row = format!("| `{}` |", key.key);
+        assert!(
+            readme.contains(&row),
+            "README.md lacks the config key {}; run `pulsed config reference`",
+            key.key
+        );
+        assert!(readme.contains(&pulse_daemon::config::env_var_for(key.key)));
+    }
+}
+
+/// The broker the suite uses is reachable, and per-test names keep tests apart.
+#[tokio::test]
+async fn the_broker_round_trips_with_confirms_on_unique_names() {
+    use futures_util::StreamExt;
+    use lapin::options::*;
+    use lapin::types::FieldTable;
+    let rabbit = pulse_harness::Rabbit::from_env();
+    let conn = rabbit.connect().await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let exchange = pulse_harness::Rabbit::unique("x");
+    let queue = pulse_harness::Rabbit::unique("q");
+    assert_ne!(exchange, pulse_harness::Rabbit::unique("x"));
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let confirm = ch
+        .basic_publish(
+            exchange.as_str().into(),
+            "pulse.test".into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            b"hello",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "t".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.data, b"hello");
+    delivery.ack(BasicAckOptions::default()).await.unwrap();
+    conn.close(200, "done".into()).await.unwrap();
+}
