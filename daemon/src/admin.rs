@@ -159,28 +159,56 @@ fn setting_entry(view: crate::settings::SettingView) -> SettingEntry {
     }
 }
 
-/// Reads the counters this build keeps from the Prometheus rendering. Everything this
-/// build does not measure stays `None`.
+/// Reads the figures the overview needs from the Prometheus rendering, by metric name,
+/// so the console picks up what subsystems record without depending on them. Whatever
+/// this build does not record stays `None`.
 pub fn metrics_sample(rendered: &str) -> MetricsSample {
-    let sum = |name: &str| -> Option<f64> {
-        let mut found = None;
-        for line in rendered.lines() {
-            let Some(rest) = line.strip_prefix(name) else {
-                continue;
+    // Each sample line: `name{labels} value` or `name value`.
+    let samples = rendered
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let value = value.parse::<f64>().ok()?;
+            let (name, labels) = match series.split_once('{') {
+                Some((n, l)) => (n, l.trim_end_matches('}')),
+                None => (series, ""),
             };
-            if !(rest.starts_with(' ') || rest.starts_with('{')) {
-                continue;
-            }
-            if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
-                *found.get_or_insert(0.0) += v;
-            }
-        }
-        found
+            Some((name, labels, value))
+        });
+    let samples: Vec<(&str, &str, f64)> = samples.collect();
+    let sum = |name: &str| -> Option<f64> {
+        samples
+            .iter()
+            .filter(|(n, _, _)| *n == name)
+            .map(|(_, _, v)| *v)
+            .reduce(|a, b| a + b)
+    };
+    // Histograms render as summaries; the worst median over all label sets.
+    let p50_ms = |name: &str| -> Option<f64> {
+        samples
+            .iter()
+            .filter(|(n, l, _)| *n == name && l.contains("quantile=\"0.5\""))
+            .map(|(_, _, v)| v * 1000.0)
+            .reduce(f64::max)
+    };
+    let requests = match (
+        sum("pulse_query_latency_seconds_count"),
+        sum("pulse_mutation_latency_seconds_count"),
+    ) {
+        (None, None) => None,
+        (q, m) => Some((q.unwrap_or(0.0) + m.unwrap_or(0.0)) as u64),
     };
     MetricsSample {
         connections: sum("pulse_connections_active").unwrap_or(0.0).max(0.0) as u64,
         errors_total: sum("pulse_errors_total").unwrap_or(0.0) as u64,
-        ..MetricsSample::default()
+        requests_total: requests,
+        changes_total: sum("pulse_replication_batches_total").map(|v| v as u64),
+        query_p50_ms: p50_ms("pulse_query_latency_seconds"),
+        mutation_p50_ms: p50_ms("pulse_mutation_latency_seconds"),
+        functions_total: None,
+        function_errors_total: None,
+        storage_max_quota_pct: None,
     }
 }
 
@@ -383,6 +411,17 @@ mod tests {
         assert_eq!(m.connections, 3);
         assert_eq!(m.errors_total, 7);
         assert_eq!(m.query_p50_ms, None);
+        assert_eq!(m.requests_total, None);
+
+        let text = "pulse_query_latency_seconds{table=\"a\",quantile=\"0.5\"} 0.002\n\
+                    pulse_query_latency_seconds{table=\"b\",quantile=\"0.5\"} 0.004\n\
+                    pulse_query_latency_seconds{table=\"b\",quantile=\"0.99\"} 0.9\n\
+                    pulse_query_latency_seconds_count{table=\"a\"} 10\n\
+                    pulse_mutation_latency_seconds_count 5\n";
+        let m = metrics_sample(text);
+        assert_eq!(m.query_p50_ms, Some(4.0));
+        assert_eq!(m.mutation_p50_ms, None);
+        assert_eq!(m.requests_total, Some(15));
     }
 
     #[test]

@@ -277,7 +277,7 @@ pub struct History {
     pub connections: VecDeque<u64>,
     /// Errors per second.
     pub error_rate: VecDeque<u64>,
-    /// Changes (or requests) per second, when measured.
+    /// Queries and mutations per second, when measured.
     pub throughput: Option<VecDeque<u64>>,
     /// Live query p50, ms, when measured.
     pub latency_ms: Option<VecDeque<u64>>,
@@ -820,7 +820,7 @@ fn response_arrived(state: &mut State, response: AdminResponse, effects: &mut Ve
         AdminResponse::Metrics(m) => {
             let h = &mut state.history;
             push(&mut h.connections, m.connections);
-            let throughput_counter = m.changes_total.or(m.requests_total);
+            let throughput_counter = m.requests_total;
             if let Some((at, errors, prev_thr)) = h.prev {
                 let secs = ((now - at).max(1) as f64) / 1000.0;
                 push(

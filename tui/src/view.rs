@@ -188,6 +188,17 @@ fn bytes(n: i64) -> String {
     }
 }
 
+/// A measured figure: percentages with one decimal (1.4% is not 1%), the rest whole.
+fn figure(v: f64, unit: &str) -> String {
+    if unit == "%" {
+        format!("{v:.1}%")
+    } else if unit.is_empty() {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.0} {unit}")
+    }
+}
+
 fn clock(ms: i64) -> String {
     let s = (ms / 1000).rem_euclid(86_400);
     format!("{:02}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
@@ -364,8 +375,8 @@ fn overview(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 let (mark, style, shown) = match value {
                     None if metrics.is_none() => ("     ", theme.dim(), "no data yet".to_string()),
                     None => ("n/a  ", theme.dim(), "not measured by this pulsed".to_string()),
-                    Some(v) if v > limit => ("ALERT", theme.bad(), format!("{v:.0}{unit}")),
-                    Some(v) => ("ok   ", theme.ok(), format!("{v:.0}{unit}")),
+                    Some(v) if v > limit => ("ALERT", theme.bad(), figure(*v, unit)),
+                    Some(v) => ("ok   ", theme.ok(), figure(*v, unit)),
                 };
                 Line::from(vec![
                     Span::styled(format!(" {mark} "), style),
@@ -383,7 +394,7 @@ fn overview(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
     let h = &state.history;
     let series: [(&str, Option<&VecDeque<u64>>, &str); 5] = [
         ("connections", Some(&h.connections), ""),
-        ("throughput", h.throughput.as_ref(), "/s"),
+        ("requests", h.throughput.as_ref(), "/s"),
         ("query p50", h.latency_ms.as_ref(), " ms"),
         ("errors", Some(&h.error_rate), "/s"),
         ("repl. lag", Some(&h.replication_lag), " B"),

@@ -248,6 +248,34 @@ fn overview() {
 }
 
 #[test]
+fn overview_alerts_past_the_thresholds() {
+    let mut s = fixture();
+    for i in 30..40i64 {
+        s.now_ms = T0 + i * 1000;
+        answer(
+            &mut s,
+            "metrics",
+            AdminResponse::Metrics(MetricsSample {
+                connections: 10_250,
+                errors_total: 100,
+                requests_total: Some((i * i * 10) as u64),
+                query_p50_ms: Some(180.0 + (i - 30) as f64 * 8.0),
+                mutation_p50_ms: Some(35.0),
+                functions_total: Some(1000),
+                function_errors_total: Some(25),
+                storage_max_quota_pct: Some(42.0),
+                ..Default::default()
+            }),
+        );
+    }
+    let t = draw(&s, 80, 24);
+    let text = format!("{}", t.backend());
+    // Query latency (252 ms), connections and function errors (2.5%) are over.
+    assert_eq!(text.matches("ALERT").count(), 3, "{text}");
+    snap!("overview_alerts", s);
+}
+
+#[test]
 fn overview_while_disconnected_keeps_the_last_data() {
     let mut s = fixture();
     update(
