@@ -26,6 +26,11 @@ pub type Outgoing = (String, AdminRequest);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait between attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A session silent for this long gets a ping.
+const PING_AFTER: Duration = Duration::from_secs(5);
+/// A session silent for this long (ping unanswered) is dropped and reopened: a dead
+/// TCP peer may otherwise never be noticed.
+const DEAD_AFTER: Duration = Duration::from_secs(15);
 
 /// Runs until `shutdown` is cancelled or the UI is gone.
 pub async fn run(
@@ -154,6 +159,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
         other => return Err(format!("unexpected answer to hello: {other:?}")),
     }
+    let mut last_heard = tokio::time::Instant::now();
+    let mut check = tokio::time::interval(PING_AFTER / 2);
+    let mut nonce = 0u64;
     loop {
         tokio::select! {
             r = requests.recv() => {
@@ -161,12 +169,23 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 send(&mut ws, &ClientFrame::Admin { id, request }).await?;
             }
             frame = next_frame(&mut ws) => {
+                last_heard = tokio::time::Instant::now();
                 let event = match frame? {
                     ServerFrame::Admin { id, response } => NetEvent::Response { id, response: *response },
                     ServerFrame::Error { id, error } => NetEvent::Error { id, error },
                     _ => continue,
                 };
                 events.send(Action::Net(event)).await.map_err(|_| "console closed".to_string())?;
+            }
+            _ = check.tick() => {
+                let silent = last_heard.elapsed();
+                if silent >= DEAD_AFTER {
+                    return Err(format!("no answer from pulsed for {} s", silent.as_secs()));
+                }
+                if silent >= PING_AFTER {
+                    nonce += 1;
+                    send(&mut ws, &ClientFrame::Ping { nonce }).await?;
+                }
             }
         }
     }
@@ -195,5 +214,128 @@ async fn next_frame<S: AsyncRead + AsyncWrite + Unpin>(
             Some(Ok(Message::Close(_))) => return Err("pulsed closed the connection".into()),
             Some(Ok(_)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pulse_shared::admin::{AdminResponse, StatusReport};
+
+    use super::*;
+
+    /// A stand-in for pulsed's admin socket: answers hello, then `status` requests.
+    /// It is the far end of the wire only; the console side under test is real.
+    async fn fake_pulsed(listener: tokio::net::UnixListener, sessions: usize) {
+        for _ in 0..sessions {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+            let Some(Ok(Message::Text(hello))) = ws.next().await else {
+                panic!("no hello")
+            };
+            assert!(hello.contains("\"type\":\"hello\""), "{hello}");
+            let welcome = ServerFrame::Welcome {
+                protocol: PROTOCOL_VERSION,
+                server_version: "test".into(),
+                session: "s".into(),
+                roles: vec!["service".into()],
+                realtime: true,
+                sync_interval_ms: 1000,
+            };
+            ws.send(Message::Text(serde_json::to_string(&welcome).unwrap().into()))
+                .await
+                .unwrap();
+            // Answer one request, then hang up.
+            let Some(Ok(Message::Text(text))) = ws.next().await else {
+                panic!("no request")
+            };
+            let ClientFrame::Admin { id, .. } = serde_json::from_str(&text).unwrap() else {
+                panic!("{text}")
+            };
+            let answer = ServerFrame::Admin {
+                id,
+                response: Box::new(AdminResponse::Status(StatusReport {
+                    version: "test".into(),
+                    uptime_secs: 1,
+                    components: vec![],
+                })),
+            };
+            ws.send(Message::Text(serde_json::to_string(&answer).unwrap().into()))
+                .await
+                .unwrap();
+            let _ = ws.close(None).await;
+        }
+    }
+
+    async fn next(events: &mut mpsc::Receiver<Action>) -> NetEvent {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Some(Action::Net(e))) => e,
+            other => panic!("no network event: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn connects_answers_and_reconnects_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.sock");
+        let (req_tx, req_rx) = mpsc::channel(8);
+        let (ev_tx, mut events) = mpsc::channel(64);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(
+            Endpoint::Unix(path.clone()),
+            None,
+            req_rx,
+            ev_tx,
+            shutdown.clone(),
+        ));
+
+        // Nothing listens yet: it says so, and requests fail at once rather than hang.
+        assert_eq!(next(&mut events).await, NetEvent::Connecting { attempt: 1 });
+        let NetEvent::Disconnected { reason, .. } = next(&mut events).await else {
+            panic!()
+        };
+        assert!(reason.contains("cannot open"), "{reason}");
+        req_tx
+            .send(("status#1".into(), AdminRequest::Status))
+            .await
+            .unwrap();
+        assert!(matches!(
+            next(&mut events).await,
+            NetEvent::Error { id: Some(id), error } if id == "status#1" && error.code == ErrorCode::Unavailable
+        ));
+
+        // pulsed appears: connected, a request is answered; it hangs up; the task
+        // reconnects and the second session works too.
+        let server = tokio::spawn(fake_pulsed(tokio::net::UnixListener::bind(&path).unwrap(), 2));
+        for round in 0..2 {
+            loop {
+                match next(&mut events).await {
+                    NetEvent::Connected { roles, .. } => {
+                        assert_eq!(roles, vec!["service".to_string()]);
+                        break;
+                    }
+                    NetEvent::Connecting { .. } | NetEvent::Disconnected { .. } => {}
+                    other => panic!("round {round}: {other:?}"),
+                }
+            }
+            req_tx
+                .send((format!("status#{}", round + 2), AdminRequest::Status))
+                .await
+                .unwrap();
+            let NetEvent::Response { id, response } = next(&mut events).await else {
+                panic!()
+            };
+            assert_eq!(id, format!("status#{}", round + 2));
+            assert!(matches!(response, AdminResponse::Status(_)));
+            let NetEvent::Disconnected { reason, .. } = next(&mut events).await else {
+                panic!()
+            };
+            assert!(reason.contains("closed"), "{reason}");
+        }
+        server.await.unwrap();
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -4,7 +4,7 @@
 //! (a request to pulsed, quitting) comes back as [`Effect`]s for the main loop to carry
 //! out, so every key and every network event can be replayed in a unit test.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use pulse_shared::admin::{
@@ -19,6 +19,8 @@ use pulse_shared::{ErrorBody, ErrorCode};
 pub const LOG_KEEP: usize = 5_000;
 /// Samples each sparkline keeps (one a second).
 pub const HISTORY: usize = 120;
+/// After this long without an answer a poll is sent again.
+pub const REQUEST_TIMEOUT_MS: i64 = 10_000;
 
 /// The screens, in tab order; number keys 1–9 select them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -374,8 +376,9 @@ pub struct State {
     /// Platform settings.
     pub settings: Remote<Vec<SettingEntry>>,
 
-    /// Request kinds awaiting an answer, so a slow daemon is not asked twice.
-    in_flight: HashSet<&'static str>,
+    /// Request kinds awaiting an answer, with when they were sent, so a slow daemon is
+    /// not asked twice (an answer lost for [`REQUEST_TIMEOUT_MS`] no longer blocks).
+    in_flight: HashMap<&'static str, i64>,
     /// Last request number.
     next_id: u64,
 }
@@ -421,7 +424,7 @@ impl State {
             slot_rates: Vec::new(),
             prev_slots: Vec::new(),
             settings: Remote::default(),
-            in_flight: HashSet::new(),
+            in_flight: HashMap::new(),
             next_id: 0,
         }
     }
@@ -570,9 +573,16 @@ impl State {
                 | AdminRequest::RunJob { .. }
                 | AdminRequest::RequeueDeadLetter { .. }
         );
-        if !self.connected() || (is_poll && !self.in_flight.insert(kind)) {
+        if !self.connected() {
             return;
         }
+        if is_poll
+            && let Some(sent) = self.in_flight.get(kind)
+            && self.now_ms - sent < REQUEST_TIMEOUT_MS
+        {
+            return;
+        }
+        self.in_flight.insert(kind, self.now_ms);
         self.next_id += 1;
         effects.push(Effect::Request {
             id: format!("{kind}#{}", self.next_id),
@@ -1289,6 +1299,15 @@ mod tests {
         );
         let next = update(&mut s, Action::Tick { now_ms: 2000 });
         assert_eq!(requests(&next), vec![AdminRequest::Status]);
+    }
+
+    #[test]
+    fn a_lost_answer_does_not_block_polling_for_ever() {
+        let mut s = connected();
+        s.now_ms = 1_000;
+        assert!(requests(&update(&mut s, Action::Tick { now_ms: 5_000 })).is_empty());
+        let later = update(&mut s, Action::Tick { now_ms: 10_000 });
+        assert!(requests(&later).contains(&AdminRequest::Status), "{later:?}");
     }
 
     #[test]
