@@ -89,8 +89,14 @@ async fn main() -> anyhow::Result<()> {
     let (ev_tx, mut ev_rx) = mpsc::channel::<Action>(256);
     let net_task = tokio::spawn(net::run(endpoint, key, req_rx, ev_tx, shutdown.clone()));
 
+    // A panic is recorded in the log file too (the terminal may be gone by then).
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!(panic = %info, "pulsetop panicked");
+        print(info);
+    }));
     // ratatui::init enters the alternate screen in raw mode and installs a panic hook
-    // that restores the terminal before the panic message is printed.
+    // that restores the terminal before the hook above runs.
     let mut terminal = ratatui::init();
     let result = run(&mut terminal, &mut state, &req_tx, &mut ev_rx).await;
     ratatui::restore();

@@ -977,7 +977,8 @@ fn replication(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
     let Some(report) = ready(&state.replication, state, theme, frame, area, "Replication") else {
         return;
     };
-    let [info, slots, senders, lag] = Layout::vertical([
+    let [info, detail, slots, senders, lag] = Layout::vertical([
+        Constraint::Length(1),
         Constraint::Length(1),
         Constraint::Min(4),
         Constraint::Length(5),
@@ -996,6 +997,26 @@ fn replication(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
         info,
     );
     let cursor = state.cursor_of(Screen::Replication, Pane::First);
+    // Positions of the selected slot, which the table has no room for.
+    if let Some(s) = report.slots.get(cursor) {
+        let plugin = if s.plugin.is_empty() {
+            "physical"
+        } else {
+            s.plugin.as_str()
+        };
+        frame.render_widget(
+            Paragraph::new(Span::styled(
+                format!(
+                    " {}: {plugin} · restart {} · confirmed {}",
+                    s.name,
+                    s.restart_lsn.as_deref().unwrap_or("-"),
+                    s.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+                ),
+                theme.dim(),
+            )),
+            detail,
+        );
+    }
     let rows = report.slots.iter().enumerate().map(|(i, s)| {
         let rate = state
             .slot_rates
