@@ -649,13 +649,18 @@ fn no_color_means_no_colour() {
 }
 
 #[test]
-fn every_screen_fits_80x24_and_follows_resizes() {
+fn every_screen_follows_resizes_down_to_tiny_terminals() {
     let mut s = settings_state();
-    for (w, h) in [(80, 24), (40, 12), (200, 60), (20, 5)] {
-        for n in '1'..='9' {
+    for (w, h) in [(80, 24), (200, 60), (40, 12), (20, 5), (1, 1)] {
+        for (n, screen) in ('1'..='9').zip(pulse_tui::state::Screen::ALL) {
             key(&mut s, KeyCode::Char(n));
             let t = draw(&s, w, h);
-            assert_eq!(t.backend().buffer().area.width, w);
+            let text = format!("{}", t.backend());
+            if w >= 80 {
+                // The tab bar names the screen and the status bar the connection.
+                assert!(text.contains(&format!("{n} ")), "{screen:?} at {w}x{h}:\n{text}");
+                assert!(text.contains("● connected"), "{screen:?} at {w}x{h}:\n{text}");
+            }
         }
     }
 }
