@@ -425,6 +425,14 @@ async fn console_requests_answer_with_data_or_a_clear_error() {
         "{page:?}"
     );
     assert!(page.entries.windows(2).all(|w| w[0].seq < w[1].seq));
+    // This pulsed has no deploy key: its start-up warning is counted by kind.
+    let group = page
+        .errors
+        .iter()
+        .find(|g| g.kind.contains("no deploy key is set"))
+        .unwrap_or_else(|| panic!("no warning group: {:?}", page.errors));
+    assert_eq!(group.level, pulse_shared::admin::LogLevel::Warn);
+    assert_eq!(group.count, 1);
     let last = page.entries.last().unwrap().seq;
     let Ok(A::Logs(newer)) = ask(
         &mut c,
