@@ -800,7 +800,6 @@ fn net(state: &mut State, event: NetEvent, effects: &mut Vec<Effect>) {
             if let Some(kind) = kind {
                 state.in_flight.remove(kind);
             }
-            let now = state.now_ms;
             let put = |r: &mut Option<ErrorBody>| *r = Some(error.clone());
             match kind {
                 Some("status") => put(&mut state.status.error),
@@ -816,9 +815,9 @@ fn net(state: &mut State, event: NetEvent, effects: &mut Vec<Effect>) {
                 Some("storage") => put(&mut state.storage.error),
                 Some("jobs") => put(&mut state.jobs.error),
                 Some("settings") => put(&mut state.settings.error),
+                // Actions (edits, runs) and session errors go to the status bar.
                 _ => state.say(Tone::Error, format!("{}: {}", error.code, error.message)),
             }
-            let _ = now;
         }
     }
 }
@@ -1485,6 +1484,27 @@ mod tests {
             }]
         );
         assert_eq!(s.mode, Mode::Normal);
+    }
+
+    #[test]
+    fn a_refused_edit_is_reported_in_the_status_bar() {
+        let mut s = with_settings();
+        update(&mut s, key(KeyCode::Enter));
+        update(&mut s, key(KeyCode::Enter));
+        let effects = update(&mut s, key(KeyCode::Char('y')));
+        let Some(Effect::Request { id, .. }) = effects.first() else {
+            panic!("{effects:?}")
+        };
+        update(
+            &mut s,
+            Action::Net(NetEvent::Error {
+                id: Some(id.clone()),
+                error: ErrorBody::new(ErrorCode::Forbidden, "changing platform settings: not allowed"),
+            }),
+        );
+        assert!(matches!(&s.message, Some((Tone::Error, m)) if m.starts_with("forbidden: changing")));
+        // The settings themselves are still shown, not replaced by the error.
+        assert!(s.settings.error.is_none() && s.settings.data.is_some());
     }
 
     #[test]
