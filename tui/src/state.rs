@@ -251,6 +251,8 @@ pub enum Mode {
     Confirm(Pending),
     /// A freshly rotated deploy key, shown this once.
     ShowKey(String),
+    /// One log event in full (by sequence number).
+    LogDetail(u64),
 }
 
 /// Severity of the status-bar message.
@@ -932,7 +934,7 @@ fn key_press(state: &mut State, key: KeyEvent, effects: &mut Vec<Effect>) {
         Mode::Filter => filter_key(state, key),
         Mode::Edit { .. } => edit_key(state, key),
         Mode::Confirm(pending) => confirm_key(state, key, pending, effects),
-        Mode::ShowKey(_) => {
+        Mode::ShowKey(_) | Mode::LogDetail(_) => {
             if matches!(key.code, KeyCode::Esc | KeyCode::Enter | KeyCode::Char('q')) {
                 state.mode = Mode::Normal;
             }
@@ -1112,6 +1114,11 @@ fn screen_key(state: &mut State, key: KeyEvent, effects: &mut Vec<Effect>) {
             };
             state.cursor[Screen::Logs.index()] = [usize::MAX, 0];
             state.clamp_cursors();
+        }
+        (Screen::Logs, KeyCode::Enter) if !state.log_groups => {
+            if let Some(e) = state.visible_logs().get(cursor) {
+                state.mode = Mode::LogDetail(e.seq);
+            }
         }
         (Screen::Logs, KeyCode::Char('e')) => {
             state.log_groups = !state.log_groups;
@@ -1626,6 +1633,12 @@ mod tests {
             update(&mut s, key(KeyCode::Char(c)));
         }
         assert_eq!(s.visible_logs().len(), 1);
+        // Enter shows the event in full; Esc closes it.
+        update(&mut s, key(KeyCode::Enter));
+        update(&mut s, key(KeyCode::Enter));
+        assert_eq!(s.mode, Mode::LogDetail(3));
+        update(&mut s, key(KeyCode::Esc));
+        assert_eq!(s.mode, Mode::Normal);
     }
 
     #[test]

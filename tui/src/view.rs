@@ -79,6 +79,26 @@ pub fn render(state: &State, frame: &mut Frame<'_>) {
             label, kind, buffer, ..
         } => edit_dialog(label, *kind, buffer, theme, frame),
         Mode::ShowKey(key) => key_dialog(key, theme, frame),
+        Mode::LogDetail(seq) => {
+            if let Some(e) = state.logs.iter().find(|e| e.seq == *seq) {
+                let mut lines = vec![
+                    Line::from(vec![
+                        Span::styled(format!("{} ", clock(e.at_ms)), theme.dim()),
+                        Span::styled(e.level.as_str(), level_style(theme, e.level)),
+                        Span::raw(format!(" {}", e.target)),
+                    ]),
+                    Line::raw(e.message.clone()),
+                ];
+                lines.extend(e.fields.iter().map(|(k, v)| {
+                    Line::from(vec![
+                        Span::styled(format!("{k} = "), theme.accent()),
+                        Span::raw(v.clone()),
+                    ])
+                }));
+                lines.push(Line::styled("Esc closes", theme.dim()));
+                dialog(frame, "Log event", lines, theme);
+            }
+        }
         Mode::Normal | Mode::Filter => {}
     }
     if state.help {
@@ -1311,7 +1331,7 @@ fn key_dialog(key: &str, theme: Theme, frame: &mut Frame<'_>) {
 }
 
 /// Every key, for the help overlay (and the tests that check it is complete).
-pub const KEYS: [(&str, &str); 20] = [
+pub const KEYS: [(&str, &str); 21] = [
     ("?", "open or close this help"),
     ("q, Ctrl-C", "quit"),
     ("Tab, Shift-Tab", "next, previous screen"),
@@ -1327,6 +1347,7 @@ pub const KEYS: [(&str, &str); 20] = [
     ("Presence: Enter", "show a tenant's users"),
     ("Logs: l", "cycle the lowest level shown"),
     ("Logs: e", "errors grouped by kind"),
+    ("Logs: Enter", "the event in full"),
     ("Data: Enter", "latest rows of a table"),
     ("Jobs: Enter", "run now / requeue (confirmed)"),
     ("Settings: Enter", "edit (validated, confirmed)"),

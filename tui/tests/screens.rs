@@ -353,6 +353,9 @@ fn logs_screen() {
     snap!("logs", s);
     key(&mut s, KeyCode::Char('l'));
     snap!("logs_warn_and_above", s);
+    key(&mut s, KeyCode::Enter);
+    snap!("logs_event_in_full", s);
+    key(&mut s, KeyCode::Esc);
     key(&mut s, KeyCode::Char('e'));
     snap!("logs_errors_by_kind", s);
 }
