@@ -357,6 +357,10 @@ async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
     again.wait_ready(WAIT).await.unwrap();
     tui.keys(&["1"]);
     tui.wait_for(&["● connected", "reachable, migrated"], WAIT).await;
+    // The Logs screen now shows the new pulsed's events, not the old one's shutdown.
+    tui.keys(&["4"]);
+    let screen = tui.wait_for(&["pulsed ready"], WAIT).await;
+    assert!(!screen.contains("stopping"), "{screen}");
 
     // q quits cleanly and restores the terminal.
     tui.keys(&["q"]);

@@ -778,6 +778,11 @@ fn net(state: &mut State, event: NetEvent, effects: &mut Vec<Effect>) {
                 roles,
             };
             state.in_flight.clear();
+            // pulsed may have restarted and numbers its log events from 1 again: take its
+            // whole buffer afresh rather than wait for the old numbers.
+            state.logs.clear();
+            state.log_seq = 0;
+            state.log_dropped = 0;
             state.poll(effects);
         }
         NetEvent::Disconnected {
@@ -1633,6 +1638,20 @@ mod tests {
             update(&mut s, key(KeyCode::Char(c)));
         }
         assert_eq!(s.visible_logs().len(), 1);
+        // After a reconnect (pulsed may have restarted) the whole buffer is read again.
+        let mut again = s.clone();
+        let effects = update(
+            &mut again,
+            Action::Net(NetEvent::Connected {
+                server_version: "0.1.0".into(),
+                roles: vec!["service".into()],
+            }),
+        );
+        assert!(requests(&effects).contains(&AdminRequest::Logs {
+            after: 0,
+            limit: 1000
+        }));
+        assert!(again.logs.is_empty());
         // Enter shows the event in full; Esc closes it.
         update(&mut s, key(KeyCode::Enter));
         update(&mut s, key(KeyCode::Enter));
