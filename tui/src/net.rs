@@ -102,9 +102,18 @@ async fn session(
 ) -> Result<(), String> {
     match endpoint {
         Endpoint::Unix(path) => {
-            let stream = tokio::net::UnixStream::connect(path)
-                .await
-                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::PermissionDenied => {
+                        "; the socket's group may open it (usermod -aG pulse $USER)"
+                    }
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                        "; is pulsed running? (--socket names another path)"
+                    }
+                    _ => "",
+                };
+                format!("cannot open {}: {e}{hint}", path.display())
+            })?;
             let (ws, _) = tokio_tungstenite::client_async("ws://localhost/ws", stream)
                 .await
                 .map_err(|e| format!("WebSocket handshake failed: {e}"))?;
