@@ -156,8 +156,9 @@ fn render_status(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect)
             reason,
             retry_in_secs,
         } => {
+            // The retry first: a long reason is cut at the edge, the countdown is not.
             spans.push(Span::styled("○ disconnected", theme.bad()));
-            spans.push(Span::raw(format!(": {reason}; retry in {retry_in_secs}s")));
+            spans.push(Span::raw(format!(" (retry in {retry_in_secs}s): {reason}")));
         }
     }
     if state.connected() && state.read_only {
