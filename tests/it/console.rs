@@ -347,6 +347,23 @@ async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
     tcp.wait_for(&["● connected", "state_db"], WAIT).await;
     tcp.keys(&["q"]);
     tcp.wait_for(&["pulsetop exited with 0"], WAIT).await;
+    // With the old key it is refused, says why, and keeps trying.
+    std::fs::write(&key_file, &old_key).unwrap();
+    let refused = Tmux::start(
+        &format!(
+            "{} --url {}/ws --deploy-key-file {} --log-file {}",
+            bin.display(),
+            pulsed.http.replace("http://", "ws://"),
+            key_file.display(),
+            tcp_log.display()
+        ),
+        &tcp_log,
+    );
+    refused
+        .wait_for(&["○ disconnected", "the deploy key is wrong"], WAIT)
+        .await;
+    refused.keys(&["q"]);
+    refused.wait_for(&["pulsetop exited with 0"], WAIT).await;
 
     // pulsed goes away: the status bar says so and the console keeps running; pulsed
     // comes back on the same socket: the console reconnects by itself.
