@@ -1,19 +1,45 @@
-//! Answers console requests. Reads the daemon's state; never changes it without an audit
-//! record.
+//! Answers console requests (pulsetop): status, config, metrics, logs, the data explorer,
+//! replication, settings, and the screens whose subsystems other parts of pulsed own.
+//!
+//! Reads the daemon's state and the state database; never changes anything without an
+//! audit record (settings edits go through [`crate::settings::Settings::update`]). Every
+//! write checks its own capability here, on top of the console capability the session
+//! already checked. A screen whose subsystem is not in this build gets an `unavailable`
+//! error naming what is missing, never made-up data.
 
-use pulse_shared::admin::{AdminRequest, AdminResponse, ConfigEntry, StatusReport};
+use std::time::Duration;
+
+use pulse_shared::admin::{
+    AdminRequest, AdminResponse, ConfigEntry, MetricsSample, ReplicationReport, SenderInfo, SettingEntry,
+    SettingKind, SlotInfo, StatusReport, TableInfo, TableRows,
+};
+use pulse_shared::caps::{Capability, Decision, Principal, Target, authorize};
+use pulse_shared::{ErrorBody, ErrorCode};
 
 use crate::App;
+use crate::settings::{SettingKey, Settings};
 
-/// Answers one request.
-pub async fn answer(app: &App, request: AdminRequest) -> AdminResponse {
+/// How long one console request may take on the database.
+const DB_TIMEOUT: Duration = Duration::from_secs(5);
+/// Tables larger than this (by the planner's estimate) show the estimate, not an exact
+/// count, so that browsing never scans a huge outbox.
+const EXACT_COUNT_LIMIT: f32 = 1_000_000.0;
+/// Most rows the data explorer returns.
+const MAX_ROWS: u32 = 500;
+
+/// Answers one request from `principal` (who already holds the console capability).
+pub async fn answer(
+    app: &App,
+    principal: &Principal,
+    request: AdminRequest,
+) -> Result<AdminResponse, ErrorBody> {
     match request {
-        AdminRequest::Status => AdminResponse::Status(StatusReport {
+        AdminRequest::Status => Ok(AdminResponse::Status(StatusReport {
             version: crate::VERSION.to_string(),
             uptime_secs: app.started.elapsed().as_secs(),
             components: app.health.snapshot(),
-        }),
-        AdminRequest::Config => AdminResponse::Config {
+        })),
+        AdminRequest::Config => Ok(AdminResponse::Config {
             entries: app
                 .config()
                 .effective
@@ -24,6 +50,382 @@ pub async fn answer(app: &App, request: AdminRequest) -> AdminResponse {
                     source: e.origin.to_string(),
                 })
                 .collect(),
+        }),
+        AdminRequest::Metrics => Ok(AdminResponse::Metrics(metrics_sample(&app.metrics.render()))),
+        AdminRequest::Logs { after, limit } => Ok(AdminResponse::Logs(
+            crate::telemetry::log_buffer().page(after, limit as usize),
+        )),
+        AdminRequest::Tables => with_db(tables(app)).await,
+        AdminRequest::TableRows { table, limit } => {
+            with_db(table_rows(app, &table, limit.min(MAX_ROWS))).await
+        }
+        AdminRequest::Replication => with_db(replication(app)).await,
+        AdminRequest::LiveTables => Err(missing(
+            "live tables and the change stream",
+            "the state engine and the CDC reader",
+        )),
+        AdminRequest::Presence { .. } => Err(missing("presence", "the presence tracker")),
+        AdminRequest::Notifications { .. } => Err(missing("notifications", "the notification service")),
+        AdminRequest::Storage => Err(missing("storage usage", "file storage")),
+        AdminRequest::Jobs => Err(missing("jobs", "the job scheduler")),
+        AdminRequest::RunJob { .. } | AdminRequest::RequeueDeadLetter { .. } => {
+            allowed(
+                principal,
+                Capability::RunJob,
+                "running jobs and requeueing dead letters",
+            )?;
+            Err(missing("jobs", "the job scheduler"))
+        }
+        AdminRequest::Settings => Ok(AdminResponse::Settings {
+            settings: app.settings.list().into_iter().map(setting_entry).collect(),
+        }),
+        AdminRequest::UpdateSetting { key, value } => {
+            allowed(
+                principal,
+                Capability::ManageSettings,
+                "changing platform settings",
+            )?;
+            let key = update_setting(app, principal, &key, &value).await?;
+            Ok(AdminResponse::Done {
+                message: format!("{} changed", key.label()),
+            })
+        }
+        AdminRequest::RotateDeployKey => {
+            allowed(principal, Capability::ManageSettings, "rotating the deploy key")?;
+            let fresh = Settings::generate_deploy_key();
+            update_setting(app, principal, SettingKey::DeployKey.as_str(), fresh.expose()).await?;
+            Ok(AdminResponse::DeployKeyRotated {
+                key: fresh.expose().to_string(),
+            })
+        }
+    }
+}
+
+fn allowed(principal: &Principal, capability: Capability, what: &str) -> Result<(), ErrorBody> {
+    match authorize(principal, capability, &Target::default()) {
+        Decision::Allowed(_) => Ok(()),
+        Decision::Denied(reason) => Err(ErrorBody::new(
+            ErrorCode::Forbidden,
+            format!("{what}: {}", reason.explain()),
+        )),
+    }
+}
+
+/// The error for a screen whose subsystem is not part of this pulsed.
+fn missing(what: &str, subsystem: &str) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Unavailable,
+        format!("{what}: {subsystem} is not part of this pulsed build yet"),
+    )
+    .with_details(serde_json::json!({ "missing": subsystem }))
+}
+
+/// Who the audit log names for a console edit.
+fn actor(principal: &Principal) -> String {
+    match &principal.user {
+        Some(user) => format!("{user} (console)"),
+        None => {
+            let roles: Vec<&str> = principal.roles.iter().map(|r| r.as_str()).collect();
+            format!("{} (console)", roles.join("+"))
+        }
+    }
+}
+
+async fn update_setting(
+    app: &App,
+    principal: &Principal,
+    key: &str,
+    value: &str,
+) -> Result<SettingKey, ErrorBody> {
+    let mut client = app.pool.get().await.map_err(db_unavailable)?;
+    app.settings
+        .update(&mut client, key, value, &actor(principal))
+        .await
+        .map_err(|e| ErrorBody::new(e.code(), e.to_string()))
+}
+
+fn setting_entry(view: crate::settings::SettingView) -> SettingEntry {
+    SettingEntry {
+        key: view.key.as_str().to_string(),
+        label: view.key.label().to_string(),
+        kind: match view.key {
+            SettingKey::DeploymentUrl => SettingKind::Url,
+            SettingKey::DeployKey => SettingKind::Secret,
+            SettingKey::EnableRealtime => SettingKind::Toggle,
+            SettingKey::SyncIntervalMs => SettingKind::Millis,
         },
+        value: view.shown,
+        source: view.source,
+    }
+}
+
+/// Reads the figures the overview needs from the Prometheus rendering, by metric name,
+/// so the console picks up what subsystems record without depending on them. Whatever
+/// this build does not record stays `None`.
+pub fn metrics_sample(rendered: &str) -> MetricsSample {
+    // Each sample line: `name{labels} value` or `name value`.
+    let samples = rendered
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let value = value.parse::<f64>().ok()?;
+            let (name, labels) = match series.split_once('{') {
+                Some((n, l)) => (n, l.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            Some((name, labels, value))
+        });
+    let samples: Vec<(&str, &str, f64)> = samples.collect();
+    let sum = |name: &str| -> Option<f64> {
+        samples
+            .iter()
+            .filter(|(n, _, _)| *n == name)
+            .map(|(_, _, v)| *v)
+            .reduce(|a, b| a + b)
+    };
+    // Histograms render as summaries; the worst median over all label sets.
+    let p50_ms = |name: &str| -> Option<f64> {
+        samples
+            .iter()
+            .filter(|(n, l, _)| *n == name && l.contains("quantile=\"0.5\""))
+            .map(|(_, _, v)| v * 1000.0)
+            .reduce(f64::max)
+    };
+    let requests = match (
+        sum("pulse_query_latency_seconds_count"),
+        sum("pulse_mutation_latency_seconds_count"),
+    ) {
+        (None, None) => None,
+        (q, m) => Some((q.unwrap_or(0.0) + m.unwrap_or(0.0)) as u64),
+    };
+    MetricsSample {
+        connections: sum("pulse_connections_active").unwrap_or(0.0).max(0.0) as u64,
+        errors_total: sum("pulse_errors_total").unwrap_or(0.0) as u64,
+        requests_total: requests,
+        changes_total: sum("pulse_replication_batches_total").map(|v| v as u64),
+        query_p50_ms: p50_ms("pulse_query_latency_seconds"),
+        mutation_p50_ms: p50_ms("pulse_mutation_latency_seconds"),
+        functions_total: None,
+        function_errors_total: None,
+        storage_max_quota_pct: None,
+    }
+}
+
+fn db_unavailable(e: impl std::fmt::Display) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Unavailable,
+        format!("state database: {e}; check that PostgreSQL is running"),
+    )
+}
+
+async fn with_db<F>(work: F) -> Result<AdminResponse, ErrorBody>
+where
+    F: Future<Output = Result<AdminResponse, ErrorBody>>,
+{
+    tokio::time::timeout(DB_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| Err(db_unavailable("no answer within 5 s")))
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+async fn tables(app: &App) -> Result<AdminResponse, ErrorBody> {
+    let client = app.pool.get().await.map_err(db_unavailable)?;
+    let rows = client
+        .query(
+            "SELECT c.relname::text, c.reltuples, pg_total_relation_size(c.oid)
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = 'pulse' AND c.relkind IN ('r', 'p') ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(db_unavailable)?;
+    let mut tables = Vec::with_capacity(rows.len());
+    for row in rows {
+        let name: String = row.get(0);
+        let estimate: f32 = row.get(1);
+        let count = if estimate > EXACT_COUNT_LIMIT {
+            estimate as i64
+        } else {
+            client
+                .query_one(&format!("SELECT count(*) FROM pulse.{}", quote_ident(&name)), &[])
+                .await
+                .map_err(db_unavailable)?
+                .get(0)
+        };
+        tables.push(TableInfo {
+            name: format!("pulse.{name}"),
+            rows: count,
+            bytes: row.get(2),
+        });
+    }
+    Ok(AdminResponse::Tables { tables })
+}
+
+async fn table_rows(app: &App, table: &str, limit: u32) -> Result<AdminResponse, ErrorBody> {
+    let name = table.strip_prefix("pulse.").unwrap_or(table);
+    let client = app.pool.get().await.map_err(db_unavailable)?;
+    // Only names the catalog lists as tables of the pulse schema reach the SQL text.
+    let oid: Option<u32> = client
+        .query_opt(
+            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = 'pulse' AND c.relkind IN ('r', 'p') AND c.relname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(db_unavailable)?
+        .map(|r| r.get(0));
+    let Some(oid) = oid else {
+        return Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            format!("no table {name:?} in the pulse schema; the Tables list names them"),
+        ));
+    };
+    let columns: Vec<String> = client
+        .query(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(db_unavailable)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let key: Vec<String> = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(db_unavailable)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let order = if key.is_empty() {
+        String::new()
+    } else {
+        let cols: Vec<String> = key.iter().map(|k| format!("{} DESC", quote_ident(k))).collect();
+        format!("ORDER BY {}", cols.join(", "))
+    };
+    let sql = format!(
+        "SELECT to_jsonb(t) FROM pulse.{} t {order} LIMIT {limit}",
+        quote_ident(name)
+    );
+    let found = client.query(&sql, &[]).await.map_err(db_unavailable)?;
+    let rows = found
+        .iter()
+        .map(|r| {
+            let obj: serde_json::Value = r.get(0);
+            // The settings table holds the deploy key's digest: still not for display.
+            let secret_row = name == "settings" && obj["key"] == SettingKey::DeployKey.as_str();
+            columns
+                .iter()
+                .map(|c| match &obj[c] {
+                    _ if secret_row && c == "value" => "***".to_string(),
+                    serde_json::Value::Null => "NULL".to_string(),
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect()
+        })
+        .collect();
+    Ok(AdminResponse::TableRows(TableRows {
+        table: format!("pulse.{name}"),
+        columns,
+        rows,
+    }))
+}
+
+async fn replication(app: &App) -> Result<AdminResponse, ErrorBody> {
+    let client = app.pool.get().await.map_err(db_unavailable)?;
+    let current_lsn: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(db_unavailable)?
+        .get(0);
+    let slots = client
+        .query(
+            "SELECT slot_name::text, coalesce(plugin::text, ''), coalesce(database::text, ''), active,
+                    restart_lsn::text, confirmed_flush_lsn::text,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
+                    wal_status
+             FROM pg_replication_slots ORDER BY slot_name",
+            &[],
+        )
+        .await
+        .map_err(db_unavailable)?
+        .iter()
+        .map(|r| SlotInfo {
+            name: r.get(0),
+            plugin: r.get(1),
+            database: r.get(2),
+            active: r.get(3),
+            restart_lsn: r.get(4),
+            confirmed_flush_lsn: r.get(5),
+            lag_bytes: r.get(6),
+            retained_bytes: r.get(7),
+            wal_status: r.get(8),
+        })
+        .collect();
+    let senders = client
+        .query(
+            "SELECT coalesce(application_name, ''), coalesce(state, ''), sent_lsn::text, flush_lsn::text,
+                    (extract(epoch FROM flush_lag) * 1000)::float8
+             FROM pg_stat_replication ORDER BY pid",
+            &[],
+        )
+        .await
+        .map_err(db_unavailable)?
+        .iter()
+        .map(|r| SenderInfo {
+            application: r.get(0),
+            state: r.get(1),
+            sent_lsn: r.get(2),
+            flush_lsn: r.get(3),
+            flush_lag_ms: r.get(4),
+        })
+        .collect();
+    Ok(AdminResponse::Replication(ReplicationReport {
+        current_lsn,
+        slots,
+        senders,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_read_from_the_rendering() {
+        let text = "# TYPE pulse_connections_active gauge\npulse_connections_active 3\n\
+                    pulse_errors_total{code=\"forbidden\"} 2\npulse_errors_total{code=\"not_found\"} 5\n\
+                    pulse_connections_active_peak 99\n";
+        let m = metrics_sample(text);
+        assert_eq!(m.connections, 3);
+        assert_eq!(m.errors_total, 7);
+        assert_eq!(m.query_p50_ms, None);
+        assert_eq!(m.requests_total, None);
+
+        let text = "pulse_query_latency_seconds{table=\"a\",quantile=\"0.5\"} 0.002\n\
+                    pulse_query_latency_seconds{table=\"b\",quantile=\"0.5\"} 0.004\n\
+                    pulse_query_latency_seconds{table=\"b\",quantile=\"0.99\"} 0.9\n\
+                    pulse_query_latency_seconds_count{table=\"a\"} 10\n\
+                    pulse_mutation_latency_seconds_count 5\n";
+        let m = metrics_sample(text);
+        assert_eq!(m.query_p50_ms, Some(4.0));
+        assert_eq!(m.mutation_p50_ms, None);
+        assert_eq!(m.requests_total, Some(15));
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }
 }

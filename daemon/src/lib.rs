@@ -17,6 +17,7 @@ pub mod engine;
 pub mod files;
 pub mod health;
 pub mod jobs;
+pub mod logbuf;
 pub mod migrate;
 pub mod replication;
 pub mod schema;

@@ -3,15 +3,19 @@
 //! Logs go to journald when systemd started us (JOURNAL_STREAM is set) or when asked,
 //! else to stderr as text or JSON. The log filter can be swapped at run time (SIGHUP).
 //! Metrics use the `metrics` facade with one Prometheus recorder per process.
+//! Every event the log filter lets through at INFO and above is also kept in the
+//! process's [`LogBuffer`] for the console.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, reload};
 
 use crate::config::LogFormat;
+use crate::logbuf::{LogBuffer, LogLayer};
 
 /// Changes the log filter of the running process.
 pub struct LogHandle(reload::Handle<EnvFilter, tracing_subscriber::Registry>);
@@ -50,7 +54,11 @@ pub fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<LogHandle>
         ),
         _ => Box::new(filter.and_then(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))),
     };
-    tracing_subscriber::registry().with(output).try_init()?;
+    let console = LogLayer(log_buffer()).with_filter(LevelFilter::INFO);
+    tracing_subscriber::registry()
+        .with(output)
+        .with(console)
+        .try_init()?;
     Ok(LogHandle(handle))
 }
 
@@ -79,4 +87,11 @@ pub fn metrics_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// The process-wide log buffer the console reads. Empty when [`init_logging`] was not
+/// called (daemons started in-process by tests).
+pub fn log_buffer() -> Arc<LogBuffer> {
+    static BUFFER: OnceLock<Arc<LogBuffer>> = OnceLock::new();
+    BUFFER.get_or_init(|| Arc::new(LogBuffer::default())).clone()
 }

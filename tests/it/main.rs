@@ -6,6 +6,7 @@ mod engine;
 mod engine_state;
 mod amqp;
 mod files;
+mod console;
 mod foundation;
 mod jobs;
 mod support;

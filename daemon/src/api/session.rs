@@ -411,10 +411,19 @@ async fn handle(
         }),
         ClientFrame::Admin { id, request } => {
             match authorize(&caller.principal, Capability::Console, &Target::default()) {
-                Decision::Allowed(_) => Some(ServerFrame::Admin {
-                    id,
-                    response: Box::new(crate::admin::answer(app, request).await),
-                }),
+                Decision::Allowed(_) => match crate::admin::answer(app, &caller.principal, request).await {
+                    Ok(response) => Some(ServerFrame::Admin {
+                        id,
+                        response: Box::new(response),
+                    }),
+                    Err(body) => {
+                        metrics::counter!("pulse_errors_total", "code" => body.code.as_str()).increment(1);
+                        Some(ServerFrame::Error {
+                            id: Some(id),
+                            error: body,
+                        })
+                    }
+                },
                 Decision::Denied(reason) => Some(error(
                     Some(id),
                     ErrorCode::Forbidden,

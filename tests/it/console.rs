@@ -1,0 +1,546 @@
+//! The console end to end: the real `pulsetop` in tmux against the real `pulsed`,
+//! driven with send-keys and read with capture-pane.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use nix::sys::signal::Signal;
+use pulse_harness::{PgCluster, Pulsed};
+use pulse_shared::protocol::{ClientFrame, PROTOCOL_VERSION, ServerFrame};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::pulsed_bin;
+
+/// pulsetop, built in the same target directory as pulsed.
+fn pulsetop_bin() -> PathBuf {
+    let path = pulsed_bin().with_file_name("pulsetop");
+    assert!(
+        path.exists(),
+        "{} is missing: build the whole workspace first (cargo build --workspace), \
+         this test runs the real console binary",
+        path.display()
+    );
+    path
+}
+
+/// A tmux server of its own (so no other tmux user is touched) with one session
+/// running one command; killed on drop.
+struct Tmux {
+    socket: String,
+    log: PathBuf,
+}
+
+impl Tmux {
+    fn start(command: &str, log: &Path) -> Tmux {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let socket = format!(
+            "pulse-it-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let tmux = Tmux {
+            socket,
+            log: log.to_path_buf(),
+        };
+        // The shell keeps the pane after pulsetop exits, so its exit status can be read.
+        let script = format!("{command}; echo \"pulsetop exited with $?\"; sleep 600");
+        let out = tmux.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            "console",
+            "-x",
+            "120",
+            "-y",
+            "40",
+            "sh",
+            "-c",
+            &script,
+        ]);
+        assert!(
+            out.status.success(),
+            "tmux new-session: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tmux
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("/usr/bin/tmux")
+            .args(["-L", &self.socket, "-f", "/dev/null"])
+            .args(args)
+            .env_remove("TMUX")
+            .output()
+            .expect("tmux runs (installed at /usr/bin/tmux)")
+    }
+
+    /// Sends tmux key names (`Enter`, `BSpace`, `y`).
+    fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "console"];
+        args.extend_from_slice(keys);
+        assert!(self.run(&args).status.success());
+    }
+
+    /// Types text literally.
+    fn type_text(&self, text: &str) {
+        assert!(
+            self.run(&["send-keys", "-t", "console", "-l", text])
+                .status
+                .success()
+        );
+    }
+
+    /// The pid of the command in the pane (the child of the pane's shell).
+    fn command_pid(&self) -> u32 {
+        let out = self.run(&["list-panes", "-t", "console", "-F", "#{pane_pid}"]);
+        let shell = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).unwrap();
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no child of the pane's shell {shell}"))
+    }
+
+    fn capture(&self) -> String {
+        String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-t", "console"]).stdout).into_owned()
+    }
+
+    /// Waits until the pane shows every needle; fails with the pane and pulsetop's log.
+    async fn wait_for(&self, needles: &[&str], timeout: Duration) -> String {
+        self.wait_until(&format!("{needles:?}"), timeout, |screen| {
+            needles.iter().all(|n| screen.contains(n))
+        })
+        .await
+    }
+
+    /// Waits until the pane shows none of the needles.
+    async fn wait_gone(&self, needles: &[&str], timeout: Duration) -> String {
+        self.wait_until(&format!("{needles:?} to go"), timeout, |screen| {
+            !needles.iter().any(|n| screen.contains(n))
+        })
+        .await
+    }
+
+    async fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let screen = self.capture();
+            if done(&screen) {
+                return screen;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what} on the console; screen:\n{screen}\n\
+                     pulsetop log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+/// CPU time (user + system) a process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Opens a WebSocket session over TCP with a deploy key; the first answer to hello.
+async fn hello_with_key(http: &str, key: &str) -> ServerFrame {
+    let url = format!("{}/ws", http.replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let hello = ClientFrame::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: None,
+        deploy_key: Some(key.to_string()),
+    };
+    ws.send(Message::Text(serde_json::to_string(&hello).unwrap().into()))
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("no answer to hello: {other:?}"),
+        }
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
+    let bin = pulsetop_bin();
+    let db = PgCluster::shared().fresh_db("console").await.unwrap();
+    let client = db.connect().await.unwrap();
+    let slot = format!("console_{}", std::process::id());
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let old_key = "o".repeat(40);
+    let env = [
+        ("PULSE__SOURCE__URL", db.url()),
+        ("PULSE__PLATFORM__DEPLOY_KEY", old_key.clone()),
+        ("PULSE__ADMIN__SOCKET", socket.display().to_string()),
+    ];
+    let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
+    pulsed.wait_ready(WAIT).await.unwrap();
+
+    let log = dir.path().join("pulsetop.log");
+    let tui = Tmux::start(
+        &format!(
+            "{} --socket {} --log-file {}",
+            bin.display(),
+            socket.display(),
+            log.display()
+        ),
+        &log,
+    );
+
+    // Overview: live health from pulsed.
+    tui.wait_for(
+        &["● connected", "pulsed 0.1.0", "state_db", "reachable, migrated"],
+        WAIT,
+    )
+    .await;
+
+    // Idle, it polls once a second and redraws only then: well under 2% of a core.
+    // (clock ticks are 1/100 s on Linux.)
+    let pid = tui.command_pid();
+    let (ticks, started) = (cpu_ticks(pid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let share = (cpu_ticks(pid) - ticks) as f64 / 100.0 / started.elapsed().as_secs_f64();
+    println!("pulsetop idle: {:.2}% of a core", share * 100.0);
+    assert!(share < 0.02, "pulsetop idle used {:.1}% of a core", share * 100.0);
+
+    // Replication: the slot made above, with its WAL status.
+    tui.keys(&["8"]);
+    tui.wait_for(&[&slot, "reserved", "current WAL"], WAIT).await;
+
+    // Logs: pulsed's own events, from its log buffer.
+    tui.keys(&["4"]);
+    tui.wait_for(&["pulsed ready", "pulse schema is current"], WAIT)
+        .await;
+
+    // Data explorer: the pulse schema and the latest rows of a table.
+    tui.keys(&["5"]);
+    tui.wait_for(&["audit_log", "schema_migrations", "settings"], WAIT)
+        .await;
+    tui.keys(&["j", "Enter"]);
+    tui.wait_for(&["pulse.checkpoints · latest 0"], WAIT).await;
+
+    // Presence has no tracker in this build yet: the screen says so.
+    tui.keys(&["2"]);
+    tui.wait_for(&["Not available", "presence tracker"], WAIT).await;
+
+    // Settings: an invalid value is refused before anything is sent…
+    tui.keys(&["9"]);
+    tui.wait_for(&["Sync Interval", "Deploy Key", "Configuration in effect"], WAIT)
+        .await;
+    tui.keys(&["G", "Enter"]);
+    tui.wait_for(&["Edit Sync Interval"], WAIT).await;
+    tui.keys(&["BSpace"; 10]);
+    tui.type_text("5");
+    tui.keys(&["Enter"]);
+    tui.wait_for(&["100 to 3600000"], WAIT).await;
+    // …a valid one is confirmed, applied and audited.
+    tui.type_text("50");
+    tui.keys(&["Enter"]);
+    tui.wait_for(&["Set Sync Interval to 550?"], WAIT).await;
+    tui.keys(&["y"]);
+    tui.wait_for(&["Sync Interval changed", "edited by service (console)"], WAIT)
+        .await;
+    let stored: String = client
+        .query_one(
+            "SELECT value::text FROM pulse.settings WHERE key = 'sync_interval_ms'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, "550");
+    let audit = client
+        .query_one(
+            "SELECT actor, details::text FROM pulse.audit_log WHERE action = 'setting.update' AND target = 'sync_interval_ms'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(audit.get::<_, String>(0), "service (console)");
+    assert!(
+        audit.get::<_, String>(1).contains("550"),
+        "{}",
+        audit.get::<_, String>(1)
+    );
+
+    // Rotating the deploy key: confirmed, shown once, audited without the key; the old
+    // key stops working and the new one works.
+    tui.keys(&["R"]);
+    tui.wait_for(&["Replace the deploy key"], WAIT).await;
+    tui.keys(&["y"]);
+    let screen = tui.wait_for(&["New deploy key", "Copy it now"], WAIT).await;
+    let new_key = screen
+        .split(|c: char| !c.is_ascii_hexdigit())
+        .find(|w| w.len() == 64)
+        .unwrap_or_else(|| panic!("no 64-hex-digit key on screen:\n{screen}"))
+        .to_string();
+    tui.keys(&["Escape"]);
+    let screen = tui.wait_gone(&["New deploy key"], WAIT).await;
+    assert!(screen.contains("Deploy key rotated"), "{screen}");
+    assert!(!screen.contains(&new_key), "the key stays on screen:\n{screen}");
+    assert!(matches!(
+        hello_with_key(&pulsed.http, &old_key).await,
+        ServerFrame::Error { .. }
+    ));
+    assert!(matches!(
+        hello_with_key(&pulsed.http, &new_key).await,
+        ServerFrame::Welcome { .. }
+    ));
+    let rotations = client
+        .query(
+            "SELECT details::text FROM pulse.audit_log WHERE target = 'deploy_key'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rotations.len(), 1);
+    assert!(!rotations[0].get::<_, String>(0).contains(&new_key));
+
+    // The console over TCP with the new deploy key.
+    let key_file = dir.path().join("deploy.key");
+    std::fs::write(&key_file, &new_key).unwrap();
+    let tcp_log = dir.path().join("pulsetop-tcp.log");
+    let tcp = Tmux::start(
+        &format!(
+            "{} --url {}/ws --deploy-key-file {} --log-file {}",
+            bin.display(),
+            pulsed.http.replace("http://", "ws://"),
+            key_file.display(),
+            tcp_log.display()
+        ),
+        &tcp_log,
+    );
+    tcp.wait_for(&["● connected", "state_db"], WAIT).await;
+    tcp.keys(&["q"]);
+    tcp.wait_for(&["pulsetop exited with 0"], WAIT).await;
+    // With the old key it is refused, says why, and keeps trying.
+    std::fs::write(&key_file, &old_key).unwrap();
+    let refused = Tmux::start(
+        &format!(
+            "{} --url {}/ws --deploy-key-file {} --log-file {}",
+            bin.display(),
+            pulsed.http.replace("http://", "ws://"),
+            key_file.display(),
+            tcp_log.display()
+        ),
+        &tcp_log,
+    );
+    refused
+        .wait_for(&["○ disconnected", "the deploy key is wrong"], WAIT)
+        .await;
+    refused.keys(&["q"]);
+    refused.wait_for(&["pulsetop exited with 0"], WAIT).await;
+
+    // pulsed goes away: the status bar says so and the console keeps running; pulsed
+    // comes back on the same socket: the console reconnects by itself.
+    pulsed.signal(Signal::SIGTERM).unwrap();
+    pulsed.wait_exit(WAIT).await.unwrap();
+    tui.wait_for(&["○ disconnected", "retry in"], WAIT).await;
+    let mut again = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
+    again.wait_ready(WAIT).await.unwrap();
+    tui.keys(&["1"]);
+    tui.wait_for(&["● connected", "reachable, migrated"], WAIT).await;
+    // The Logs screen now shows the new pulsed's events, not the old one's shutdown.
+    tui.keys(&["4"]);
+    let screen = tui.wait_for(&["pulsed ready"], WAIT).await;
+    assert!(!screen.contains("stopping"), "{screen}");
+
+    // q quits cleanly and restores the terminal.
+    tui.keys(&["q"]);
+    let screen = tui.wait_for(&["pulsetop exited with 0"], WAIT).await;
+    assert!(
+        !screen.contains("Overview"),
+        "the console was not cleared:\n{screen}"
+    );
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.contains("connected to pulsed"), "{log_text}");
+    assert!(!log_text.contains(&new_key), "the key reached pulsetop's log");
+    drop(again);
+}
+
+/// Sends one admin request and returns the answer or the error.
+async fn ask(
+    c: &mut crate::support::AdminClient,
+    id: &str,
+    request: pulse_shared::admin::AdminRequest,
+) -> Result<pulse_shared::admin::AdminResponse, pulse_shared::ErrorBody> {
+    c.send(&ClientFrame::Admin {
+        id: id.to_string(),
+        request,
+    })
+    .await
+    .unwrap();
+    match c.recv().await.unwrap() {
+        ServerFrame::Admin { id: got, response } => {
+            assert_eq!(got, id);
+            Ok(*response)
+        }
+        ServerFrame::Error { id: got, error } => {
+            assert_eq!(got.as_deref(), Some(id), "errors name their request");
+            Err(error)
+        }
+        other => panic!("unexpected frame {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn console_requests_answer_with_data_or_a_clear_error() {
+    use pulse_shared::ErrorCode;
+    use pulse_shared::admin::{AdminRequest as R, AdminResponse as A};
+
+    let db = PgCluster::shared().fresh_db("console_requests").await.unwrap();
+    let mut pulsed = Pulsed::spawn(&pulsed_bin(), &[("PULSE__SOURCE__URL", db.url())]).unwrap();
+    pulsed.wait_ready(WAIT).await.unwrap();
+    let mut c = crate::support::AdminClient::connect(&pulsed.admin_socket)
+        .await
+        .unwrap();
+    c.send(&ClientFrame::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: None,
+        deploy_key: None,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(c.recv().await.unwrap(), ServerFrame::Welcome { .. }));
+
+    // Logs come from the daemon's own buffer, in order, and page by sequence.
+    let Ok(A::Logs(page)) = ask(&mut c, "1", R::Logs { after: 0, limit: 500 }).await else {
+        panic!("expected logs")
+    };
+    assert!(
+        page.entries.iter().any(|e| e.message == "pulsed ready"),
+        "{page:?}"
+    );
+    assert!(page.entries.windows(2).all(|w| w[0].seq < w[1].seq));
+    // This pulsed has no deploy key: its start-up warning is counted by kind.
+    let group = page
+        .errors
+        .iter()
+        .find(|g| g.kind.contains("no deploy key is set"))
+        .unwrap_or_else(|| panic!("no warning group: {:?}", page.errors));
+    assert_eq!(group.level, pulse_shared::admin::LogLevel::Warn);
+    assert_eq!(group.count, 1);
+    let last = page.entries.last().unwrap().seq;
+    let Ok(A::Logs(newer)) = ask(
+        &mut c,
+        "2",
+        R::Logs {
+            after: last,
+            limit: 500,
+        },
+    )
+    .await
+    else {
+        panic!("expected logs")
+    };
+    assert!(newer.entries.iter().all(|e| e.seq > last));
+
+    // A settings edit refused by validation says why and stores nothing.
+    let err = ask(
+        &mut c,
+        "3",
+        R::UpdateSetting {
+            key: "sync_interval_ms".into(),
+            value: "soon".into(),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument);
+    assert!(err.message.contains("milliseconds"), "{}", err.message);
+    let client = db.connect().await.unwrap();
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM pulse.audit_log", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+
+    // Data explorer: tables of the pulse schema only, the digest of the deploy key masked.
+    let Ok(A::Tables { tables }) = ask(&mut c, "4", R::Tables).await else {
+        panic!("expected tables")
+    };
+    assert!(tables.iter().all(|t| t.name.starts_with("pulse.")), "{tables:?}");
+    assert!(tables.iter().any(|t| t.name == "pulse.audit_log"));
+    let err = ask(
+        &mut c,
+        "5",
+        R::TableRows {
+            table: "pg_authid".into(),
+            limit: 5,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    ask(
+        &mut c,
+        "6",
+        R::UpdateSetting {
+            key: "deploy_key".into(),
+            value: "d".repeat(40),
+        },
+    )
+    .await
+    .unwrap();
+    let Ok(A::TableRows(rows)) = ask(
+        &mut c,
+        "7",
+        R::TableRows {
+            table: "pulse.settings".into(),
+            limit: 5,
+        },
+    )
+    .await
+    else {
+        panic!("expected rows")
+    };
+    let value = rows.columns.iter().position(|c| c == "value").unwrap();
+    assert_eq!(rows.rows[0][value], "***");
+
+    // Subsystems not in this build answer unavailable and name what is missing.
+    for (id, request, missing) in [
+        ("8", R::Presence { tenant: None }, "presence tracker"),
+        ("9", R::Storage, "file storage"),
+        ("10", R::Jobs, "job scheduler"),
+        ("11", R::LiveTables, "state engine"),
+    ] {
+        let err = ask(&mut c, id, request).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unavailable);
+        assert!(err.message.contains(missing), "{}", err.message);
+    }
+}
