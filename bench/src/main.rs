@@ -15,7 +15,11 @@ mod latency;
 mod webhooks;
 
 #[derive(Parser, Debug)]
-#[command(name = "pulse-bench", version, about = "Pulse benchmarks, each beside its anchor")]
+#[command(
+    name = "pulse-bench",
+    version,
+    about = "Pulse benchmarks, each beside its anchor"
+)]
 struct Cli {
     /// A smaller workload for a first look; the figures that count are from the full one.
     #[arg(long, global = true)]
@@ -52,7 +56,9 @@ fn main() -> ExitCode {
             Bench::Cdc => cdc::run(cli.quick).await,
             Bench::Latency => latency::run(cli.quick).await,
             Bench::Fanout => fanout::run(cli.quick).await,
-            Bench::Webhooks => webhooks::run(cli.quick).await.map(|summary| println!("{summary}")),
+            Bench::Webhooks => webhooks::run(cli.quick)
+                .await
+                .map(|summary| println!("{summary}")),
             Bench::Files => files::run(cli.quick).await,
         }
     });
