@@ -12,6 +12,7 @@ mod cdc;
 mod fanout;
 mod files;
 mod latency;
+mod presence_load;
 mod webhooks;
 
 #[derive(Parser, Debug)]
@@ -28,7 +29,7 @@ struct Cli {
     bench: Bench,
 }
 
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 enum Bench {
     /// Change data capture throughput, beside pg_recvlogical.
     Cdc,
@@ -40,6 +41,8 @@ enum Bench {
     Webhooks,
     /// Uploads and downloads, beside nginx.
     Files,
+    /// Not a benchmark: simulated people online, for the demo.
+    PresenceLoad(presence_load::PresenceLoad),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +54,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let name = match &cli.bench {
+        Bench::Cdc => "cdc",
+        Bench::Latency => "latency",
+        Bench::Fanout => "fanout",
+        Bench::Webhooks => "webhooks",
+        Bench::Files => "files",
+        Bench::PresenceLoad(_) => "presence-load",
+    };
     let result = runtime.block_on(async {
         match cli.bench {
             Bench::Cdc => cdc::run(cli.quick).await,
@@ -60,12 +71,13 @@ fn main() -> ExitCode {
                 .await
                 .map(|summary| println!("{summary}")),
             Bench::Files => files::run(cli.quick).await,
+            Bench::PresenceLoad(load) => presence_load::run(load).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pulse-bench {:?} failed: {e:#}", cli.bench);
+            eprintln!("pulse-bench {name} failed: {e:#}");
             ExitCode::FAILURE
         }
     }
