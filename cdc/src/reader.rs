@@ -711,14 +711,9 @@ struct Streaming {
 }
 
 impl Streaming {
-    /// Sends a standby status update. With `only_if_moved`, sends only when the flush
-    /// position advanced.
-    async fn send_status(
-        &mut self,
-        repl: &mut ReplConn,
-        durable: Option<Lsn>,
-        only_if_moved: bool,
-    ) -> Result<(), CdcError> {
+    /// Moves the flush position to what may be confirmed now: the durable position, or
+    /// the last keepalive's `wal_end` when nothing is in flight. Never backwards.
+    fn advance(&mut self, durable: Option<Lsn>) -> u64 {
         let durable = durable.map(|l| l.0).unwrap_or(0);
         let nothing_in_flight =
             !self.asm.busy() && self.pending.is_none() && self.last_sent_end.is_none_or(|e| e <= durable);
@@ -727,6 +722,18 @@ impl Streaming {
             flush = flush.max(self.keepalive_end);
         }
         self.confirmed = self.confirmed.max(flush);
+        self.confirmed
+    }
+
+    /// Sends a standby status update. With `only_if_moved`, sends only when the flush
+    /// position advanced.
+    async fn send_status(
+        &mut self,
+        repl: &mut ReplConn,
+        durable: Option<Lsn>,
+        only_if_moved: bool,
+    ) -> Result<(), CdcError> {
+        self.advance(durable);
         if only_if_moved && self.confirmed <= self.reported {
             return Ok(());
         }
@@ -760,6 +767,37 @@ mod tests {
             assert!(d <= max && d >= min / 2, "{attempt}: {d:?}");
         }
         assert!(backoff(min, max, 30) >= max / 2, "capped, not overflowing");
+    }
+
+    #[test]
+    fn flush_follows_durability_and_idles_forward() {
+        let mut s = Streaming {
+            asm: Assembler::default(),
+            pending: None,
+            last_sent_end: None,
+            keepalive_end: 0,
+            received: 0,
+            confirmed: 100,
+            reported: 0,
+        };
+        // Never below where it started, even if the consumer reports less.
+        assert_eq!(s.advance(Some(Lsn(50))), 100);
+        // A transaction handed over and not yet durable pins the position.
+        s.last_sent_end = Some(300);
+        s.keepalive_end = 500;
+        assert_eq!(s.advance(Some(Lsn(200))), 200);
+        // Durable, nothing in flight: the keepalive's wal_end is confirmed.
+        assert_eq!(s.advance(Some(Lsn(300))), 500);
+        // A transaction partly received pins it again; the position does not go back.
+        s.asm
+            .handle(PgOutput::Begin {
+                final_lsn: 600,
+                timestamp: 0,
+                xid: 1,
+            })
+            .unwrap();
+        s.keepalive_end = 700;
+        assert_eq!(s.advance(Some(Lsn(300))), 500);
     }
 
     #[test]
