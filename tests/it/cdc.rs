@@ -1091,6 +1091,7 @@ async fn readyz_reflects_the_stream_and_retained_wal() {
         ("PULSE__REPLICATION__SLOT", slot.clone()),
         ("PULSE__REPLICATION__TABLES", "public.a".to_string()),
         ("PULSE__REPLICATION__MAX_RETAINED_WAL_MB", "1".to_string()),
+        ("PULSE__REPLICATION__SINK", "checkpoint".to_string()),
     ];
     let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
     let (status, state, detail) = wait_for("replication down", WAIT, || async {
