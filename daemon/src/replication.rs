@@ -171,6 +171,9 @@ pub struct BatchLimits {
     pub max_transactions: usize,
     /// Most changes (rows) in one state-database transaction.
     pub max_changes: usize,
+    /// How long a batch waits for more once a backlog shows (more than one transaction
+    /// waiting); a lone commit never waits.
+    pub linger: Duration,
 }
 
 impl Default for BatchLimits {
@@ -178,6 +181,7 @@ impl Default for BatchLimits {
         BatchLimits {
             max_transactions: 10_000,
             max_changes: 50_000,
+            linger: Duration::from_millis(2),
         }
     }
 }
@@ -246,13 +250,21 @@ impl Consumer<'_> {
                 Event::Snapshot(s) => Some(s),
             };
             pending_snapshot = pending_snapshot.or(take(first, &mut batch, &mut changes));
+            // Take what waits; when more than one transaction was waiting (a backlog, not
+            // a lone commit), linger a moment for more, so that a backlog is persisted in
+            // few commits: each commit is WAL the walsender must decode too.
+            let linger_until = tokio::time::Instant::now() + self.limits.linger;
             while pending_snapshot.is_none()
                 && batch.len() < self.limits.max_transactions
                 && changes < self.limits.max_changes
             {
                 match events.try_recv() {
                     Ok(e) => pending_snapshot = take(e, &mut batch, &mut changes),
-                    Err(_) => break,
+                    Err(_) if batch.len() < 2 => break,
+                    Err(_) => match tokio::time::timeout_at(linger_until, events.recv()).await {
+                        Ok(Some(e)) => pending_snapshot = take(e, &mut batch, &mut changes),
+                        Ok(None) | Err(_) => break,
+                    },
                 }
             }
             if let Some(lsn) = skipped_to {
