@@ -171,9 +171,10 @@ pub struct BatchLimits {
     pub max_transactions: usize,
     /// Most changes (rows) in one state-database transaction.
     pub max_changes: usize,
-    /// How long a batch waits for more once a backlog shows (more than one transaction
-    /// waiting); a lone commit never waits.
+    /// How long a batch waits for more once a backlog shows.
     pub linger: Duration,
+    /// A backlog shows when at least this many transactions were already waiting.
+    pub linger_after: usize,
 }
 
 impl Default for BatchLimits {
@@ -181,7 +182,8 @@ impl Default for BatchLimits {
         BatchLimits {
             max_transactions: 10_000,
             max_changes: 50_000,
-            linger: Duration::from_millis(2),
+            linger: Duration::from_millis(5),
+            linger_after: 16,
         }
     }
 }
@@ -250,9 +252,10 @@ impl Consumer<'_> {
                 Event::Snapshot(s) => Some(s),
             };
             pending_snapshot = pending_snapshot.or(take(first, &mut batch, &mut changes));
-            // Take what waits; when more than one transaction was waiting (a backlog, not
-            // a lone commit), linger a moment for more, so that a backlog is persisted in
-            // few commits: each commit is WAL the walsender must decode too.
+            // Take what waits; when many were waiting (a backlog, not the steady trickle
+            // of a live database), linger a moment for more, so that a backlog is
+            // persisted in few commits: each costs round trips, and is WAL the walsender
+            // must decode too. Live commits never wait.
             let linger_until = tokio::time::Instant::now() + self.limits.linger;
             while pending_snapshot.is_none()
                 && batch.len() < self.limits.max_transactions
@@ -260,7 +263,7 @@ impl Consumer<'_> {
             {
                 match events.try_recv() {
                     Ok(e) => pending_snapshot = take(e, &mut batch, &mut changes),
-                    Err(_) if batch.len() < 2 => break,
+                    Err(_) if batch.len() < self.limits.linger_after => break,
                     Err(_) => match tokio::time::timeout_at(linger_until, events.recv()).await {
                         Ok(Some(e)) => pending_snapshot = take(e, &mut batch, &mut changes),
                         Ok(None) | Err(_) => break,
