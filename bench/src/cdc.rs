@@ -236,6 +236,8 @@ pub async fn run(quick: bool) -> Result<()> {
     };
     let shutdown = CancellationToken::new();
     let (control, _reload) = pulse_daemon::Control::new(shutdown.clone());
+    let cpu_before = process_cpu();
+    let sys_before = process_sys_cpu();
     let t = Instant::now();
     let daemon = tokio::spawn(pulse_daemon::run(config, listeners, control));
     let mut streaming_after = None;
@@ -255,6 +257,8 @@ pub async fn run(quick: bool) -> Result<()> {
     }
     wait_confirmed(&client, SLOT_PULSE, target, Duration::from_secs(600)).await?;
     let pulse_secs = t.elapsed().as_secs_f64();
+    let pulse_cpu = process_cpu() - cpu_before;
+    let pulse_sys = process_sys_cpu() - sys_before;
     let pulse_rate = rows as f64 / pulse_secs;
     let applied: Option<String> = client
         .query_opt(
@@ -268,6 +272,43 @@ pub async fn run(quick: bool) -> Result<()> {
         streaming_after.unwrap_or_default().as_secs_f64(),
         applied.unwrap_or_default()
     );
+    let rendered = pulse_daemon::telemetry::metrics_handle().render();
+    let metric = |name: &str| {
+        rendered
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    println!(
+        "pulse: {pulse_cpu:.2} s of CPU in pulsed while draining ({pulse_sys:.2} s of it in the kernel)"
+    );
+    let batches = metric("pulse_replication_batches_total");
+    if batches > 0.0 {
+        println!(
+            "pulse: {batches:.0} state-database commits, {:.0} transactions each on average",
+            metric("pulse_replication_transactions_total") / batches
+        );
+    }
+    for slot in [SLOT_RECV, SLOT_PULSE] {
+        if let Some(r) = client
+            .query_opt(
+                "SELECT spill_txns, spill_bytes, stream_txns, stream_bytes, total_txns FROM pg_stat_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await?
+        {
+            println!(
+                "{slot}: decoded {} transactions; spilled {} ({:.1} MiB), streamed {} ({:.1} MiB)",
+                r.get::<_, i64>(4),
+                r.get::<_, i64>(0),
+                r.get::<_, i64>(1) as f64 / 1048576.0,
+                r.get::<_, i64>(2),
+                r.get::<_, i64>(3) as f64 / 1048576.0
+            );
+        }
+    }
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(30), daemon)
         .await
@@ -280,4 +321,26 @@ pub async fn run(quick: bool) -> Result<()> {
         pulse_rate / recv_rate
     );
     Ok(())
+}
+
+/// CPU time of this process so far (user + system), in seconds, from /proc.
+fn process_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) end with ')'.
+    let rest = stat.rsplit_once(')').map(|r| r.1).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// System CPU time of this process so far, in seconds.
+fn process_sys_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|r| r.1).unwrap_or("");
+    rest.split_whitespace()
+        .nth(12)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 100.0
 }

@@ -272,8 +272,11 @@ impl ReplConn {
                     return Ok(BackendMessage { tag, body: frame });
                 }
                 self.read.reserve(total - self.read.len());
-            } else {
-                self.read.reserve(64 * 1024);
+            }
+            // Read in large chunks: a nearly full buffer would otherwise turn every small
+            // message into a system call of its own.
+            if self.read.capacity() - self.read.len() < 16 * 1024 {
+                self.read.reserve(128 * 1024);
             }
             let n = self.socket.read_buf(&mut self.read).await?;
             if n == 0 {

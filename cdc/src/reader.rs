@@ -17,7 +17,7 @@
 //! After any failure it reconnects with capped exponential backoff and jitter, resuming
 //! from the durable position; the consumer skips what it already persisted.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -488,7 +488,6 @@ impl Reader {
         let every = (sender_timeout / 3).clamp(Duration::from_millis(100), Duration::from_secs(10));
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_status = Instant::now();
         loop {
             tokio::select! {
                 biased;
@@ -498,20 +497,17 @@ impl Reader {
                     repl.close().await;
                     return Ok(());
                 }
+                // Unconditionally on every tick, so two updates are never further apart
+                // than a third of wal_sender_timeout, whatever else was sent between.
                 _ = tick.tick() => {
-                    if last_status.elapsed() >= every {
-                        s.send_status(&mut repl, self.durable_now(), false).await?;
-                        last_status = Instant::now();
-                    }
+                    s.send_status(&mut repl, self.durable_now(), false).await?;
                 }
                 r = self.durable.changed() => {
                     if r.is_err() {
                         return Err(CdcError::ConsumerGone);
                     }
                     let durable = *self.durable.borrow_and_update();
-                    if s.send_status(&mut repl, durable, true).await? {
-                        last_status = Instant::now();
-                    }
+                    s.send_status(&mut repl, durable, true).await?;
                 }
                 permit = self.tx.reserve(), if s.pending.is_some() => {
                     let permit = permit.map_err(|_| CdcError::ConsumerGone)?;
@@ -531,9 +527,7 @@ impl Reader {
                     // Work through what is already buffered before polling anything else,
                     // until a transaction waits for room in the channel.
                     while let Some(frame) = next {
-                        if self.on_frame(&catalog, &mut repl, &mut s, frame).await? {
-                            last_status = Instant::now();
-                        }
+                        self.on_frame(&catalog, &mut repl, &mut s, frame).await?;
                         next = if s.pending.is_none() { repl.buffered_copy() } else { None };
                     }
                 }
@@ -541,19 +535,18 @@ impl Reader {
         }
     }
 
-    /// Handles one CopyData payload; returns whether it sent a status update.
+    /// Handles one CopyData payload.
     async fn on_frame(
         &self,
         catalog: &tokio_postgres::Client,
         repl: &mut ReplConn,
         s: &mut Streaming,
         frame: Bytes,
-    ) -> Result<bool, CdcError> {
+    ) -> Result<(), CdcError> {
         match parse_copy(frame)? {
             ReplMessage::XLogData { wal_start, data, .. } => {
                 s.received = s.received.max(wal_start);
-                self.handle_data(catalog, s, data).await?;
-                Ok(false)
+                self.handle_data(catalog, s, data).await
             }
             ReplMessage::Keepalive {
                 wal_end,
@@ -565,7 +558,7 @@ impl Reader {
                 if reply_requested {
                     s.send_status(repl, self.durable_now(), false).await?;
                 }
-                Ok(reply_requested)
+                Ok(())
             }
         }
     }
@@ -718,14 +711,9 @@ struct Streaming {
 }
 
 impl Streaming {
-    /// Sends a standby status update. With `only_if_moved`, sends only when the flush
-    /// position advanced. Returns whether it sent.
-    async fn send_status(
-        &mut self,
-        repl: &mut ReplConn,
-        durable: Option<Lsn>,
-        only_if_moved: bool,
-    ) -> Result<bool, CdcError> {
+    /// Moves the flush position to what may be confirmed now: the durable position, or
+    /// the last keepalive's `wal_end` when nothing is in flight. Never backwards.
+    fn advance(&mut self, durable: Option<Lsn>) -> u64 {
         let durable = durable.map(|l| l.0).unwrap_or(0);
         let nothing_in_flight =
             !self.asm.busy() && self.pending.is_none() && self.last_sent_end.is_none_or(|e| e <= durable);
@@ -734,8 +722,20 @@ impl Streaming {
             flush = flush.max(self.keepalive_end);
         }
         self.confirmed = self.confirmed.max(flush);
+        self.confirmed
+    }
+
+    /// Sends a standby status update. With `only_if_moved`, sends only when the flush
+    /// position advanced.
+    async fn send_status(
+        &mut self,
+        repl: &mut ReplConn,
+        durable: Option<Lsn>,
+        only_if_moved: bool,
+    ) -> Result<(), CdcError> {
+        self.advance(durable);
         if only_if_moved && self.confirmed <= self.reported {
-            return Ok(false);
+            return Ok(());
         }
         let write = self.received.max(self.confirmed);
         repl.send_copy(&standby_status(
@@ -747,7 +747,7 @@ impl Streaming {
         ))
         .await?;
         self.reported = self.confirmed;
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -767,6 +767,37 @@ mod tests {
             assert!(d <= max && d >= min / 2, "{attempt}: {d:?}");
         }
         assert!(backoff(min, max, 30) >= max / 2, "capped, not overflowing");
+    }
+
+    #[test]
+    fn flush_follows_durability_and_idles_forward() {
+        let mut s = Streaming {
+            asm: Assembler::default(),
+            pending: None,
+            last_sent_end: None,
+            keepalive_end: 0,
+            received: 0,
+            confirmed: 100,
+            reported: 0,
+        };
+        // Never below where it started, even if the consumer reports less.
+        assert_eq!(s.advance(Some(Lsn(50))), 100);
+        // A transaction handed over and not yet durable pins the position.
+        s.last_sent_end = Some(300);
+        s.keepalive_end = 500;
+        assert_eq!(s.advance(Some(Lsn(200))), 200);
+        // Durable, nothing in flight: the keepalive's wal_end is confirmed.
+        assert_eq!(s.advance(Some(Lsn(300))), 500);
+        // A transaction partly received pins it again; the position does not go back.
+        s.asm
+            .handle(PgOutput::Begin {
+                final_lsn: 600,
+                timestamp: 0,
+                xid: 1,
+            })
+            .unwrap();
+        s.keepalive_end = 700;
+        assert_eq!(s.advance(Some(Lsn(300))), 500);
     }
 
     #[test]

@@ -372,6 +372,8 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         settings,
     });
     app.check_state_db().await;
+    // Known before the first /readyz answer: not ready until the change stream runs.
+    app.health.set("replication", HealthState::Down, "starting", true);
 
     let tasks = TaskTracker::new();
     let serve = |listener: TcpListener, router: axum::Router, name: &'static str| {

@@ -171,6 +171,10 @@ pub struct BatchLimits {
     pub max_transactions: usize,
     /// Most changes (rows) in one state-database transaction.
     pub max_changes: usize,
+    /// How long a batch waits for more once a backlog shows.
+    pub linger: Duration,
+    /// A backlog shows when at least this many transactions were already waiting.
+    pub linger_after: usize,
 }
 
 impl Default for BatchLimits {
@@ -178,6 +182,8 @@ impl Default for BatchLimits {
         BatchLimits {
             max_transactions: 10_000,
             max_changes: 50_000,
+            linger: Duration::from_millis(5),
+            linger_after: 16,
         }
     }
 }
@@ -246,13 +252,22 @@ impl Consumer<'_> {
                 Event::Snapshot(s) => Some(s),
             };
             pending_snapshot = pending_snapshot.or(take(first, &mut batch, &mut changes));
+            // Take what waits; when many were waiting (a backlog, not the steady trickle
+            // of a live database), linger a moment for more, so that a backlog is
+            // persisted in few commits: each costs round trips, and is WAL the walsender
+            // must decode too. Live commits never wait.
+            let linger_until = tokio::time::Instant::now() + self.limits.linger;
             while pending_snapshot.is_none()
                 && batch.len() < self.limits.max_transactions
                 && changes < self.limits.max_changes
             {
                 match events.try_recv() {
                     Ok(e) => pending_snapshot = take(e, &mut batch, &mut changes),
-                    Err(_) => break,
+                    Err(_) if batch.len() < self.limits.linger_after => break,
+                    Err(_) => match tokio::time::timeout_at(linger_until, events.recv()).await {
+                        Ok(Some(e)) => pending_snapshot = take(e, &mut batch, &mut changes),
+                        Ok(None) | Err(_) => break,
+                    },
                 }
             }
             if let Some(lsn) = skipped_to {

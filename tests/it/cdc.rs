@@ -1091,6 +1091,7 @@ async fn readyz_reflects_the_stream_and_retained_wal() {
         ("PULSE__REPLICATION__SLOT", slot.clone()),
         ("PULSE__REPLICATION__TABLES", "public.a".to_string()),
         ("PULSE__REPLICATION__MAX_RETAINED_WAL_MB", "1".to_string()),
+        ("PULSE__REPLICATION__SINK", "checkpoint".to_string()),
     ];
     let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
     let (status, state, detail) = wait_for("replication down", WAIT, || async {
@@ -1191,6 +1192,69 @@ async fn invalidated_slot_and_wal_level_are_reported() {
     assert!(
         e.contains("wal_level is \"replica\"") && e.contains("wal_level = logical"),
         "{e}"
+    );
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_consumer_holds_the_walsender_back_without_timing_out() {
+    let db = PgCluster::shared().fresh_db("cdc_backpressure").await.unwrap();
+    let c = db.connect().await.unwrap();
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+        .await
+        .unwrap();
+    let mut r = Reader::start_on(&db.url(), &unique_slot("slow"), &["public.t"], |c| {
+        c.channel_capacity = 2
+    });
+    r.streaming().await;
+    let pid = match &*r.handle().status.borrow() {
+        CdcStatus::Streaming { pid } => *pid,
+        _ => unreachable!(),
+    };
+    // About 60 MB of changes in 15,000 transactions, far more than socket buffers hold.
+    c.batch_execute(
+        "DO $$ BEGIN FOR i IN 1..15000 LOOP
+            INSERT INTO t VALUES (i, repeat(md5(i::text), 128)); COMMIT;
+         END LOOP; END $$",
+    )
+    .await
+    .unwrap();
+    let end: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let end: Lsn = end.parse().unwrap();
+    let sent = || async {
+        let s: Option<String> = c
+            .query_opt(
+                "SELECT sent_lsn::text FROM pg_stat_replication WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .ok()??
+            .get(0);
+        s?.parse::<Lsn>().ok()
+    };
+    // Nothing is consumed for longer than wal_sender_timeout (10 s): the walsender is
+    // held back by the full socket, and the same session survives on status updates.
+    let waited = std::time::Instant::now();
+    while waited.elapsed() < Duration::from_secs(12) {
+        let s = sent().await.expect("the same walsender is still streaming");
+        assert!(
+            s < end,
+            "the walsender sent everything ({s} of {end}): no back-pressure"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for i in 1..=15000i64 {
+        let tx = r.next().await;
+        assert_eq!(col(&tx, 0, "id"), &Value::Int(i));
+    }
+    assert_eq!(
+        &*r.handle().status.borrow(),
+        &CdcStatus::Streaming { pid },
+        "no reconnect was needed"
     );
     r.stop().await;
 }
