@@ -201,6 +201,7 @@ impl Fixture {
             limits: BatchLimits {
                 max_transactions: 2,
                 max_changes: 100,
+                ..BatchLimits::default()
             },
             shutdown: &shutdown,
         };
