@@ -494,6 +494,12 @@ impl Schema {
         let mut metrics = BTreeMap::new();
         for (name, m) in raw.metrics {
             let at = |k: &str| format!("metrics.{name}.{k}");
+            if name == crate::engine::hub::ONLINE_METRIC {
+                return Err(err(
+                    format!("metrics.{name}"),
+                    "the name is taken by the built-in metric of users online; choose another".into(),
+                ));
+            }
             let aggregate = match (m.aggregate.as_str(), m.column) {
                 ("count", None) => Aggregate::Count,
                 ("count", Some(_)) => return Err(err(at("column"), "count takes no column".into())),

@@ -389,6 +389,12 @@ async fn presence_join_update_leave_and_ttl_expiry() {
         ServerFrame::Result { .. }
     ));
 
+    // Online counts feed a metric.
+    let mut counter = Client::open(&d.ws, &token("carl", Some("t1"), &["ROLE_ADMIN"])).await;
+    match counter.subscribe("o", "metric:online", json!({})).await {
+        ServerFrame::Result { data, .. } => assert_eq!(data["value"], 0),
+        other => panic!("{other:?}"),
+    }
     let alice = token("alice", Some("t1"), &["ROLE_USER"]);
     let mut tab1 = Client::open(&d.ws, &alice).await;
     let mut tab2 = Client::open(&d.ws, &alice).await;
@@ -432,6 +438,14 @@ async fn presence_join_update_leave_and_ttl_expiry() {
         ),
         Some(ErrorCode::Forbidden)
     );
+    let mut counts = Vec::new();
+    while counts.len() < 4 {
+        match counter.next().await {
+            ServerFrame::Value { value, .. } => counts.push(value),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(counts, vec![json!(1), json!(0), json!(1), json!(0)]);
     drop(quiet);
 }
 

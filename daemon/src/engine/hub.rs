@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::value;
 
+/// The built-in metric of users online in a tenant (`metric:online`), fed by presence.
+pub const ONLINE_METRIC: &str = "online";
+
 /// A session's id, unique within the process.
 pub type SessionId = u64;
 
@@ -774,7 +777,12 @@ impl Hub {
         for (s, f) in out {
             self.deliver(s, f);
         }
-        let online: usize = self.online_counts().values().sum();
+        let counts = self.online_counts();
+        if before.is_some() != after.is_some() {
+            let n = counts.get(tenant).copied().unwrap_or(0);
+            self.publish_metric(ONLINE_METRIC, tenant, &Json::from(n));
+        }
+        let online: usize = counts.values().sum();
         metrics::gauge!("pulse_presence_online").set(online as f64);
     }
 
