@@ -1283,8 +1283,21 @@ async fn frame_rates_and_connection_caps_are_enforced() {
         code_of(&c.subscribe("c", "members", json!({})).await),
         Some(ErrorCode::RateLimited)
     );
-    // A second connection fits, a third from the same address does not.
-    let _second = Client::open(&d.ws, &alice).await;
+    // A second connection fits, a third from the same address does not. The
+    // subscription limit is per user, across sessions.
+    let mut second = Client::open(&d.ws, &alice).await;
+    assert_eq!(
+        code_of(&second.subscribe("d", "members", json!({})).await),
+        Some(ErrorCode::RateLimited)
+    );
+    // (After the frame rate's second: both sessions count as alice's.)
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    c.send(&ClientFrame::Unsubscribe { id: "a".into() }).await;
+    assert!(matches!(c.next().await, ServerFrame::Unsubscribed { .. }));
+    assert!(matches!(
+        second.subscribe("d", "members", json!({})).await,
+        ServerFrame::Result { .. }
+    ));
     match tokio_tungstenite::connect_async(&d.ws).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
             assert_eq!(r.status(), 429);

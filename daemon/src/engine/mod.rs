@@ -258,6 +258,9 @@ impl Engine {
         let started = Instant::now();
         let max = self.limits.subscriptions;
         let p = &c.principal;
+        if let Some(user) = &p.user {
+            self.hub().bind_user(c.session, user);
+        }
         let r = match query {
             "presence" => {
                 let tenant = Self::tenant_of(p, args)?;
