@@ -4,11 +4,13 @@
 
 #![forbid(unsafe_code)]
 
-mod files;
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+mod fanout;
+mod files;
+mod latency;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,6 +44,26 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Bench::Files = cli.bench {
         return finish(runtime().block_on(files::run(cli.quick)));
+    }
+    if matches!(cli.bench, Bench::Fanout | Bench::Latency) {
+        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("pulse-bench: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let result = match cli.bench {
+            Bench::Fanout => runtime.block_on(fanout::run(cli.quick)),
+            _ => runtime.block_on(latency::run(cli.quick)),
+        };
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pulse-bench {:?} failed: {e:#}", cli.bench);
+                ExitCode::FAILURE
+            }
+        };
     }
     let name = format!("{:?}", cli.bench).to_lowercase();
     eprintln!("pulse-bench {name}: this benchmark is not written yet; see the open issues");

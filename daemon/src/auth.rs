@@ -400,4 +400,90 @@ mod tests {
                 .is_empty()
         );
     }
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/jwt")
+            .join(name)
+    }
+
+    fn claims(iss: &str) -> serde_json::Value {
+        serde_json::json!({"iss": iss, "aud": "pulse", "exp": now_secs() + 60, "sub": "u1", "tenant_id": "t1", "roles": ["ROLE_USER"]})
+    }
+
+    #[test]
+    fn rs256_and_es256_pem_keys_verify_and_refuse_algorithm_confusion() {
+        for (alg, public, private) in [
+            (Algorithm::RS256, "rs256-public.pem", "rs256-private.pem"),
+            (Algorithm::ES256, "es256-public.pem", "es256-private.pem"),
+        ] {
+            let mut c = config("");
+            c.public_key_path = Some(fixture(public));
+            let a = Authenticator::from_config(&c).unwrap();
+            let pem = std::fs::read(fixture(private)).unwrap();
+            let key = match alg {
+                Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem).unwrap(),
+                _ => EncodingKey::from_ec_pem(&pem).unwrap(),
+            };
+            let t = encode(&Header::new(alg), &claims("symfony"), &key).unwrap();
+            assert!(a.verify(&t, &Schema::default()).is_ok(), "{alg:?}");
+            // HS256 "signed" with the public key's bytes must not pass as the PEM key.
+            let public_bytes = std::fs::read(fixture(public)).unwrap();
+            let confused = encode(
+                &Header::new(Algorithm::HS256),
+                &claims("symfony"),
+                &EncodingKey::from_secret(&public_bytes),
+            )
+            .unwrap();
+            assert_eq!(
+                a.verify(&confused, &Schema::default()).unwrap_err(),
+                AuthError::BadSignature,
+                "{alg:?}"
+            );
+        }
+        let mut c = config("");
+        c.public_key_path = Some(fixture("README.md"));
+        assert_eq!(
+            Authenticator::from_config(&c).unwrap_err().key,
+            "auth.public_key_path"
+        );
+    }
+
+    #[test]
+    fn jwks_keys_are_found_by_issuer_and_kid_together() {
+        let pem = std::fs::read(fixture("rs256-private.pem")).unwrap();
+        let key = EncodingKey::from_rsa_pem(&pem).unwrap();
+        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap();
+        jwk.common.key_id = Some("k1".into());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, serde_json::to_string(&JwkSet { keys: vec![jwk] }).unwrap()).unwrap();
+        let secret = "s".repeat(40);
+        let mut c = config(&secret);
+        c.jwks_path = Some(path);
+        c.jwks_issuer = "idp".into();
+        let a = Authenticator::from_config(&c).unwrap();
+        let signed = |iss: &str, kid: Option<&str>| {
+            let mut h = Header::new(Algorithm::RS256);
+            h.kid = kid.map(String::from);
+            encode(&h, &claims(iss), &key).unwrap()
+        };
+        assert!(a.verify(&signed("idp", Some("k1")), &Schema::default()).is_ok());
+        assert!(matches!(
+            a.verify(&signed("idp", Some("k2")), &Schema::default())
+                .unwrap_err(),
+            AuthError::UnknownKey { .. }
+        ));
+        // The same kid under another issuer is another key: never found by kid alone.
+        assert!(matches!(
+            a.verify(&signed("symfony", Some("k1")), &Schema::default())
+                .unwrap_err(),
+            AuthError::UnknownKey { .. }
+        ));
+        // The HS256 key of "symfony" still works beside the JWKS.
+        assert!(
+            a.verify(&token(&secret, claims("symfony")), &Schema::default())
+                .is_ok()
+        );
+    }
 }

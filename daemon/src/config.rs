@@ -128,6 +128,12 @@ pub const KEYS: &[KeySpec] = &[
         "Warn when the slot retains more WAL than this many MiB.",
     ),
     key(
+        "replication.sink",
+        "engine",
+        KeyKind::Choice(&["engine", "checkpoint", "ledger"]),
+        "Consumer of the change stream: engine (live tables, metrics, notifications), checkpoint (persist the position only) or ledger (also record every change in pulse.cdc_ledger, for diagnostics and tests).",
+    ),
+    key(
         "http.listen",
         "127.0.0.1:8080",
         KeyKind::SocketAddr,
@@ -560,6 +566,19 @@ pub struct ReplicationConfig {
     pub schema: String,
     /// Retained-WAL warning threshold.
     pub max_retained_wal_bytes: u64,
+    /// Which consumer pulsed runs on the stream.
+    pub sink: SinkKind,
+}
+
+/// The consumer of the change stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    /// The realtime engine (live tables, metrics, notifications).
+    Engine,
+    /// Persist the position only.
+    Checkpoint,
+    /// Record every change in `pulse.cdc_ledger` too.
+    Ledger,
 }
 
 /// Where files go.
@@ -1232,6 +1251,11 @@ impl Validator<'_> {
         }
         let schema = self.nonempty("replication.schema");
         let max_wal = self.int("replication.max_retained_wal_mb", 1, 1 << 30);
+        let sink = self.choice("replication.sink").map(|s| match s.as_str() {
+            "ledger" => SinkKind::Ledger,
+            "checkpoint" => SinkKind::Checkpoint,
+            _ => SinkKind::Engine,
+        });
         let http_listen = self.addr("http.listen");
         let cors_origins = self.list("http.cors_origins");
         for o in &cors_origins {
@@ -1417,6 +1441,7 @@ impl Validator<'_> {
                 tables,
                 schema: schema?,
                 max_retained_wal_bytes: max_wal? * 1024 * 1024,
+                sink: sink?,
             },
             http_listen: http_listen?,
             cors_origins,

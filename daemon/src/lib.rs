@@ -436,6 +436,33 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         });
     }
     app.health.tick("health");
+
+    // The change stream, consumed by the sink replication.sink names (the engine by
+    // default); the loop and its durability rule are the same for any sink.
+    {
+        let r = app.config().replication.clone();
+        let (app, token) = (app.clone(), shutdown.clone());
+        match r.sink {
+            config::SinkKind::Engine => {
+                let sink = engine::EngineSink::new(app.engine.clone(), r.slot);
+                tasks.spawn(replication::run(app, sink, token));
+            }
+            config::SinkKind::Checkpoint => {
+                tasks.spawn(replication::run(
+                    app,
+                    replication::CheckpointSink::new(r.slot),
+                    token,
+                ));
+            }
+            config::SinkKind::Ledger => {
+                tasks.spawn(replication::run(
+                    app,
+                    replication::LedgerSink::new(r.slot, r.publication),
+                    token,
+                ));
+            }
+        }
+    }
     if let Some(w) = systemd::spawn_watchdog(app.health.clone(), shutdown.clone()) {
         tasks.spawn(async move {
             let _ = w.await;

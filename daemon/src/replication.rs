@@ -13,10 +13,16 @@
 //! drop a replication slot.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
 
-use pulse_cdc::{Durable, Event, Lsn, SnapshotRequest, Transaction};
+use pulse_cdc::{CdcConfig, CdcStatus, Durable, Event, Lsn, SnapshotRequest, Transaction};
+use pulse_shared::admin::HealthState;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::App;
 
 /// Why a sink (or the loop around it) failed. Every failure ends the current stream;
 /// the supervisor starts over from the persisted checkpoint, so a failed batch is
@@ -200,7 +206,18 @@ impl Consumer<'_> {
         &mut self,
         sink: &mut S,
         events: &mut mpsc::Receiver<Event>,
+        persisted: Option<Lsn>,
+    ) -> Result<Option<Lsn>, SinkError> {
+        self.run_with_progress(sink, events, persisted, &Progress::default())
+            .await
+    }
+
+    async fn run_with_progress<S: ChangeSink>(
+        &mut self,
+        sink: &mut S,
+        events: &mut mpsc::Receiver<Event>,
         mut persisted: Option<Lsn>,
+        progress: &Progress,
     ) -> Result<Option<Lsn>, SinkError> {
         let mut batch: Vec<Transaction> = Vec::new();
         loop {
@@ -240,6 +257,8 @@ impl Consumer<'_> {
             }
             if let Some(lsn) = skipped_to {
                 tracing::debug!(%lsn, "skipped transactions already persisted");
+                // Lets the reader see that nothing is in flight.
+                self.durable.report(lsn);
             }
             if !batch.is_empty() {
                 let last = batch.last().map(|t| t.end_lsn).expect("non-empty batch");
@@ -250,7 +269,15 @@ impl Consumer<'_> {
                 persisted = Some(last);
                 self.durable.report(last);
                 sink.committed(&batch);
+                let rows: usize = batch.iter().map(|t| t.changes.len()).sum();
                 metrics::counter!("pulse_replication_batches_total").increment(1);
+                metrics::counter!("pulse_replication_transactions_total").increment(batch.len() as u64);
+                metrics::counter!("pulse_replication_rows_total").increment(rows as u64);
+                let commit_time = batch
+                    .last()
+                    .map(|t| t.commit_time.timestamp_micros())
+                    .unwrap_or(0);
+                progress.last_commit_micros.store(commit_time, Ordering::Relaxed);
                 batch.clear();
             }
             if let Some(req) = pending_snapshot {
@@ -306,4 +333,287 @@ impl Consumer<'_> {
         }
         result
     }
+}
+
+/// How the stream is doing, shared between the consumer and the health task.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Commit time of the last applied transaction, µs since the Unix epoch (0: none).
+    last_commit_micros: AtomicI64,
+}
+
+/// Runs the change stream into `sink` until `shutdown`: starts the reader, runs the
+/// group-commit loop, reports health ("replication") and metrics, and starts over from
+/// the persisted checkpoint after any failure of the consumer side (the reader
+/// reconnects to PostgreSQL by itself). On shutdown the current batch finishes, then
+/// the reader confirms the durable position and closes.
+pub async fn run<S: ChangeSink>(app: Arc<App>, mut sink: S, shutdown: CancellationToken) {
+    let mut attempt = 0u32;
+    loop {
+        let started = Instant::now();
+        match pipeline(&app, &mut sink, &shutdown).await {
+            Ok(()) => break,
+            Err(e) => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    attempt = 0;
+                }
+                let delay = Duration::from_millis(200)
+                    .saturating_mul(1 << attempt.min(7))
+                    .min(Duration::from_secs(15))
+                    .mul_f64(rand::random_range(0.5..=1.0));
+                attempt += 1;
+                tracing::warn!(error = %e, retry_in = ?delay, "change stream consumer failed; starting over from the checkpoint");
+                app.health.set(
+                    "replication",
+                    HealthState::Down,
+                    format!("consumer failed: {e}; retrying"),
+                    true,
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+    app.health.set("replication", HealthState::Down, "stopped", true);
+}
+
+async fn pipeline<S: ChangeSink>(
+    app: &Arc<App>,
+    sink: &mut S,
+    shutdown: &CancellationToken,
+) -> Result<(), SinkError> {
+    let config = app.config();
+    let r = &config.replication;
+    let mut state = crate::db::connect(&config.state_db).await?;
+    let checkpoint = sink.checkpoint(&state).await?;
+    tracing::info!(slot = %r.slot, checkpoint = ?checkpoint.map(|l| l.to_string()), "starting the change stream");
+    let mut cdc = CdcConfig::new(config.source_db.config().clone(), &r.slot, &r.publication);
+    cdc.create = r.create;
+    cdc.tables = r.tables.clone();
+    cdc.schema = r.schema.clone();
+    cdc.needs_snapshot = sink.needs_snapshot();
+    cdc.start = checkpoint;
+    let (handle, mut events) = pulse_cdc::reader::start(cdc);
+    let progress = Arc::new(Progress::default());
+    let watcher_stop = CancellationToken::new();
+    let watcher = tokio::spawn(watch_health(
+        app.clone(),
+        handle.status.clone(),
+        progress.clone(),
+        watcher_stop.clone(),
+    ));
+    let mut consumer = Consumer {
+        state: &mut state,
+        source: config.source_db.config(),
+        name: &r.slot,
+        durable: &handle.durable,
+        limits: BatchLimits::default(),
+        shutdown,
+    };
+    let result = consumer
+        .run_with_progress(sink, &mut events, checkpoint, &progress)
+        .await;
+    drop(events);
+    handle.stop().await;
+    watcher_stop.cancel();
+    let _ = watcher.await;
+    result.map(|_| ())
+}
+
+/// Keeps the "replication" health component and the slot metrics current: from the
+/// reader's status as it changes, and from `pg_replication_slots` every few seconds.
+async fn watch_health(
+    app: Arc<App>,
+    mut status: tokio::sync::watch::Receiver<CdcStatus>,
+    progress: Arc<Progress>,
+    stop: CancellationToken,
+) {
+    let config = app.config();
+    let slot = config.replication.slot.clone();
+    let max_retained = config.replication.max_retained_wal_bytes;
+    let mut catalog: Option<tokio_postgres::Client> = None;
+    let mut poll = tokio::time::interval(Duration::from_secs(5));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retained_warning: Option<String> = None;
+    loop {
+        let current = status.borrow_and_update().clone();
+        let (state, detail) = match &current {
+            CdcStatus::Connecting => (HealthState::Down, "connecting to the source".to_string()),
+            CdcStatus::Streaming { pid } => match &retained_warning {
+                Some(w) => (HealthState::Degraded, w.clone()),
+                None => (HealthState::Up, format!("streaming (walsender PID {pid})")),
+            },
+            CdcStatus::Retrying { error, attempt, .. } => {
+                (HealthState::Down, format!("{error} (attempt {attempt})"))
+            }
+            CdcStatus::Stopped => (HealthState::Down, "stopped".to_string()),
+        };
+        app.health.set("replication", state, detail, true);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = status.changed() => if r.is_err() { return },
+            _ = poll.tick() => {
+                if catalog.as_ref().is_none_or(|c| c.is_closed()) {
+                    catalog = crate::db::connect(&config.source_db).await.ok();
+                }
+                let Some(client) = &catalog else { continue };
+                let last = progress.last_commit_micros.load(Ordering::Relaxed);
+                if last > 0 {
+                    let age = (chrono::Utc::now().timestamp_micros() - last).max(0) as f64 / 1e6;
+                    metrics::gauge!("pulse_replication_last_commit_age_seconds").set(age);
+                }
+                match pulse_cdc::slot::status(client, &slot).await {
+                    Ok(Some(s)) => {
+                        let retained = s.retained_bytes.unwrap_or(0).max(0) as u64;
+                        metrics::gauge!("pulse_replication_lag_bytes").set(s.lag_bytes.unwrap_or(0) as f64);
+                        metrics::gauge!("pulse_replication_retained_wal_bytes").set(retained as f64);
+                        for w in ["reserved", "extended", "unreserved", "lost"] {
+                            let on = s.wal_status.as_deref() == Some(w);
+                            metrics::gauge!("pulse_replication_wal_status", "status" => w).set(on as u8 as f64);
+                        }
+                        let over = retained > max_retained;
+                        if over && retained_warning.is_none() {
+                            tracing::warn!(slot = %slot, retained_mib = retained >> 20, limit_mib = max_retained >> 20,
+                                "the replication slot retains more WAL than replication.max_retained_wal_mb; pulsed is behind or stalled");
+                        }
+                        retained_warning = over.then(|| format!(
+                            "slot {slot} retains {} MiB of WAL (limit {} MiB)",
+                            retained >> 20,
+                            max_retained >> 20
+                        ));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "slot status poll failed");
+                        catalog = None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A sink that records every change (and every snapshot row) in `pulse.cdc_ledger`,
+/// keyed by source position: a diagnostic consumer, and the proof in tests that nothing
+/// is lost or applied twice across crashes.
+#[derive(Debug, Clone)]
+pub struct LedgerSink {
+    /// Slot name: the checkpoint row and the ledger's first key column.
+    slot: String,
+    /// Publication, whose tables the snapshot reads.
+    publication: String,
+}
+
+impl LedgerSink {
+    /// A ledger for `slot`, whose snapshot covers the tables of `publication`.
+    pub fn new(slot: impl Into<String>, publication: impl Into<String>) -> LedgerSink {
+        LedgerSink {
+            slot: slot.into(),
+            publication: publication.into(),
+        }
+    }
+}
+
+/// A short text form of a value, for the ledger's key column.
+fn value_text(v: &pulse_cdc::Value) -> Option<String> {
+    use pulse_cdc::Value;
+    match v {
+        Value::Null | Value::UnchangedToast => None,
+        Value::Int(i) => Some(i.to_string()),
+        Value::Text(s) | Value::Numeric(s) | Value::Interval(s) => Some(s.clone()),
+        Value::Uuid(u) => Some(u.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+impl ChangeSink for LedgerSink {
+    async fn checkpoint(&mut self, state: &tokio_postgres::Client) -> Result<Option<Lsn>, SinkError> {
+        read_checkpoint(state, &self.slot).await
+    }
+
+    async fn load_snapshot(
+        &mut self,
+        source: &tokio_postgres::Transaction<'_>,
+        state_tx: &tokio_postgres::Transaction<'_>,
+        lsn: Lsn,
+    ) -> Result<(), SinkError> {
+        state_tx
+            .execute("DELETE FROM pulse.cdc_ledger WHERE slot = $1", &[&self.slot])
+            .await?;
+        let tables = source
+            .query(
+                "SELECT format('%I.%I', schemaname, tablename), schemaname || '.' || tablename \
+                 FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+                &[&self.publication],
+            )
+            .await?;
+        let mut seq = 0i32;
+        for t in tables {
+            let quoted: String = t.get(0);
+            let name: String = t.get(1);
+            let mut keys = Vec::new();
+            for m in source.simple_query(&format!("SELECT * FROM {quoted}")).await? {
+                if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                    keys.push(r.get(0).map(str::to_string));
+                }
+            }
+            for key in keys {
+                seq += 1;
+                state_tx
+                    .execute(
+                        "INSERT INTO pulse.cdc_ledger (slot, commit_lsn, seq, xid, relation, kind, key) \
+                         VALUES ($1, $2::text::pg_lsn, $3, 0, $4, 'snapshot', $5)",
+                        &[&self.slot, &lsn.to_string(), &seq, &name, &key],
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply(
+        &mut self,
+        batch: &[Transaction],
+        state_tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<(), SinkError> {
+        use pulse_cdc::ChangeKind;
+        let n: usize = batch.iter().map(|t| t.changes.len()).sum();
+        let (mut lsns, mut seqs, mut xids, mut rels, mut kinds, mut keys) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for t in batch {
+            for (i, c) in t.changes.iter().enumerate() {
+                let (kind, key) = match &c.kind {
+                    ChangeKind::Insert { new } => ("insert", new.first().and_then(value_text)),
+                    ChangeKind::Update { new, .. } => ("update", new.first().and_then(value_text)),
+                    ChangeKind::Delete { old } => ("delete", old.first().and_then(value_text)),
+                    ChangeKind::Truncate => ("truncate", None),
+                };
+                lsns.push(t.commit_lsn.to_string());
+                seqs.push(i as i32);
+                xids.push(t.xid as i64);
+                rels.push(format!("{}.{}", c.relation.schema, c.relation.name));
+                kinds.push(kind);
+                keys.push(key);
+            }
+        }
+        state_tx
+            .execute(
+                "INSERT INTO pulse.cdc_ledger (slot, commit_lsn, seq, xid, relation, kind, key) \
+                 SELECT $1, l::pg_lsn, s, x, r, k, v \
+                 FROM unnest($2::text[], $3::int4[], $4::int8[], $5::text[], $6::text[], $7::text[]) AS u(l, s, x, r, k, v)",
+                &[&self.slot, &lsns, &seqs, &xids, &rels, &kinds, &keys],
+            )
+            .await?;
+        Ok(())
+    }
+
+    fn committed(&mut self, _batch: &[Transaction]) {}
 }

@@ -152,6 +152,14 @@ pub enum ServerFrame {
         /// The polling interval, from the platform settings.
         sync_interval_ms: u64,
     },
+    /// The platform settings changed while connected: when `realtime` turns false the
+    /// client switches to polling every `sync_interval_ms` over HTTP.
+    Settings {
+        /// Enable Real-time.
+        realtime: bool,
+        /// Sync Interval, in ms.
+        sync_interval_ms: u64,
+    },
     /// Answers `ping`.
     Pong {
         /// The client's nonce.

@@ -1,6 +1,9 @@
 //! The integration tests: one binary, real PostgreSQL (a throwaway cluster with logical
 //! replication, one database per test) and the real RabbitMQ.
 
+mod cdc;
+mod engine;
+mod engine_state;
 mod files;
 mod foundation;
 mod support;

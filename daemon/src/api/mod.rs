@@ -117,7 +117,13 @@ async fn ws_http(
             );
         }
     };
-    ws.on_upgrade(move |socket| session::run(socket, app, Transport::Http, guard))
+    // Small buffers: an idle connection must cost little memory (tungstenite's 128 KiB
+    // default would dominate); client frames are small, so cap them too.
+    ws.read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
+        .max_message_size(64 * 1024)
+        .max_frame_size(64 * 1024)
+        .on_upgrade(move |socket| session::run(socket, app, Transport::Http, guard))
 }
 
 async fn ws_admin(State(app): State<Arc<App>>, ws: WebSocketUpgrade) -> Response {

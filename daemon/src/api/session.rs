@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::App;
 use crate::engine::Caller;
+use crate::engine::hub::Outgoing;
 
 /// How the client reached us, which decides how `hello` authenticates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +32,8 @@ pub enum Transport {
 
 /// Frames queued for one client before it is considered too slow and cut loose.
 const OUTBOX_FRAMES: usize = 1024;
+/// Most frames written between two flushes.
+const WRITE_BATCH: usize = 64;
 /// How long a client has to send `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -44,13 +47,27 @@ struct Identity {
 /// Runs one session to its end. `guard` (a connection slot) is held until then.
 pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport: Transport, guard: G) {
     let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<ServerFrame>(OUTBOX_FRAMES);
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(OUTBOX_FRAMES);
     let shutdown = app.shutdown.clone();
     let kill = CancellationToken::new();
     let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            let text = serde_json::to_string(&frame).expect("server frames serialize");
-            if sink.send(Message::Text(text.into())).await.is_err() {
+        // Frames that are already waiting go out in one flush: under load that is one
+        // write for many frames instead of one each.
+        'writing: while let Some(out) = rx.recv().await {
+            if sink.feed(Message::Text(out.into_text().into())).await.is_err() {
+                break;
+            }
+            for _ in 0..WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => {
+                        if sink.feed(Message::Text(more.into_text().into())).await.is_err() {
+                            break 'writing;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            if sink.flush().await.is_err() {
                 break;
             }
         }
@@ -64,6 +81,8 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
     };
     if let Some(mut identity) = identity {
         let session = app.engine.open_session(tx.clone(), kill.clone());
+        let mut settings = app.settings.subscribe();
+        settings.mark_unchanged();
         let rate_key = identity
             .principal
             .user
@@ -83,6 +102,16 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
                 m = stream.next() => m,
                 _ = shutdown.cancelled() => break,
                 _ = kill.cancelled() => break,
+                Ok(()) = settings.changed() => {
+                    let now = settings.borrow_and_update().clone();
+                    if !send(&tx, ServerFrame::Settings {
+                        realtime: now.enable_realtime,
+                        sync_interval_ms: now.sync_interval_ms,
+                    }) {
+                        break;
+                    }
+                    continue;
+                }
                 _ = expiry => {
                     send(&tx, error(None, ErrorCode::Unauthenticated,
                         "the token expired; reconnect with a fresh one (send token frames before expiry to stay connected)"));
@@ -164,8 +193,8 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
 }
 
 /// Queues a frame; false when the client is gone or too slow (then the session ends).
-fn send(tx: &mpsc::Sender<ServerFrame>, frame: ServerFrame) -> bool {
-    match tx.try_send(frame) {
+fn send(tx: &mpsc::Sender<Outgoing>, frame: ServerFrame) -> bool {
+    match tx.try_send(Outgoing::Frame(frame)) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
             tracing::warn!("client stopped reading; cutting it loose");
@@ -202,7 +231,7 @@ fn verify_token(app: &App, token: &str) -> Result<Identity, ErrorBody> {
 
 async fn hello(
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
-    tx: &mpsc::Sender<ServerFrame>,
+    tx: &mpsc::Sender<Outgoing>,
     app: &App,
     transport: Transport,
 ) -> Option<Identity> {

@@ -19,13 +19,45 @@ use tokio_util::sync::CancellationToken;
 
 use super::value;
 
+/// The built-in metric of users online in a tenant (`metric:online`), fed by presence.
+pub const ONLINE_METRIC: &str = "online";
+
 /// A session's id, unique within the process.
 pub type SessionId = u64;
+
+/// What goes into a session's writer queue: a frame, or one already serialized (a
+/// live update is serialized once per group and only its subscription id differs
+/// between members).
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A frame, serialized by the writer.
+    Frame(ServerFrame),
+    /// JSON text of a frame.
+    Text(String),
+}
+
+impl Outgoing {
+    /// The JSON text on the wire.
+    pub fn into_text(self) -> String {
+        match self {
+            Outgoing::Frame(f) => serde_json::to_string(&f).expect("server frames serialize"),
+            Outgoing::Text(t) => t,
+        }
+    }
+
+    /// The frame (parsed back when pre-serialized), for tests and diagnostics.
+    pub fn into_frame(self) -> ServerFrame {
+        match self {
+            Outgoing::Frame(f) => f,
+            Outgoing::Text(t) => serde_json::from_str(&t).expect("pre-serialized frames parse"),
+        }
+    }
+}
 
 /// What the hub keeps of a session: where its frames go and how to cut it loose.
 pub struct SessionHandle {
     /// The session's bounded writer queue.
-    pub tx: mpsc::Sender<ServerFrame>,
+    pub tx: mpsc::Sender<Outgoing>,
     /// Cancelled when the session must end (slow client).
     pub kill: CancellationToken,
 }
@@ -176,6 +208,11 @@ type Effective = Option<(String, Json)>;
 pub struct Hub {
     sessions: HashMap<SessionId, SessionHandle>,
     subs: HashMap<SessionId, HashMap<String, SubKind>>,
+    /// Whose each session is (user id, or the session itself for services), so the
+    /// subscription limit holds per user across their sessions.
+    user_of: HashMap<SessionId, String>,
+    /// Subscriptions per user.
+    per_user: HashMap<String, usize>,
     /// Next update position.
     seq: u64,
     history: VecDeque<Arc<LiveChange>>,
@@ -186,7 +223,7 @@ pub struct Hub {
     inbox_subs: HashMap<(String, String), Vec<(SessionId, String)>>,
     presence_subs: HashMap<Option<String>, Vec<PresenceSub>>,
     /// Subscriptions whose initial result is still being read: their updates wait here.
-    pending: HashMap<(SessionId, String), Vec<ServerFrame>>,
+    pending: HashMap<(SessionId, String), Vec<Outgoing>>,
     /// tenant -> user -> tabs.
     presence: HashMap<String, HashMap<String, UserPresence>>,
     clock: u64,
@@ -242,9 +279,13 @@ impl Hub {
 
     /// Queues a frame for one session; a full queue cuts the session loose.
     pub fn deliver(&mut self, session: SessionId, frame: ServerFrame) {
+        self.deliver_out(session, Outgoing::Frame(frame));
+    }
+
+    fn deliver_out(&mut self, session: SessionId, out: Outgoing) {
         let cut = match self.sessions.get(&session) {
             None => false,
-            Some(h) => match h.tx.try_send(frame) {
+            Some(h) => match h.tx.try_send(out) {
                 Ok(()) => false,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     tracing::warn!(session, "client stopped reading; cutting it loose");
@@ -262,15 +303,30 @@ impl Hub {
         }
     }
 
+    /// Records whose session this is (for the per-user subscription limit).
+    pub fn bind_user(&mut self, session: SessionId, user: &str) {
+        self.user_of.entry(session).or_insert_with(|| user.to_string());
+    }
+
+    fn user_key(&self, session: SessionId) -> String {
+        self.user_of
+            .get(&session)
+            .cloned()
+            .unwrap_or_else(|| format!("session:{session}"))
+    }
+
     fn add_sub(&mut self, session: SessionId, id: &str, kind: SubKind, max: usize) -> Result<(), SubError> {
+        let user = self.user_key(session);
+        let held = self.per_user.get(&user).copied().unwrap_or(0);
         let subs = self.subs.entry(session).or_default();
         if subs.contains_key(id) {
             return Err(SubError::Duplicate);
         }
-        if subs.len() >= max {
+        if held >= max {
             return Err(SubError::TooMany(max));
         }
         subs.insert(id.to_string(), kind);
+        *self.per_user.entry(user).or_default() += 1;
         metrics::gauge!("pulse_subscriptions").increment(1.0);
         Ok(())
     }
@@ -324,7 +380,7 @@ impl Hub {
             .unwrap_or_default();
         self.deliver(session, result);
         for f in waiting {
-            self.deliver(session, f);
+            self.deliver_out(session, f);
         }
     }
 
@@ -423,7 +479,7 @@ impl Hub {
             tenants.push(new_tenant);
         }
         let cursor = self.cursor(self.seq);
-        let mut out: Vec<(SessionId, ServerFrame)> = Vec::new();
+        let mut out: Vec<(SessionId, String, String)> = Vec::new();
         let mut tenant_keys: Vec<Option<String>> = vec![None];
         for t in tenants.into_iter().skip(1).flatten() {
             tenant_keys.push(Some(t));
@@ -436,20 +492,27 @@ impl Hub {
                 let Some(op) = op_for(&g.filter, &change) else {
                     continue;
                 };
+                // Serialized once for the group: everything after the id is the same.
+                let whole = serde_json::to_string(&update_frame("", cursor.clone(), op, &change))
+                    .expect("server frames serialize");
+                let tail = whole
+                    .strip_prefix(r#"{"type":"update","id":"""#)
+                    .expect("update frames start with their type and id")
+                    .to_string();
                 for (session, id) in &g.members {
-                    out.push((*session, update_frame(id, cursor.clone(), op, &change)));
+                    let text = format!(
+                        r#"{{"type":"update","id":{}{tail}"#,
+                        serde_json::to_string(id).expect("strings serialize")
+                    );
+                    out.push((*session, id.clone(), text));
                 }
             }
         }
-        for (session, frame) in out {
-            let id = match &frame {
-                ServerFrame::Update { id, .. } => id.clone(),
-                _ => unreachable!("only updates are built above"),
-            };
+        for (session, id, text) in out {
             if let Some(buf) = self.pending.get_mut(&(session, id)) {
-                buf.push(frame);
+                buf.push(Outgoing::Text(text));
             } else {
-                self.deliver(session, frame);
+                self.deliver_out(session, Outgoing::Text(text));
             }
         }
     }
@@ -734,7 +797,12 @@ impl Hub {
         for (s, f) in out {
             self.deliver(s, f);
         }
-        let online: usize = self.online_counts().values().sum();
+        let counts = self.online_counts();
+        if before.is_some() != after.is_some() {
+            let n = counts.get(tenant).copied().unwrap_or(0);
+            self.publish_metric(ONLINE_METRIC, tenant, &Json::from(n));
+        }
+        let online: usize = counts.values().sum();
         metrics::gauge!("pulse_presence_online").set(online as f64);
     }
 
@@ -749,6 +817,13 @@ impl Hub {
 
     fn remove_kind(&mut self, session: SessionId, id: &str, kind: SubKind) {
         metrics::gauge!("pulse_subscriptions").decrement(1.0);
+        let user = self.user_key(session);
+        if let Some(n) = self.per_user.get_mut(&user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_user.remove(&user);
+            }
+        }
         let me = |m: &(SessionId, String)| m.0 == session && m.1 == id;
         self.pending.remove(&(session, id.to_string()));
         match kind {
@@ -796,6 +871,7 @@ impl Hub {
     /// A session ended: everything it held goes.
     pub fn remove_session(&mut self, session: SessionId) {
         self.drop_subscriptions(session);
+        self.user_of.remove(&session);
         self.sessions.remove(&session);
         self.leave_session(session);
     }
@@ -818,7 +894,7 @@ mod tests {
         }
     }
 
-    fn session(hub: &mut Hub, id: SessionId) -> mpsc::Receiver<ServerFrame> {
+    fn session(hub: &mut Hub, id: SessionId) -> mpsc::Receiver<Outgoing> {
         let (tx, rx) = mpsc::channel(16);
         hub.add_session(
             id,
@@ -840,10 +916,10 @@ mod tests {
         }
     }
 
-    fn ops(rx: &mut mpsc::Receiver<ServerFrame>) -> Vec<(UpdateOp, i64)> {
+    fn ops(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<(UpdateOp, i64)> {
         let mut out = Vec::new();
         while let Ok(f) = rx.try_recv() {
-            if let ServerFrame::Update { op, key, .. } = f {
+            if let ServerFrame::Update { op, key, .. } = f.into_frame() {
                 out.push((op, key["id"].as_i64().unwrap()));
             }
         }
@@ -885,6 +961,26 @@ mod tests {
             ]
         );
         assert!(ops(&mut b).is_empty(), "t2 saw t1's rows");
+    }
+
+    #[test]
+    fn pre_serialized_updates_equal_the_frame_with_awkward_ids() {
+        let mut hub = Hub::new(10, 1);
+        let mut rx = session(&mut hub, 1);
+        let id = "quote\" back\\ slash \u{1}";
+        hub.subscribe_live(1, id, "m", filter("t1", None), 10).unwrap();
+        hub.complete(1, id, ServerFrame::Pong { nonce: 0 });
+        let _ = rx.try_recv();
+        hub.publish_live("m", "tenant_id", None, Some(row(9, "t1", "ok")));
+        let text = rx.try_recv().unwrap().into_text();
+        let expected = ServerFrame::Update {
+            id: id.to_string(),
+            cursor: Some(hub.current_cursor()),
+            op: UpdateOp::Insert,
+            key: serde_json::json!({ "id": 9 }),
+            row: Some(serde_json::json!({ "id": 9, "status": "ok" })),
+        };
+        assert_eq!(text, serde_json::to_string(&expected).unwrap());
     }
 
     #[test]
@@ -938,7 +1034,7 @@ mod tests {
         hub.remove_session(2);
         hub.remove_session(1);
         let events: Vec<_> = std::iter::from_fn(|| watcher.try_recv().ok())
-            .map(|f| match f {
+            .map(|f| match f.into_frame() {
                 ServerFrame::Presence { event, resource, .. } => (event, resource),
                 other => panic!("{other:?}"),
             })
