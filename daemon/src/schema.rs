@@ -250,7 +250,7 @@ pub struct NotificationSource {
     pub user_column: String,
     /// Title column.
     pub title_column: String,
-    /// Body column.
+    /// Body column (default: `body`, when the table has one).
     pub body_column: Option<String>,
 }
 
@@ -494,6 +494,12 @@ impl Schema {
         let mut metrics = BTreeMap::new();
         for (name, m) in raw.metrics {
             let at = |k: &str| format!("metrics.{name}.{k}");
+            if name == crate::engine::hub::ONLINE_METRIC {
+                return Err(err(
+                    format!("metrics.{name}"),
+                    "the name is taken by the built-in metric of users online; choose another".into(),
+                ));
+            }
             let aggregate = match (m.aggregate.as_str(), m.column) {
                 ("count", None) => Aggregate::Count,
                 ("count", Some(_)) => return Err(err(at("column"), "count takes no column".into())),
@@ -742,8 +748,12 @@ impl Schema {
             full(at("source"), info, &m.source)?;
             m.types = info.types.clone();
         }
-        if let Some(n) = &self.notifications {
+        if let Some(n) = &mut self.notifications {
             let info = lookup("notifications.source".into(), &n.source)?;
+            // Without body_column, a column named body is the body when there is one.
+            if n.body_column.is_none() && info.types.contains_key("body") {
+                n.body_column = Some("body".into());
+            }
             need_col(
                 "notifications.tenant_column".into(),
                 info,

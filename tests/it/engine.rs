@@ -41,6 +41,10 @@ tenant_column = "tenant_id"
 aggregate = "count"
 filter = "status = 'active'"
 
+[notifications]
+source = "public.alerts"
+retention_days = 30
+
 [mutations.invite]
 args = { email = "text" }
 "#;
@@ -51,6 +55,8 @@ async fn members_db(label: &str) -> TestDb {
     c.batch_execute(
         "CREATE TABLE members (id int PRIMARY KEY, tenant_id text NOT NULL, user_id text NOT NULL, status text NOT NULL);
          ALTER TABLE members REPLICA IDENTITY FULL;
+         CREATE TABLE alerts (id serial PRIMARY KEY, tenant_id text NOT NULL, user_id text NOT NULL,
+                              title text NOT NULL, body text);
          INSERT INTO members VALUES (1, 't1', 'alice', 'active'), (2, 't1', 'bob', 'active'),
                                     (3, 't1', 'alice', 'gone'), (4, 't2', 'carol', 'active');",
     )
@@ -383,6 +389,12 @@ async fn presence_join_update_leave_and_ttl_expiry() {
         ServerFrame::Result { .. }
     ));
 
+    // Online counts feed a metric.
+    let mut counter = Client::open(&d.ws, &token("carl", Some("t1"), &["ROLE_ADMIN"])).await;
+    match counter.subscribe("o", "metric:online", json!({})).await {
+        ServerFrame::Result { data, .. } => assert_eq!(data["value"], 0),
+        other => panic!("{other:?}"),
+    }
     let alice = token("alice", Some("t1"), &["ROLE_USER"]);
     let mut tab1 = Client::open(&d.ws, &alice).await;
     let mut tab2 = Client::open(&d.ws, &alice).await;
@@ -426,6 +438,14 @@ async fn presence_join_update_leave_and_ttl_expiry() {
         ),
         Some(ErrorCode::Forbidden)
     );
+    let mut counts = Vec::new();
+    while counts.len() < 4 {
+        match counter.next().await {
+            ServerFrame::Value { value, .. } => counts.push(value),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(counts, vec![json!(1), json!(0), json!(1), json!(0)]);
     drop(quiet);
 }
 
@@ -666,7 +686,7 @@ async fn polling_answers_with_a_cursor_and_its_rate_limit() {
     let db = members_db("engine_poll").await;
     let d = start(
         &db,
-        &[("PULSE__LIMITS__HTTP_REQUESTS_PER_SEC_PER_IP", "3".to_string())],
+        &[("PULSE__LIMITS__HTTP_REQUESTS_PER_SEC_PER_IP", "4".to_string())],
     )
     .await;
     let http = reqwest::Client::new();
@@ -698,6 +718,16 @@ async fn polling_answers_with_a_cursor_and_its_rate_limit() {
         (body["resnapshot"].clone(), body["updates"].clone()),
         (json!(false), json!([]))
     );
+    // Cross-tenant polling is refused like the WebSocket: 403 with the shared body.
+    let r = http
+        .get(&url)
+        .query(&[("query", "members"), ("args", r#"{"tenant":"t2"}"#)])
+        .bearer_auth(&staff)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "forbidden");
     // No token, then too many requests.
     let r = http
         .get(&url)
@@ -706,14 +736,23 @@ async fn polling_answers_with_a_cursor_and_its_rate_limit() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    let r = http
-        .get(&url)
-        .query(&[("query", "members")])
-        .bearer_auth(&staff)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 429);
+    // Requests in a burst beyond the rate get 429 (the bucket refills one every 250 ms,
+    // so a slow machine may let a few through first).
+    let mut limited = None;
+    for _ in 0..20 {
+        let r = http
+            .get(&url)
+            .query(&[("query", "presence")])
+            .bearer_auth(&staff)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 429 {
+            limited = Some(r);
+            break;
+        }
+    }
+    let r = limited.expect("no 429 in a burst of 20 requests at 4 per second");
     assert!(r.headers().get("retry-after").is_some());
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["code"], "rate_limited");
@@ -1110,4 +1149,179 @@ async fn the_demo_schema_file_matches_the_demo_database() {
         .unwrap();
     let e = schema.check(&c).await.unwrap_err();
     assert!(e.message.contains("REPLICA IDENTITY FULL"), "{e}");
+}
+
+/// Rows Symfony inserts into the notification source table reach the recipient's inbox
+/// live, once; marking some read ignores other users' ids; old ones expire.
+#[tokio::test]
+async fn notifications_from_the_source_table_arrive_live_and_expire() {
+    let db = members_db("engine_alerts").await;
+    let d = start(&db, &[]).await;
+    wait_streaming(&d).await;
+    let source = db.connect().await.unwrap();
+    let mut alice = Client::open(&d.ws, &token("alice", Some("t1"), &["ROLE_USER"])).await;
+    assert!(matches!(
+        alice.subscribe("n", "notifications", json!({})).await,
+        ServerFrame::Result { .. }
+    ));
+    source
+        .batch_execute(
+            "INSERT INTO alerts (tenant_id, user_id, title, body) VALUES ('t1', 'alice', 'Payment received', 'Thanks');
+             INSERT INTO alerts (tenant_id, user_id, title) VALUES ('t1', 'bob', 'Not for alice');
+             INSERT INTO alerts (tenant_id, user_id, title) VALUES ('t2', 'alice', 'Other tenant');",
+        )
+        .await
+        .unwrap();
+    let frames = collect(&mut alice, 2).await;
+    let id = match &frames[0] {
+        ServerFrame::Update {
+            op: UpdateOp::Insert,
+            row: Some(row),
+            key,
+            ..
+        } => {
+            assert_eq!(
+                (row["title"].as_str(), row["body"].as_str()),
+                (Some("Payment received"), Some("Thanks"))
+            );
+            key["id"].as_i64().unwrap()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        frames[1],
+        ServerFrame::Value {
+            id: "n".into(),
+            name: "unread".into(),
+            value: json!(1)
+        }
+    );
+    assert!(
+        alice.next_within(1).await.is_none(),
+        "alice got someone else's notification"
+    );
+    // Bob's notification id is ignored when alice marks it.
+    let state = db.connect().await.unwrap();
+    let bobs: i64 = state
+        .query_one("SELECT id FROM pulse.notifications WHERE user_id = 'bob'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    alice
+        .send(&ClientFrame::Mutate {
+            id: "r".into(),
+            name: "mark_read".into(),
+            args: json!({ "ids": [id, bobs] }),
+        })
+        .await;
+    let mut marked = None;
+    for _ in 0..2 {
+        match alice.next().await {
+            ServerFrame::MutationResult { result, .. } => marked = Some(result["marked"].clone()),
+            ServerFrame::Value { value, .. } => assert_eq!(value, json!(0)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(marked, Some(json!(1)));
+    let bob_unread: bool = state
+        .query_one(
+            "SELECT read_at IS NULL FROM pulse.notifications WHERE id = $1",
+            &[&bobs],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(bob_unread);
+    // Retention: anything older than the schema's 30 days goes.
+    state
+        .execute(
+            "UPDATE pulse.notifications SET created_at = now() - interval '31 days' WHERE user_id = 'bob'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        pulse_daemon::engine::notifications::expire(&state, 30)
+            .await
+            .unwrap(),
+        1
+    );
+    let left: i64 = state
+        .query_one("SELECT count(*) FROM pulse.notifications", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 2);
+}
+
+/// Frames beyond the per-user rate get `rate_limited` and the session stays up;
+/// connections beyond the per-address cap get 429.
+#[tokio::test]
+async fn frame_rates_and_connection_caps_are_enforced() {
+    let db = members_db("engine_limits").await;
+    let d = start(
+        &db,
+        &[
+            ("PULSE__LIMITS__FRAMES_PER_SEC_PER_USER", "5".to_string()),
+            ("PULSE__LIMITS__CONNECTIONS_PER_IP", "2".to_string()),
+            ("PULSE__LIMITS__SUBSCRIPTIONS_PER_USER", "2".to_string()),
+        ],
+    )
+    .await;
+    let alice = token("alice", Some("t1"), &["ROLE_USER"]);
+    let mut c = Client::open(&d.ws, &alice).await;
+    for n in 0..12 {
+        c.send(&ClientFrame::Ping { nonce: n }).await;
+    }
+    let (mut pongs, mut limited) = (0, 0);
+    for _ in 0..12 {
+        match c.next().await {
+            ServerFrame::Pong { .. } => pongs += 1,
+            ServerFrame::Error { error, .. } => {
+                assert_eq!(error.code, ErrorCode::RateLimited);
+                assert!(error.details["retry_after_ms"].as_u64().unwrap() > 0);
+                limited += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(pongs >= 5 && limited >= 1, "pongs {pongs}, limited {limited}");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    c.send(&ClientFrame::Ping { nonce: 99 }).await;
+    assert_eq!(c.next().await, ServerFrame::Pong { nonce: 99 });
+    // Subscriptions per session.
+    assert!(matches!(
+        c.subscribe("a", "members", json!({})).await,
+        ServerFrame::Result { .. }
+    ));
+    assert!(matches!(
+        c.subscribe("b", "members", json!({})).await,
+        ServerFrame::Result { .. }
+    ));
+    assert_eq!(
+        code_of(&c.subscribe("c", "members", json!({})).await),
+        Some(ErrorCode::RateLimited)
+    );
+    // A second connection fits, a third from the same address does not. The
+    // subscription limit is per user, across sessions.
+    let mut second = Client::open(&d.ws, &alice).await;
+    assert_eq!(
+        code_of(&second.subscribe("d", "members", json!({})).await),
+        Some(ErrorCode::RateLimited)
+    );
+    // (After the frame rate's second: both sessions count as alice's.)
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    c.send(&ClientFrame::Unsubscribe { id: "a".into() }).await;
+    assert!(matches!(c.next().await, ServerFrame::Unsubscribed { .. }));
+    assert!(matches!(
+        second.subscribe("d", "members", json!({})).await,
+        ServerFrame::Result { .. }
+    ));
+    match tokio_tungstenite::connect_async(&d.ws).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 429);
+            assert!(r.headers().get("retry-after").is_some());
+        }
+        other => panic!("expected 429, got {:?}", other.map(|_| ())),
+    }
 }

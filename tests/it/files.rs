@@ -732,6 +732,60 @@ async fn concurrent_uploads_race_for_the_last_bytes_of_the_quota() {
 }
 
 #[tokio::test]
+async fn an_html_form_can_post_the_file_as_multipart() {
+    let env = Env::start("files_multipart", &[]).await;
+    let content = text(70_000, 3);
+    let t = env
+        .ticket(
+            "club-a",
+            json!({"name": "form.txt", "content_type": "text/plain"}),
+        )
+        .await;
+    let form = |fields: &[(&str, Option<&str>, &[u8])]| {
+        let mut body = Vec::new();
+        for (name, filename, data) in fields {
+            body.extend_from_slice(b"--XyZbound\r\n");
+            let disposition = match filename {
+                Some(f) => format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n"),
+                None => format!("Content-Disposition: form-data; name=\"{name}\"\r\n"),
+            };
+            body.extend_from_slice(disposition.as_bytes());
+            body.extend_from_slice(b"Content-Type: application/octet-stream\r\n\r\n");
+            body.extend_from_slice(data);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"--XyZbound--\r\n");
+        body
+    };
+    let post = |path: &str, body: Vec<u8>| {
+        env.http
+            .post(env.url(path))
+            .header("Content-Type", "multipart/form-data; boundary=XyZbound")
+            .body(body)
+            .send()
+    };
+    let body = form(&[("note", None, b"ignored"), ("upload", Some("form.txt"), &content)]);
+    let r = post(t["path"].as_str().unwrap(), body).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+    let f: Value = r.json().await.unwrap();
+    assert_eq!(f["sha256"], sha_hex(&content));
+    assert_eq!(f["name"], "form.txt", "the ticket's name, not the form's");
+    let r = env.get(f["id"].as_str().unwrap(), "club-a").await;
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &content[..]);
+    // A form without a file field.
+    let t = env
+        .ticket("club-a", json!({"name": "x.txt", "content_type": "text/plain"}))
+        .await;
+    let r = post(t["path"].as_str().unwrap(), form(&[("note", None, b"no file")]))
+        .await
+        .unwrap();
+    let b = expect_error(r, 400, "invalid_argument").await;
+    assert_eq!(b["details"]["field"], "file");
+    assert!(env.staged().is_empty());
+    assert_eq!(env.usage("club-a").await, (70_000, 0));
+}
+
+#[tokio::test]
 async fn identical_content_is_stored_once_per_tenant() {
     let env = Env::start("files_dedup", &[]).await;
     let body = text(50_000, 4);

@@ -10,15 +10,16 @@
 //! - `Cache-Control`: a signed URL is the credential, so its response may be cached by a
 //!   CDN until the URL expires (`public`, `immutable`); a bearer-authorised response is
 //!   `private` (tenant-public files for an hour, private files revalidated every time).
-//! - Uploads take the raw body with PUT (or POST) to the ticket's URL; multipart form
-//!   bodies are not parsed.
+//! - Uploads take the raw body with PUT (or POST) to the ticket's URL, or a
+//!   `multipart/form-data` POST whose first file field is the file. The ticket fixes the
+//!   content type; the request's own `Content-Type` is not trusted.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -53,7 +54,11 @@ pub fn files_router(app: Arc<App>) -> Router {
     let origins = app.config().cors_origins.clone();
     let router = Router::new()
         .route("/files/upload-url", post(upload_url))
-        .route("/files/upload/{ticket}", put(upload).post(upload))
+        // Uploads enforce their own limit while streaming (per tenant), not axum's.
+        .route(
+            "/files/upload/{ticket}",
+            put(upload).post(upload).layer(DefaultBodyLimit::disable()),
+        )
         .route("/files/usage", get(usage))
         .route("/files/{id}", get(download).delete(delete))
         .route("/files/{id}/signed-url", post(signed_url))
@@ -140,13 +145,28 @@ async fn upload(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let body = request.into_body().into_data_stream().map_err(|e| e.to_string());
+    let multipart = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
     // In its own task, so that a client hanging up mid-upload cannot cancel it between
     // two awaits: the body then ends in an error, and the upload cleans up after itself
     // (staged bytes removed, quota reservation released).
-    let task = tokio::spawn(async move {
-        files::receive_upload(&app, ticket, expires, &sig, content_length, body).await
-    });
+    let task = if multipart {
+        let form = Multipart::from_request(request, &()).await.map_err(|e| {
+            ApiError::from(FileError::Invalid {
+                field: "body",
+                message: format!("not a valid multipart form: {e}"),
+            })
+        })?;
+        tokio::spawn(async move { receive_form(&app, ticket, expires, &sig, form).await })
+    } else {
+        let body = request.into_body().into_data_stream().map_err(|e| e.to_string());
+        tokio::spawn(
+            async move { files::receive_upload(&app, ticket, expires, &sig, content_length, body).await },
+        )
+    };
     let info = task
         .await
         .map_err(|e| ApiError::new(ErrorCode::Internal, format!("the upload task failed: {e}")))??;
@@ -157,6 +177,39 @@ async fn upload(
         axum::Json(info),
     )
         .into_response())
+}
+
+/// A multipart form upload (an HTML form posting to the upload URL): the first field
+/// with a file name (or named `file`) is the file; other fields are ignored.
+async fn receive_form(
+    app: &App,
+    ticket: Uuid,
+    expires: i64,
+    sig: &str,
+    mut form: Multipart,
+) -> Result<files::FileInfo, FileError> {
+    let broken = |e: axum::extract::multipart::MultipartError| FileError::Invalid {
+        field: "body",
+        message: format!("the form upload was interrupted or malformed: {e}"),
+    };
+    while let Some(field) = form.next_field().await.map_err(broken)? {
+        if field.file_name().is_none() && field.name() != Some("file") {
+            continue;
+        }
+        let chunks = futures_util::stream::unfold(Some(field), |field| async move {
+            let mut field = field?;
+            match field.chunk().await {
+                Ok(Some(bytes)) => Some((Ok(bytes), Some(field))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e.to_string()), None)),
+            }
+        });
+        return files::receive_upload(app, ticket, expires, sig, None, Box::pin(chunks)).await;
+    }
+    Err(FileError::Invalid {
+        field: "file",
+        message: "the form has no file field: send the file in a field named file".into(),
+    })
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {

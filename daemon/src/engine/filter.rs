@@ -448,6 +448,44 @@ mod tests {
         assert!(!e.matches(&row(&[("fee", Value::Null)])));
     }
 
+    proptest::proptest! {
+        /// Any text: a parse error or an expression, never a panic.
+        #[test]
+        fn parsing_never_panics(src in "\\PC{0,64}") {
+            if let Ok(e) = parse(&src) {
+                let _ = e.bind(&types);
+            }
+        }
+
+        /// Expressions built from the grammar's own pieces parse and evaluate.
+        #[test]
+        fn generated_expressions_evaluate(n in -5i64..5, m in -5i64..5, neg in proptest::bool::ANY) {
+            let src = format!("{}(n >= {n} AND n != {m}) OR n IN ({m}, {n}) OR status IS NULL", if neg { "NOT " } else { "" });
+            let e = parse(&src).unwrap().bind(&types).unwrap();
+            let r = [("n", Value::Int(0)), ("status", Value::Text("x".into()))];
+            // NOT binds tighter than AND and OR, as in SQL.
+            let group = 0 >= n && 0 != m;
+            let expected = (group != neg) || 0 == m || 0 == n;
+            proptest::prop_assert_eq!(e.matches(&row(&r)), expected);
+        }
+    }
+
+    /// Any frame text: parsed or refused with invalid_argument, never a panic.
+    #[test]
+    fn the_client_frame_parser_never_panics() {
+        use proptest::strategy::{Strategy, ValueTree};
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let texts = proptest::string::string_regex("[{}\\[\\]\":,a-z0-9 ]{0,80}").unwrap();
+        for _ in 0..2000 {
+            let text = texts.new_tree(&mut runner).unwrap().current();
+            if let Err(e) = pulse_shared::protocol::parse_client_frame(&text) {
+                assert_eq!(e.code, pulse_shared::ErrorCode::InvalidArgument);
+            }
+            let framed = format!(r#"{{"type":"subscribe","id":"x","query":"q","args":{text}}}"#);
+            let _ = pulse_shared::protocol::parse_client_frame(&framed);
+        }
+    }
+
     #[test]
     fn bad_expressions_are_refused_with_a_reason() {
         for bad in [

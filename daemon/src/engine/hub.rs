@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::value;
 
+/// The built-in metric of users online in a tenant (`metric:online`), fed by presence.
+pub const ONLINE_METRIC: &str = "online";
+
 /// A session's id, unique within the process.
 pub type SessionId = u64;
 
@@ -205,6 +208,11 @@ type Effective = Option<(String, Json)>;
 pub struct Hub {
     sessions: HashMap<SessionId, SessionHandle>,
     subs: HashMap<SessionId, HashMap<String, SubKind>>,
+    /// Whose each session is (user id, or the session itself for services), so the
+    /// subscription limit holds per user across their sessions.
+    user_of: HashMap<SessionId, String>,
+    /// Subscriptions per user.
+    per_user: HashMap<String, usize>,
     /// Next update position.
     seq: u64,
     history: VecDeque<Arc<LiveChange>>,
@@ -295,15 +303,30 @@ impl Hub {
         }
     }
 
+    /// Records whose session this is (for the per-user subscription limit).
+    pub fn bind_user(&mut self, session: SessionId, user: &str) {
+        self.user_of.entry(session).or_insert_with(|| user.to_string());
+    }
+
+    fn user_key(&self, session: SessionId) -> String {
+        self.user_of
+            .get(&session)
+            .cloned()
+            .unwrap_or_else(|| format!("session:{session}"))
+    }
+
     fn add_sub(&mut self, session: SessionId, id: &str, kind: SubKind, max: usize) -> Result<(), SubError> {
+        let user = self.user_key(session);
+        let held = self.per_user.get(&user).copied().unwrap_or(0);
         let subs = self.subs.entry(session).or_default();
         if subs.contains_key(id) {
             return Err(SubError::Duplicate);
         }
-        if subs.len() >= max {
+        if held >= max {
             return Err(SubError::TooMany(max));
         }
         subs.insert(id.to_string(), kind);
+        *self.per_user.entry(user).or_default() += 1;
         metrics::gauge!("pulse_subscriptions").increment(1.0);
         Ok(())
     }
@@ -774,7 +797,12 @@ impl Hub {
         for (s, f) in out {
             self.deliver(s, f);
         }
-        let online: usize = self.online_counts().values().sum();
+        let counts = self.online_counts();
+        if before.is_some() != after.is_some() {
+            let n = counts.get(tenant).copied().unwrap_or(0);
+            self.publish_metric(ONLINE_METRIC, tenant, &Json::from(n));
+        }
+        let online: usize = counts.values().sum();
         metrics::gauge!("pulse_presence_online").set(online as f64);
     }
 
@@ -789,6 +817,13 @@ impl Hub {
 
     fn remove_kind(&mut self, session: SessionId, id: &str, kind: SubKind) {
         metrics::gauge!("pulse_subscriptions").decrement(1.0);
+        let user = self.user_key(session);
+        if let Some(n) = self.per_user.get_mut(&user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_user.remove(&user);
+            }
+        }
         let me = |m: &(SessionId, String)| m.0 == session && m.1 == id;
         self.pending.remove(&(session, id.to_string()));
         match kind {
@@ -836,6 +871,7 @@ impl Hub {
     /// A session ended: everything it held goes.
     pub fn remove_session(&mut self, session: SessionId) {
         self.drop_subscriptions(session);
+        self.user_of.remove(&session);
         self.sessions.remove(&session);
         self.leave_session(session);
     }

@@ -258,6 +258,9 @@ impl Engine {
         let started = Instant::now();
         let max = self.limits.subscriptions;
         let p = &c.principal;
+        if let Some(user) = &p.user {
+            self.hub().bind_user(c.session, user);
+        }
         let r = match query {
             "presence" => {
                 let tenant = Self::tenant_of(p, args)?;
@@ -343,12 +346,38 @@ impl Engine {
             }
             q if q.starts_with("metric:") => {
                 let name = &q["metric:".len()..];
+                let tenant =
+                    Self::tenant_of(p, args)?.ok_or_else(|| invalid("args.tenant", "name the tenant"))?;
+                if name == hub::ONLINE_METRIC {
+                    check(
+                        authorize(
+                            p,
+                            Capability::SeeMetrics,
+                            &Target {
+                                tenant: Some(&tenant),
+                                ..Target::default()
+                            },
+                        ),
+                        "metrics",
+                    )?;
+                    let mut hub = self.hub();
+                    let v = json!(hub.online_counts().get(&tenant).copied().unwrap_or(0));
+                    hub.subscribe_metric(c.session, id, name, &tenant, max)
+                        .map_err(|e| sub_error(e, id))?;
+                    hub.deliver(
+                        c.session,
+                        ServerFrame::Result {
+                            id: id.into(),
+                            cursor: None,
+                            data: json!({ "value": v }),
+                        },
+                    );
+                    return Ok(());
+                }
                 let m =
                     self.schema.metrics.get(name).ok_or_else(|| {
                         err(ErrorCode::NotFound, format!("no metric {name:?} in the schema"))
                     })?;
-                let tenant =
-                    Self::tenant_of(p, args)?.ok_or_else(|| invalid("args.tenant", "name the tenant"))?;
                 check(
                     authorize(
                         p,
@@ -622,12 +651,27 @@ impl Engine {
             }
             q if q.starts_with("metric:") => {
                 let name = &q["metric:".len()..];
+                let tenant =
+                    Self::tenant_of(p, args)?.ok_or_else(|| invalid("args.tenant", "name the tenant"))?;
+                if name == hub::ONLINE_METRIC {
+                    check(
+                        authorize(
+                            p,
+                            Capability::SeeMetrics,
+                            &Target {
+                                tenant: Some(&tenant),
+                                ..Target::default()
+                            },
+                        ),
+                        "metrics",
+                    )?;
+                    let n = self.hub().online_counts().get(&tenant).copied().unwrap_or(0);
+                    return Ok(json!({ "value": n }));
+                }
                 let m =
                     self.schema.metrics.get(name).ok_or_else(|| {
                         err(ErrorCode::NotFound, format!("no metric {name:?} in the schema"))
                     })?;
-                let tenant =
-                    Self::tenant_of(p, args)?.ok_or_else(|| invalid("args.tenant", "name the tenant"))?;
                 check(
                     authorize(
                         p,

@@ -449,7 +449,7 @@ pub async fn create_upload_ticket(
             "expected a schema-qualified table such as public.members",
         ));
     }
-    let client = app.pool.get().await?;
+    let mut client = app.pool.get().await?;
     if let (Some(size), Some(quota)) = (request.size, config.files.quota_for(&tenant)) {
         let row = client
             .query_opt(
@@ -474,8 +474,11 @@ pub async fn create_upload_ticket(
         Some(a) => (Some(a.table.clone()), Some(a.id.clone())),
         None => (None, None),
     };
-    client
-        .execute(
+    // A ticket lost in a crash is simply asked for again: its commit need not wait for
+    // the disk.
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit TO off").await?;
+    tx.execute(
             "INSERT INTO pulse.upload_tickets
                 (id, tenant, owner, name, max_bytes, content_types, public, attached_table, attached_id, expires_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10))",
@@ -493,6 +496,7 @@ pub async fn create_upload_ticket(
             ],
         )
         .await?;
+    tx.commit().await?;
     let sig = app.files.sign("upload", id, expires);
     let path = format!("/files/upload/{id}?expires={expires}&sig={sig}");
     let base = app.platform().deployment_url;
@@ -592,6 +596,10 @@ where
     // upload still uses up its ticket.
     let mut client = app.pool.get().await?;
     let tx = client.transaction().await?;
+    // No need to wait for this commit to reach disk: the upload's final commit flushes
+    // the WAL up to and including it, and a claim lost in a crash only means the ticket
+    // could be used once more for an upload that never completed.
+    tx.batch_execute("SET LOCAL synchronous_commit TO off").await?;
     let row = tx
         .query_opt(
             "UPDATE pulse.upload_tickets SET used_at = now()
