@@ -362,8 +362,17 @@ async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
     refused
         .wait_for(&["○ disconnected", "the deploy key is wrong"], WAIT)
         .await;
-    refused.keys(&["q"]);
-    refused.wait_for(&["pulsetop exited with 0"], WAIT).await;
+    // SIGTERM ends it like q: cleanly, terminal restored.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(refused.command_pid() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    let screen = refused.wait_for(&["pulsetop exited with 0"], WAIT).await;
+    assert!(
+        !screen.contains("disconnected"),
+        "the console was not cleared:\n{screen}"
+    );
 
     // pulsed goes away: the status bar says so and the console keeps running; pulsed
     // comes back on the same socket: the console reconnects by itself.
