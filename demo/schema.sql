@@ -56,3 +56,9 @@ CREATE TABLE app_notification (
     body            text NOT NULL DEFAULT '',
     created_at      timestamptz NOT NULL DEFAULT now()
 );
+
+-- Pulse sees the old row of every update and delete (rows leaving a filter or a
+-- tenant, metrics moving down): live tables and metric tables need the full row.
+ALTER TABLE member REPLICA IDENTITY FULL;
+ALTER TABLE payment REPLICA IDENTITY FULL;
+ALTER TABLE registration REPLICA IDENTITY FULL;

@@ -2,7 +2,7 @@
 # against are installed and running. Installs with apt-get only when run as root;
 # otherwise says what to install.
 
-PULSE_APT_PACKAGES="systemd postgresql postgresql-client rabbitmq-server tmux php-cli php-amqp php-symfony-messenger php-symfony-amqp-messenger"
+PULSE_APT_PACKAGES="systemd postgresql postgresql-client rabbitmq-server tmux php-cli php-amqp php-symfony-messenger php-symfony-amqp-messenger php-symfony-serializer php-symfony-property-access"
 
 log() { printf '==> %s\n' "$*" >&2; }
 
@@ -98,4 +98,20 @@ free_port() {
 # as_postgres CMD...: runs a PostgreSQL tool as the postgres user when we are root.
 as_postgres() {
     if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# ensure_moto: moto's S3-compatible server (PyPI `moto[server]`), for the S3 backend
+# tests, in a virtualenv under target/; exports PULSE_TEST_MOTO for the tests.
+ensure_moto() {
+    if [ -n "${PULSE_TEST_MOTO:-}" ]; then return 0; fi
+    local venv="target/moto-venv"
+    if [ ! -x "$venv/bin/moto_server" ]; then
+        log "installing moto[server] (an S3-compatible server for the S3 backend tests) into $venv"
+        if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q 'moto[server]'; }; then
+            log "could not install moto[server]; the S3 backend test will fail and say so"
+            return 0
+        fi
+    fi
+    PULSE_TEST_MOTO="$PWD/$venv/bin/moto_server"
+    export PULSE_TEST_MOTO
 }

@@ -8,6 +8,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod cdc;
+mod fanout;
+mod files;
+mod latency;
+mod webhooks;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "pulse-bench",
@@ -38,7 +44,29 @@ enum Bench {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let name = format!("{:?}", cli.bench).to_lowercase();
-    eprintln!("pulse-bench {name}: this benchmark is not written yet; see the open issues");
-    ExitCode::from(2)
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pulse-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.bench {
+            Bench::Cdc => cdc::run(cli.quick).await,
+            Bench::Latency => latency::run(cli.quick).await,
+            Bench::Fanout => fanout::run(cli.quick).await,
+            Bench::Webhooks => webhooks::run(cli.quick)
+                .await
+                .map(|summary| println!("{summary}")),
+            Bench::Files => files::run(cli.quick).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pulse-bench {:?} failed: {e:#}", cli.bench);
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -156,6 +156,22 @@ pub struct Transaction {
     pub commit_time: chrono::DateTime<chrono::Utc>,
     /// Changes in commit order.
     pub changes: Vec<Change>,
+    /// Transactional logical decoding messages (`pg_logical_emit_message(true, …)`), in
+    /// order. Empty for nearly every transaction.
+    pub messages: Vec<LogicalMessage>,
+}
+
+/// A logical decoding message written with `pg_logical_emit_message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogicalMessage {
+    /// Its WAL position.
+    pub lsn: Lsn,
+    /// The prefix chosen by the writer.
+    pub prefix: String,
+    /// The content.
+    pub content: Vec<u8>,
+    /// Written inside the transaction (else it was emitted at once, outside any).
+    pub transactional: bool,
 }
 
 #[cfg(test)]

@@ -128,6 +128,12 @@ pub const KEYS: &[KeySpec] = &[
         "Warn when the slot retains more WAL than this many MiB.",
     ),
     key(
+        "replication.sink",
+        "engine",
+        KeyKind::Choice(&["engine", "checkpoint", "ledger"]),
+        "Consumer of the change stream: engine (live tables, metrics, notifications), checkpoint (persist the position only) or ledger (also record every change in pulse.cdc_ledger, for diagnostics and tests).",
+    ),
+    key(
         "http.listen",
         "127.0.0.1:8080",
         KeyKind::SocketAddr,
@@ -164,6 +170,78 @@ pub const KEYS: &[KeySpec] = &[
         "RabbitMQ URL for webhooks and commands; empty runs without a broker.",
     ),
     key(
+        "amqp.exchange",
+        "pulse.events",
+        KeyKind::Text,
+        "Exchange the relay publishes events to, with the event name as routing key.",
+    ),
+    key(
+        "amqp.declare_topology",
+        "true",
+        KeyKind::Bool,
+        "Declare the exchange and queues (durable) at connect; false: Symfony owns the topology and pulsed only checks it (passive declare).",
+    ),
+    key(
+        "amqp.commands_queue",
+        "pulse.commands",
+        KeyKind::Text,
+        "Queue of commands from Symfony; empty turns the command consumer off.",
+    ),
+    key(
+        "amqp.commands_dead_letter_queue",
+        "pulse.commands.dead",
+        KeyKind::Text,
+        "Queue invalid or refused commands are moved to, with the reason in the x-pulse-reason header.",
+    ),
+    key(
+        "amqp.commands_prefetch",
+        "16",
+        KeyKind::Integer,
+        "Commands taken from the queue before earlier ones are acknowledged.",
+    ),
+    key(
+        "amqp.publish_batch",
+        "500",
+        KeyKind::Integer,
+        "Outbox events published per relay round before their confirms are awaited.",
+    ),
+    key(
+        "amqp.max_attempts",
+        "10",
+        KeyKind::Integer,
+        "Failed publishes (returned or nacked) after which an event moves to the dead-letter table.",
+    ),
+    key(
+        "amqp.retry_base_ms",
+        "500",
+        KeyKind::Integer,
+        "First retry delay of a failed publish, doubled each attempt.",
+    ),
+    key(
+        "amqp.retry_max_ms",
+        "60000",
+        KeyKind::Integer,
+        "Cap of the publish retry delay and of the reconnect delay.",
+    ),
+    key(
+        "amqp.class_namespace",
+        "App\\Message\\Pulse",
+        KeyKind::Text,
+        "PHP namespace of event classes: presence.joined is sent as <namespace>\\PresenceJoined.",
+    ),
+    key(
+        "amqp.events",
+        "",
+        KeyKind::List,
+        "Events sent to Symfony; empty means all of them.",
+    ),
+    key(
+        "amqp.presence_debounce_ms",
+        "5000",
+        KeyKind::Integer,
+        "A presence left followed by a join within this time sends neither event.",
+    ),
+    key(
         "storage.backend",
         "local",
         KeyKind::Choice(&["local", "s3"]),
@@ -173,7 +251,7 @@ pub const KEYS: &[KeySpec] = &[
         "storage.path",
         "pulse-data/files",
         KeyKind::Path,
-        "Directory of the local file store.",
+        "Directory of the local file store; with storage.backend = s3, where uploads are staged.",
     ),
     key(
         "storage.s3.endpoint",
@@ -195,6 +273,60 @@ pub const KEYS: &[KeySpec] = &[
         "true",
         KeyKind::Bool,
         "Path-style bucket addressing (most self-hosted S3 servers need it).",
+    ),
+    key(
+        "storage.quota_bytes",
+        "1073741824",
+        KeyKind::Integer,
+        "Storage quota of each tenant, in bytes (1 GiB); 0 means no quota.",
+    ),
+    key(
+        "storage.tenant_quota_bytes",
+        "",
+        KeyKind::List,
+        "Per-tenant quota overrides, as tenant=bytes pairs (0 means no quota).",
+    ),
+    key(
+        "storage.tenant_max_upload_bytes",
+        "",
+        KeyKind::List,
+        "Per-tenant overrides of limits.max_upload_bytes, as tenant=bytes pairs.",
+    ),
+    key(
+        "storage.allowed_content_types",
+        "image/png,image/jpeg,image/gif,image/webp,application/pdf,text/plain,text/csv,application/json,application/zip,application/octet-stream",
+        KeyKind::List,
+        "Content types an upload may declare; the first bytes must agree with the declared type.",
+    ),
+    key(
+        "storage.upload_ticket_ttl_secs",
+        "900",
+        KeyKind::Integer,
+        "How long an upload URL stays valid, in seconds.",
+    ),
+    key(
+        "storage.signed_url_ttl_secs",
+        "300",
+        KeyKind::Integer,
+        "Default lifetime of a signed download URL, in seconds.",
+    ),
+    key(
+        "storage.signing_secret",
+        "",
+        KeyKind::Secret,
+        "Secret signing upload and download URLs (at least 32 characters); empty means a random one per process, which breaks URLs across instances and restarts.",
+    ),
+    key(
+        "storage.encryption_key",
+        "",
+        KeyKind::Secret,
+        "AES-256-GCM key for encryption at rest, 32 bytes in base64; empty stores files in clear.",
+    ),
+    key(
+        "storage.encryption_previous_keys",
+        "",
+        KeyKind::Secret,
+        "Earlier encryption keys (base64, comma-separated), still used to read files written with them.",
     ),
     key(
         "platform.deployment_url",
@@ -243,6 +375,138 @@ pub const KEYS: &[KeySpec] = &[
         "10",
         KeyKind::Integer,
         "How long a graceful stop lets in-flight work finish, in seconds.",
+    ),
+    key(
+        "auth.issuer",
+        "",
+        KeyKind::Text,
+        "Issuer (iss) of the JWTs Symfony signs with auth.hs256_secret or auth.public_key_path; empty turns tokens off.",
+    ),
+    key(
+        "auth.audience",
+        "",
+        KeyKind::Text,
+        "Audience (aud) tokens must carry; empty skips the audience check.",
+    ),
+    key(
+        "auth.hs256_secret",
+        "",
+        KeyKind::Secret,
+        "HS256 shared secret of the issuer (at least 32 characters).",
+    ),
+    key(
+        "auth.public_key_path",
+        "",
+        KeyKind::Path,
+        "RS256 or ES256 public key in PEM (LexikJWTAuthenticationBundle's public.pem).",
+    ),
+    key(
+        "auth.key_id",
+        "",
+        KeyKind::Text,
+        "Key id (kid) of the secret or PEM key; empty matches tokens without a kid.",
+    ),
+    key(
+        "auth.jwks_path",
+        "",
+        KeyKind::Path,
+        "A JWKS file of public keys (each with a kid).",
+    ),
+    key(
+        "auth.jwks_issuer",
+        "",
+        KeyKind::Text,
+        "Issuer the JWKS keys belong to; empty means auth.issuer.",
+    ),
+    key(
+        "auth.leeway_secs",
+        "30",
+        KeyKind::Integer,
+        "Clock skew allowed on exp and nbf, in seconds.",
+    ),
+    key(
+        "auth.user_claim",
+        "sub",
+        KeyKind::Text,
+        "Claim holding the user id.",
+    ),
+    key(
+        "auth.tenant_claim",
+        "tenant_id",
+        KeyKind::Text,
+        "Claim holding the tenant id.",
+    ),
+    key(
+        "auth.roles_claim",
+        "roles",
+        KeyKind::Text,
+        "Claim holding the Symfony role names.",
+    ),
+    key(
+        "schema.path",
+        "",
+        KeyKind::Path,
+        "The declarative schema (TOML): live tables, metrics, notifications, mutations, role mapping; empty: none.",
+    ),
+    key(
+        "limits.max_connections",
+        "20000",
+        KeyKind::Integer,
+        "Most WebSocket connections at once; more are refused with 503.",
+    ),
+    key(
+        "limits.connections_per_ip",
+        "200",
+        KeyKind::Integer,
+        "Most WebSocket connections from one IP address.",
+    ),
+    key(
+        "limits.http_requests_per_sec_per_ip",
+        "50",
+        KeyKind::Integer,
+        "HTTP polling requests per second from one IP address (429 with Retry-After beyond).",
+    ),
+    key(
+        "limits.frames_per_sec_per_user",
+        "100",
+        KeyKind::Integer,
+        "Client frames per second per user (rate_limited beyond).",
+    ),
+    key(
+        "limits.subscriptions_per_user",
+        "100",
+        KeyKind::Integer,
+        "Live subscriptions one user may hold at once.",
+    ),
+    key(
+        "limits.presence_ttl_secs",
+        "30",
+        KeyKind::Integer,
+        "A user is offline this long after their last heartbeat.",
+    ),
+    key(
+        "limits.history_updates",
+        "10000",
+        KeyKind::Integer,
+        "Live-table updates kept for resume; older cursors get a resnapshot.",
+    ),
+    key(
+        "jobs.enabled",
+        "true",
+        KeyKind::Bool,
+        "Run scheduled jobs on this instance (each run still takes the job's advisory lock).",
+    ),
+    key(
+        "jobs.prune_outbox",
+        "0 */10 * * * *",
+        KeyKind::Text,
+        "Cron schedule (5 or 6 fields, UTC) of the job deleting delivered outbox rows; empty turns it off.",
+    ),
+    key(
+        "jobs.outbox_retention_hours",
+        "24",
+        KeyKind::Integer,
+        "Delivered outbox rows older than this many hours are deleted by prune_outbox.",
     ),
     key(
         "log.level",
@@ -392,6 +656,19 @@ pub struct ReplicationConfig {
     pub schema: String,
     /// Retained-WAL warning threshold.
     pub max_retained_wal_bytes: u64,
+    /// Which consumer pulsed runs on the stream.
+    pub sink: SinkKind,
+}
+
+/// The consumer of the change stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    /// The realtime engine (live tables, metrics, notifications).
+    Engine,
+    /// Persist the position only.
+    Checkpoint,
+    /// Record every change in `pulse.cdc_ledger` too.
+    Ledger,
 }
 
 /// Where files go.
@@ -416,7 +693,50 @@ pub enum StorageConfig {
         secret_access_key: Secret,
         /// Path-style addressing.
         path_style: bool,
+        /// Local folder where uploads are staged before they go to the bucket.
+        staging: PathBuf,
     },
+}
+
+/// File storage policy: quotas, limits, URL signing, encryption at rest.
+#[derive(Debug, Clone)]
+pub struct FilesConfig {
+    /// Quota of a tenant without an override; `None` is no quota.
+    pub quota_bytes: Option<u64>,
+    /// Per-tenant quota overrides (`None`: no quota for that tenant).
+    pub tenant_quota_bytes: BTreeMap<String, Option<u64>>,
+    /// Per-tenant upload size limits, overriding `limits.max_upload_bytes`.
+    pub tenant_max_upload_bytes: BTreeMap<String, u64>,
+    /// Content types an upload may declare.
+    pub allowed_content_types: Vec<String>,
+    /// Lifetime of an upload ticket.
+    pub upload_ticket_ttl: Duration,
+    /// Default lifetime of a signed download URL.
+    pub signed_url_ttl: Duration,
+    /// HMAC key of upload and download URLs; empty means one random per process.
+    pub signing_secret: Secret,
+    /// The AES-256 key new files are encrypted with; `None` stores in clear.
+    pub encryption_key: Option<[u8; 32]>,
+    /// Keys files written earlier may use, for reading only.
+    pub previous_encryption_keys: Vec<[u8; 32]>,
+}
+
+impl FilesConfig {
+    /// The quota of `tenant`, `None` when unlimited.
+    pub fn quota_for(&self, tenant: &str) -> Option<u64> {
+        match self.tenant_quota_bytes.get(tenant) {
+            Some(q) => *q,
+            None => self.quota_bytes,
+        }
+    }
+
+    /// The largest upload `tenant` may make, given the global limit.
+    pub fn max_upload_for(&self, tenant: &str, global: u64) -> u64 {
+        self.tenant_max_upload_bytes
+            .get(tenant)
+            .copied()
+            .unwrap_or(global)
+    }
 }
 
 /// The four platform settings of the product page, as defaults: the live values are in
@@ -444,6 +764,89 @@ pub struct Limits {
     pub job_timeout: Duration,
     /// Graceful stop bound.
     pub shutdown_grace: Duration,
+    /// WebSocket connections at once.
+    pub max_connections: u64,
+    /// WebSocket connections per IP.
+    pub connections_per_ip: u64,
+    /// Polling requests per second per IP.
+    pub http_requests_per_sec_per_ip: u64,
+    /// Client frames per second per user.
+    pub frames_per_sec_per_user: u64,
+    /// Subscriptions per user.
+    pub subscriptions_per_user: u64,
+    /// Presence lifetime after the last heartbeat.
+    pub presence_ttl: Duration,
+    /// Updates kept for resume.
+    pub history_updates: u64,
+}
+
+/// JWT verification settings (see `crate::auth`).
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Issuer of the secret and PEM keys.
+    pub issuer: String,
+    /// Required audience, empty for none.
+    pub audience: String,
+    /// HS256 secret.
+    pub hs256_secret: Secret,
+    /// RS256/ES256 PEM public key.
+    pub public_key_path: Option<PathBuf>,
+    /// JWKS file.
+    pub jwks_path: Option<PathBuf>,
+    /// Issuer of the JWKS keys (empty: `issuer`).
+    pub jwks_issuer: String,
+    /// kid of the secret / PEM key.
+    pub key_id: String,
+    /// Leeway on exp / nbf.
+    pub leeway_secs: u64,
+    /// User id claim.
+    pub user_claim: String,
+    /// Tenant id claim.
+    pub tenant_claim: String,
+    /// Roles claim.
+    pub roles_claim: String,
+}
+
+/// RabbitMQ settings: webhooks out, commands in.
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    /// Broker URL (contains the password).
+    pub url: Secret,
+    /// Exchange events are published to.
+    pub exchange: String,
+    /// Declare the topology (true) or only check it passively (Symfony owns it).
+    pub declare_topology: bool,
+    /// Commands queue; `None` turns the consumer off.
+    pub commands_queue: Option<String>,
+    /// Dead-letter queue of refused commands.
+    pub commands_dead_letter_queue: String,
+    /// Unacknowledged commands in flight.
+    pub commands_prefetch: u16,
+    /// Events published per relay round.
+    pub publish_batch: usize,
+    /// Failed publishes before the dead-letter table.
+    pub max_attempts: u32,
+    /// First publish retry delay.
+    pub retry_base: Duration,
+    /// Cap of retry and reconnect delays.
+    pub retry_max: Duration,
+    /// PHP namespace of event classes.
+    pub class_namespace: String,
+    /// Events sent; empty means all.
+    pub events: Vec<String>,
+    /// Presence flap window.
+    pub presence_debounce: Duration,
+}
+
+/// Scheduled jobs.
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    /// Whether this instance runs schedules.
+    pub enabled: bool,
+    /// Schedules by job name (only jobs with a non-empty schedule).
+    pub schedules: Vec<(String, String)>,
+    /// Retention of delivered outbox rows.
+    pub outbox_retention: Duration,
 }
 
 /// How logs are written.
@@ -480,12 +883,22 @@ pub struct Config {
     pub admin_socket_mode: u32,
     /// Broker; `None` runs without one.
     pub amqp_url: Option<Secret>,
+    /// Broker settings; `None` when amqp.url is empty (no webhooks, no commands).
+    pub amqp: Option<AmqpConfig>,
+    /// Scheduled jobs.
+    pub jobs: JobsConfig,
     /// File storage.
     pub storage: StorageConfig,
+    /// File storage policy.
+    pub files: FilesConfig,
     /// Platform settings defaults.
     pub platform: PlatformDefaults,
     /// Reloadable limits.
     pub limits: Limits,
+    /// JWT verification.
+    pub auth: AuthConfig,
+    /// The schema file, if any.
+    pub schema_path: Option<PathBuf>,
     /// Log filter.
     pub log_level: String,
     /// Log output.
@@ -854,6 +1267,206 @@ impl Validator<'_> {
         }
     }
 
+    fn amqp(&mut self, url: Option<Option<Secret>>) -> Option<Option<AmqpConfig>> {
+        let name = |v: &mut Self, key: &str, may_be_empty: bool| -> Option<String> {
+            let t = v.text(key);
+            // AMQP short strings: at most 255 bytes; no control characters.
+            if (t.is_empty() && !may_be_empty) || t.len() > 255 || t.chars().any(char::is_control) {
+                v.fail(key, "expected a name of 1 to 255 printable characters");
+                None
+            } else {
+                Some(t)
+            }
+        };
+        let exchange = name(self, "amqp.exchange", false);
+        let declare_topology = self.bool("amqp.declare_topology");
+        let commands_queue = name(self, "amqp.commands_queue", true);
+        let dlq = name(self, "amqp.commands_dead_letter_queue", false);
+        let prefetch = self.int("amqp.commands_prefetch", 1, 10_000);
+        let batch = self.int("amqp.publish_batch", 1, 100_000);
+        let max_attempts = self.int("amqp.max_attempts", 1, 1_000_000);
+        let retry_base = self.int("amqp.retry_base_ms", 1, 3_600_000);
+        let retry_max = self.int("amqp.retry_max_ms", 1, 86_400_000);
+        let class_namespace = {
+            let t = self.text("amqp.class_namespace");
+            let ok = !t.is_empty()
+                && t.split('\\').all(|part| {
+                    part.chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                        && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                });
+            if ok {
+                Some(t)
+            } else {
+                self.fail(
+                    "amqp.class_namespace",
+                    "expected a PHP namespace such as App\\Message\\Pulse",
+                );
+                None
+            }
+        };
+        let events = self.list("amqp.events");
+        for e in &events {
+            if !crate::outbox::EVENTS.contains(&e.as_str()) {
+                self.fail(
+                    "amqp.events",
+                    format!(
+                        "unknown event {e:?}; the events are {}",
+                        crate::outbox::EVENTS.join(", ")
+                    ),
+                );
+            }
+        }
+        let debounce = self.int("amqp.presence_debounce_ms", 0, 3_600_000);
+        let url = url?;
+        let Some(url) = url else {
+            return Some(None);
+        };
+        Some(Some(AmqpConfig {
+            url,
+            exchange: exchange?,
+            declare_topology: declare_topology?,
+            commands_queue: commands_queue.map(|q| if q.is_empty() { None } else { Some(q) })?,
+            commands_dead_letter_queue: dlq?,
+            commands_prefetch: prefetch? as u16,
+            publish_batch: batch? as usize,
+            max_attempts: max_attempts? as u32,
+            retry_base: Duration::from_millis(retry_base?),
+            retry_max: Duration::from_millis(retry_max?),
+            class_namespace: class_namespace?,
+            events,
+            presence_debounce: Duration::from_millis(debounce?),
+        }))
+    }
+
+    fn jobs(&mut self) -> Option<JobsConfig> {
+        let enabled = self.bool("jobs.enabled");
+        let mut schedules = Vec::new();
+        for spec in KEYS.iter().filter(|k| k.key.starts_with("jobs.")) {
+            // Schedules are the jobs.* text keys; the other jobs.* keys are numbers or flags.
+            if spec.kind != KeyKind::Text {
+                continue;
+            }
+            let t = self.text(spec.key);
+            if t.is_empty() {
+                continue;
+            }
+            match t.parse::<croner::Cron>() {
+                Ok(_) => schedules.push((spec.key["jobs.".len()..].to_string(), t)),
+                Err(e) => self.fail(
+                    spec.key,
+                    format!("expected a cron expression of 5 or 6 fields such as 0 */10 * * * *: {e}"),
+                ),
+            }
+        }
+        let retention = self.int("jobs.outbox_retention_hours", 1, 24 * 3650);
+        Some(JobsConfig {
+            enabled: enabled?,
+            schedules,
+            outbox_retention: Duration::from_secs(retention? * 3600),
+        })
+    }
+
+    /// `tenant=bytes` pairs of a list key.
+    fn tenant_bytes(&mut self, key: &str) -> Option<BTreeMap<String, u64>> {
+        let mut out = BTreeMap::new();
+        let mut ok = true;
+        for item in self.list(key) {
+            match item
+                .split_once('=')
+                .map(|(t, n)| (t.trim(), n.trim().parse::<u64>()))
+            {
+                Some((t, Ok(n))) if !t.is_empty() => {
+                    out.insert(t.to_string(), n);
+                }
+                _ => {
+                    self.fail(
+                        key,
+                        format!("{item:?} is not a tenant=bytes pair such as club-a=1073741824"),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+
+    /// A 32-byte key in base64.
+    fn aes_key(&mut self, key: &str, text: &str) -> Option<[u8; 32]> {
+        use base64::Engine as _;
+        match base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+        {
+            Some(k) => Some(k),
+            None => {
+                self.fail(
+                    key,
+                    "expected 32 bytes in base64 (generate one with `openssl rand -base64 32`)",
+                );
+                None
+            }
+        }
+    }
+
+    fn files(&mut self) -> Option<FilesConfig> {
+        let quota = self.int("storage.quota_bytes", 0, u64::MAX >> 2);
+        let tenant_quota = self.tenant_bytes("storage.tenant_quota_bytes");
+        let tenant_max = self.tenant_bytes("storage.tenant_max_upload_bytes");
+        let allowed = self.list("storage.allowed_content_types");
+        for t in &allowed {
+            if !t.contains('/') || t.contains(char::is_whitespace) {
+                self.fail(
+                    "storage.allowed_content_types",
+                    format!("{t:?} is not a content type such as image/png"),
+                );
+            }
+        }
+        let ticket_ttl = self.int("storage.upload_ticket_ttl_secs", 10, 7 * 86_400);
+        let signed_ttl = self.int("storage.signed_url_ttl_secs", 10, 30 * 86_400);
+        let signing = self.raw("storage.signing_secret").text.clone();
+        let signing_ok = if !signing.is_empty() && signing.len() < 32 {
+            self.fail(
+                "storage.signing_secret",
+                format!("too short: {} characters, at least 32 are needed (generate one with `openssl rand -hex 32`)", signing.len()),
+            );
+            false
+        } else {
+            true
+        };
+        let enc_text = self.raw("storage.encryption_key").text.clone();
+        let encryption_key = if enc_text.trim().is_empty() {
+            Some(None)
+        } else {
+            self.aes_key("storage.encryption_key", &enc_text).map(Some)
+        };
+        let prev_text = self.raw("storage.encryption_previous_keys").text.clone();
+        let mut previous = Vec::new();
+        let mut prev_ok = true;
+        for part in prev_text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match self.aes_key("storage.encryption_previous_keys", part) {
+                Some(k) => previous.push(k),
+                None => prev_ok = false,
+            }
+        }
+        Some(FilesConfig {
+            quota_bytes: quota.map(|q| (q > 0).then_some(q))?,
+            tenant_quota_bytes: tenant_quota?
+                .into_iter()
+                .map(|(t, q)| (t, (q > 0).then_some(q)))
+                .collect(),
+            tenant_max_upload_bytes: tenant_max?,
+            allowed_content_types: allowed.into_iter().map(|t| t.to_ascii_lowercase()).collect(),
+            upload_ticket_ttl: Duration::from_secs(ticket_ttl?),
+            signed_url_ttl: Duration::from_secs(signed_ttl?),
+            signing_secret: signing_ok.then(|| Secret::new(signing))?,
+            encryption_key: encryption_key?,
+            previous_encryption_keys: prev_ok.then_some(previous)?,
+        })
+    }
+
     fn build(&mut self) -> Option<Config> {
         let source_db = self.db("source.url");
         let state_db = if self.text("state.url").is_empty() {
@@ -875,6 +1488,11 @@ impl Validator<'_> {
         }
         let schema = self.nonempty("replication.schema");
         let max_wal = self.int("replication.max_retained_wal_mb", 1, 1 << 30);
+        let sink = self.choice("replication.sink").map(|s| match s.as_str() {
+            "ledger" => SinkKind::Ledger,
+            "checkpoint" => SinkKind::Checkpoint,
+            _ => SinkKind::Engine,
+        });
         let http_listen = self.addr("http.listen");
         let cors_origins = self.list("http.cors_origins");
         for o in &cors_origins {
@@ -935,7 +1553,16 @@ impl Validator<'_> {
                 let access_key_id = self.nonempty("storage.s3.access_key_id");
                 let secret = self.nonempty("storage.s3.secret_access_key");
                 let path_style = self.bool("storage.s3.path_style");
-                match (endpoint, bucket, region, access_key_id, secret, path_style) {
+                let staging = self.nonempty("storage.path");
+                match (
+                    endpoint,
+                    bucket,
+                    region,
+                    access_key_id,
+                    secret,
+                    path_style,
+                    staging,
+                ) {
                     (
                         Some(endpoint),
                         Some(bucket),
@@ -943,7 +1570,9 @@ impl Validator<'_> {
                         Some(access_key_id),
                         Some(s),
                         Some(path_style),
+                        Some(staging),
                     ) => Some(StorageConfig::S3 {
+                        staging: PathBuf::from(staging),
                         endpoint,
                         bucket,
                         region,
@@ -956,6 +1585,7 @@ impl Validator<'_> {
             }
             _ => None,
         };
+        let files = self.files();
         let deployment_url = {
             let t = self.text("platform.deployment_url");
             if url::Url::parse(&t)
@@ -977,12 +1607,40 @@ impl Validator<'_> {
                 Some(Secret::new(t))
             }
         };
+        let amqp = self.amqp(amqp_url.clone());
+        let jobs = self.jobs();
         let enable_realtime = self.bool("platform.enable_realtime");
         let sync_interval_ms = self.int("platform.sync_interval_ms", 100, 3_600_000);
         let max_upload = self.int("limits.max_upload_bytes", 1, 5 << 30);
         let fn_timeout = self.int("limits.function_timeout_secs", 1, 3600);
         let job_timeout = self.int("limits.job_timeout_secs", 1, 86_400);
         let grace = self.int("limits.shutdown_grace_secs", 1, 600);
+        let max_connections = self.int("limits.max_connections", 1, 1_000_000);
+        let connections_per_ip = self.int("limits.connections_per_ip", 1, 1_000_000);
+        let http_rps = self.int("limits.http_requests_per_sec_per_ip", 1, 1_000_000);
+        let frames_ps = self.int("limits.frames_per_sec_per_user", 1, 1_000_000);
+        let subs = self.int("limits.subscriptions_per_user", 1, 100_000);
+        let presence_ttl = self.int("limits.presence_ttl_secs", 1, 3600);
+        let history = self.int("limits.history_updates", 0, 10_000_000);
+        let leeway = self.int("auth.leeway_secs", 0, 600);
+        let opt_path = |v: &Self, k: &str| {
+            let t = v.text(k);
+            (!t.is_empty()).then(|| PathBuf::from(t))
+        };
+        let auth = AuthConfig {
+            issuer: self.text("auth.issuer"),
+            audience: self.text("auth.audience"),
+            hs256_secret: Secret::new(self.raw("auth.hs256_secret").text.clone()),
+            public_key_path: opt_path(self, "auth.public_key_path"),
+            jwks_path: opt_path(self, "auth.jwks_path"),
+            jwks_issuer: self.text("auth.jwks_issuer"),
+            key_id: self.text("auth.key_id"),
+            leeway_secs: leeway.unwrap_or(30),
+            user_claim: self.nonempty("auth.user_claim").unwrap_or_default(),
+            tenant_claim: self.nonempty("auth.tenant_claim").unwrap_or_default(),
+            roles_claim: self.nonempty("auth.roles_claim").unwrap_or_default(),
+        };
+        let schema_path = opt_path(self, "schema.path");
         let log_level = {
             let t = self.text("log.level");
             match tracing_subscriber::EnvFilter::try_new(&t) {
@@ -1022,6 +1680,7 @@ impl Validator<'_> {
                 tables,
                 schema: schema?,
                 max_retained_wal_bytes: max_wal? * 1024 * 1024,
+                sink: sink?,
             },
             http_listen: http_listen?,
             cors_origins,
@@ -1029,7 +1688,10 @@ impl Validator<'_> {
             admin_socket: admin_socket?,
             admin_socket_mode: admin_socket_mode?,
             amqp_url: amqp_url?,
+            amqp: amqp?,
+            jobs: jobs?,
             storage: storage?,
+            files: files?,
             platform: PlatformDefaults {
                 deployment_url: deployment_url?,
                 deploy_key: deploy_key?,
@@ -1041,7 +1703,16 @@ impl Validator<'_> {
                 function_timeout: Duration::from_secs(fn_timeout?),
                 job_timeout: Duration::from_secs(job_timeout?),
                 shutdown_grace: Duration::from_secs(grace?),
+                max_connections: max_connections?,
+                connections_per_ip: connections_per_ip?,
+                http_requests_per_sec_per_ip: http_rps?,
+                frames_per_sec_per_user: frames_ps?,
+                subscriptions_per_user: subs?,
+                presence_ttl: Duration::from_secs(presence_ttl?),
+                history_updates: history?,
             },
+            auth,
+            schema_path,
             log_level: log_level?,
             log_format: log_format?,
             effective,
@@ -1221,6 +1892,53 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for k in KEYS {
             assert!(seen.insert(k.key), "{} declared twice", k.key);
+        }
+    }
+
+    #[test]
+    fn file_storage_keys_parse_overrides_and_refuse_bad_keys() {
+        let c = load(
+            &[
+                ("PULSE__STORAGE__QUOTA_BYTES", "1000"),
+                ("PULSE__STORAGE__TENANT_QUOTA_BYTES", "club-a=5000, club-b=0"),
+                ("PULSE__STORAGE__TENANT_MAX_UPLOAD_BYTES", "club-a=10"),
+                (
+                    "PULSE__STORAGE__ENCRYPTION_KEY",
+                    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                ),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.files.quota_for("club-a"), Some(5000));
+        assert_eq!(c.files.quota_for("club-b"), None);
+        assert_eq!(c.files.quota_for("club-c"), Some(1000));
+        assert_eq!(c.files.max_upload_for("club-a", 99), 10);
+        assert_eq!(c.files.max_upload_for("club-c", 99), 99);
+        assert_eq!(c.files.encryption_key, Some([0u8; 32]));
+        let shown = c
+            .effective
+            .iter()
+            .find(|e| e.key == "storage.encryption_key")
+            .unwrap();
+        assert_eq!(shown.shown, "***");
+
+        let errors = load(
+            &[
+                ("PULSE__STORAGE__TENANT_QUOTA_BYTES", "club-a"),
+                ("PULSE__STORAGE__ENCRYPTION_KEY", "c2hvcnQ="),
+                ("PULSE__STORAGE__SIGNING_SECRET", "short"),
+            ],
+            None,
+        )
+        .unwrap_err();
+        let text = errors.to_string();
+        for key in [
+            "storage.tenant_quota_bytes",
+            "storage.encryption_key",
+            "storage.signing_secret",
+        ] {
+            assert!(text.contains(key), "{key} not named in {text}");
         }
     }
 }

@@ -9,11 +9,20 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
+pub mod commands;
 pub mod config;
 pub mod db;
+pub mod engine;
+pub mod files;
 pub mod health;
+pub mod jobs;
 pub mod logbuf;
 pub mod migrate;
+pub mod outbox;
+pub mod relay;
+pub mod replication;
+pub mod schema;
 pub mod settings;
 pub mod systemd;
 pub mod telemetry;
@@ -148,6 +157,12 @@ pub enum StartError {
     /// Migrations failed.
     #[error(transparent)]
     Migrate(#[from] migrate::MigrateError),
+    /// The schema file is wrong or does not match the database.
+    #[error(transparent)]
+    Schema(#[from] schema::SchemaError),
+    /// The JWT keys are wrong.
+    #[error("authentication keys: {0}")]
+    Auth(#[from] auth::KeyConfigError),
     /// Something else at start.
     #[error("{0}")]
     Other(String),
@@ -167,8 +182,18 @@ pub struct App {
     pub started: Instant,
     /// Cancelled when the daemon stops; sessions watch it.
     pub shutdown: CancellationToken,
+    /// JWT verification.
+    pub auth: auth::Authenticator,
+    /// The realtime engine.
+    pub engine: Arc<engine::Engine>,
+    /// Connection caps and rate limits.
+    pub limits: Arc<api::limits::EdgeLimits>,
     /// The platform settings in force (config defaults overlaid with stored edits).
     pub settings: Arc<settings::Settings>,
+    /// Scheduled jobs, and "run now" for the console.
+    pub jobs: Arc<jobs::Scheduler>,
+    /// File storage: backend, encryption keys, URL signing.
+    pub files: files::Files,
 }
 
 impl App {
@@ -284,7 +309,60 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
     if settings.current().deploy_key_sha256.is_empty() {
         tracing::warn!("no deploy key is set (platform.deploy_key): service access is off until one is set");
     }
+    let files = files::Files::open(&config).map_err(|e| StartError::Other(format!("file storage: {e}")))?;
+    let source_pool = db::pool(&config.source_db, 8)
+        .map_err(|e| StartError::Other(format!("source database pool: {e}")))?;
+    let schema = match &config.schema_path {
+        None => schema::Schema::default(),
+        Some(path) => {
+            systemd::status("checking the schema file against the database");
+            let mut s = schema::Schema::load(path)?;
+            let catalog = db::connect(&config.source_db)
+                .await
+                .map_err(|source| StartError::StateDb {
+                    url: config.source_db.masked(),
+                    source,
+                })?;
+            s.check(&catalog).await?;
+            tracing::info!(path = %path.display(), tables = s.tables.len(), metrics = s.metrics.len(), "schema checked");
+            s
+        }
+    };
+    let authenticator = auth::Authenticator::from_config(&config.auth)?;
+    let engine = Arc::new(engine::Engine::new(
+        Arc::new(schema),
+        source_pool,
+        pool.clone(),
+        engine::EngineLimits {
+            subscriptions: config.limits.subscriptions_per_user as usize,
+            presence_ttl: config.limits.presence_ttl,
+            history: config.limits.history_updates as usize,
+        },
+    ));
+    {
+        let state = pool
+            .get()
+            .await
+            .map_err(|e| StartError::Other(format!("state database pool: {e}")))?;
+        engine
+            .load_state(&**state)
+            .await
+            .map_err(|e| StartError::Other(format!("cannot load the engine state: {e}")))?;
+    }
+    let limits = Arc::new(api::limits::EdgeLimits::new(&config.limits));
+    let scheduler = jobs::Scheduler::new(
+        pool.clone(),
+        jobs::builtin(&config),
+        &config.jobs.schedules,
+        config.limits.job_timeout,
+    )
+    .map_err(StartError::Other)?;
     let app = Arc::new(App {
+        files,
+        auth: authenticator,
+        engine: engine.clone(),
+        limits,
+        jobs: Arc::new(scheduler),
         config: RwLock::new(Arc::new(config)),
         health: Arc::new(health::Health::default()),
         pool,
@@ -308,7 +386,35 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         });
     };
     let http_addr = listeners.http.local_addr().ok();
-    serve(listeners.http, api::http_router(app.clone()), "http");
+    {
+        // The browser API needs the peer address for per-IP limits.
+        let token = shutdown.clone();
+        let router = api::http_router(app.clone());
+        let http = listeners.http;
+        tasks.spawn(async move {
+            let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+            if let Err(e) = axum::serve(http, service)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+            {
+                tracing::error!(server = "http", error = %e, "server failed");
+            }
+        });
+    }
+    engine.spawn_tasks(&tasks, shutdown.clone());
+    {
+        let limits = app.limits.clone();
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => limits.prune(),
+                    _ = token.cancelled() => break,
+                }
+            }
+        });
+    }
     if let Some(m) = listeners.metrics {
         serve(m, api::metrics_router(app.clone()), "metrics");
     }
@@ -344,7 +450,61 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
             app.health.retire("health");
         });
     }
+    // Scheduled jobs run on every instance; each run's advisory lock keeps them single.
+    if app.config().jobs.enabled {
+        app.jobs.spawn(&tasks, shutdown.clone());
+    }
+
+    // The broker: webhooks out, commands in. Without amqp.url pulsed runs without it.
+    if let Some(amqp) = app.config().amqp.clone() {
+        app.health.set(
+            "broker",
+            HealthState::Degraded,
+            "connecting to RabbitMQ; events wait in the outbox",
+            false,
+        );
+        let broker = Arc::new(relay::Broker {
+            catalog: outbox::EventCatalog::new(&amqp.class_namespace, &amqp.events),
+            config: amqp,
+            pool: app.pool.clone(),
+            state_db: app.config().state_db.clone(),
+            health: app.health.clone(),
+            effects: Arc::new(commands::CoreEffects {
+                settings: app.settings.clone(),
+                pool: app.pool.clone(),
+            }),
+        });
+        tasks.spawn(relay::supervise(broker, shutdown.clone()));
+    }
+
     app.health.tick("health");
+
+    // The change stream, consumed by the sink replication.sink names (the engine by
+    // default); the loop and its durability rule are the same for any sink.
+    {
+        let r = app.config().replication.clone();
+        let (app, token) = (app.clone(), shutdown.clone());
+        match r.sink {
+            config::SinkKind::Engine => {
+                let sink = engine::EngineSink::new(app.engine.clone(), r.slot);
+                tasks.spawn(replication::run(app, sink, token));
+            }
+            config::SinkKind::Checkpoint => {
+                tasks.spawn(replication::run(
+                    app,
+                    replication::CheckpointSink::new(r.slot),
+                    token,
+                ));
+            }
+            config::SinkKind::Ledger => {
+                tasks.spawn(replication::run(
+                    app,
+                    replication::LedgerSink::new(r.slot, r.publication),
+                    token,
+                ));
+            }
+        }
+    }
     if let Some(w) = systemd::spawn_watchdog(app.health.clone(), shutdown.clone()) {
         tasks.spawn(async move {
             let _ = w.await;

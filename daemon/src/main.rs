@@ -39,6 +39,29 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// The replication slot pulsed reads from.
+    Slot {
+        #[command(subcommand)]
+        command: SlotCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SlotCommand {
+    /// Position, lag, retained WAL, wal_status and the active PID of the slot.
+    Status {
+        /// Slot name; replication.slot when omitted.
+        name: Option<String>,
+    },
+    /// Drop the slot (pulsed takes a new snapshot on its next start). Asks for
+    /// confirmation unless --yes.
+    Drop {
+        /// Slot name; replication.slot when omitted.
+        name: Option<String>,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -64,6 +87,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Migrate => with_runtime(|| migrate(source)),
+        Command::Slot { command } => with_runtime(|| slot(source, command)),
         Command::Run => with_runtime(|| run(source)),
     }
 }
@@ -140,6 +164,75 @@ async fn migrate(source: ConfigSource) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+async fn slot(source: ConfigSource, command: SlotCommand) -> anyhow::Result<()> {
+    let config = load(&source)?;
+    let client = pulse_daemon::db::connect(&config.source_db).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to the source database {}: {e}",
+            config.source_db.masked()
+        )
+    })?;
+    let mib = |b: Option<i64>| {
+        b.map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
+            .unwrap_or_else(|| "-".into())
+    };
+    match command {
+        SlotCommand::Status { name } => {
+            let name = name.unwrap_or(config.replication.slot.clone());
+            let Some(s) = pulse_cdc::slot::status(&client, &name).await? else {
+                anyhow::bail!(
+                    "replication slot {name:?} does not exist; pulsed creates it on start when replication.create is true"
+                );
+            };
+            let lsn = |l: Option<pulse_cdc::Lsn>| l.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
+            println!("slot             {}", s.name);
+            println!("plugin           {}", s.plugin.as_deref().unwrap_or("(physical)"));
+            println!("database         {}", s.database.as_deref().unwrap_or("-"));
+            println!("confirmed flush  {}", lsn(s.confirmed_flush));
+            println!("restart lsn      {}", lsn(s.restart_lsn));
+            println!("current wal      {}", s.current);
+            println!("lag              {}", mib(s.lag_bytes));
+            println!("retained wal     {}", mib(s.retained_bytes));
+            println!("wal_status       {}", s.wal_status.as_deref().unwrap_or("-"));
+            println!(
+                "active pid       {}",
+                s.active_pid
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "- (not streaming)".into())
+            );
+            Ok(())
+        }
+        SlotCommand::Drop { name, yes } => {
+            let name = name.unwrap_or(config.replication.slot.clone());
+            let Some(s) = pulse_cdc::slot::status(&client, &name).await? else {
+                anyhow::bail!("replication slot {name:?} does not exist; nothing to drop");
+            };
+            if !yes {
+                use std::io::{BufRead, IsTerminal, Write};
+                if !std::io::stdin().is_terminal() {
+                    anyhow::bail!(
+                        "refusing to drop slot {name:?} without confirmation; run it in a terminal or pass --yes"
+                    );
+                }
+                print!(
+                    "Drop replication slot {name:?} (database {}, retaining {})? pulsed will take a new snapshot on its next start. Type the slot name to confirm: ",
+                    s.database.as_deref().unwrap_or("-"),
+                    mib(s.retained_bytes)
+                );
+                std::io::stdout().flush()?;
+                let mut answer = String::new();
+                std::io::stdin().lock().read_line(&mut answer)?;
+                if answer.trim() != name {
+                    anyhow::bail!("not confirmed; slot {name:?} kept");
+                }
+            }
+            pulse_cdc::slot::drop_slot(&client, &name).await?;
+            println!("dropped replication slot {name:?}");
+            Ok(())
+        }
+    }
 }
 
 async fn run(source: ConfigSource) -> anyhow::Result<()> {

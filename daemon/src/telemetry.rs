@@ -68,7 +68,18 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            // Latencies as real histograms (not summaries), with buckets around the
+            // product page's thresholds (query p50 200 ms, mutation p50 500 ms).
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_latency_seconds".into()),
+                    &buckets,
+                )
+                .expect("fixed, non-empty buckets")
+                .build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (a test harness); then ours only
             // renders what it sees, which is nothing, and that is acceptable in tests.

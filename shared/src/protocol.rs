@@ -41,6 +41,52 @@ pub enum ClientFrame {
         #[serde(default)]
         nonce: u64,
     },
+    /// Starts a live query: a live table by its schema name, `metric:<name>`, `presence`
+    /// or `notifications`. Answered with `result`, then `update` / `value` / `presence`
+    /// frames carrying the same id.
+    Subscribe {
+        /// Chosen by the client; names the subscription in every later frame.
+        id: String,
+        /// What to watch.
+        query: String,
+        /// Arguments: equality filters for live tables (`{"status": "active"}`), `tenant`
+        /// for services and platform admins, `resource` for presence.
+        #[serde(default)]
+        args: serde_json::Value,
+    },
+    /// Ends a subscription.
+    Unsubscribe {
+        /// The subscription id.
+        id: String,
+    },
+    /// After a reconnect: re-opens subscriptions and asks for what was missed since
+    /// `cursor` (the last cursor the client saw). Each subscription gets exactly the missed
+    /// updates, or `resnapshot` then a fresh `result` when the history no longer reaches back.
+    Resume {
+        /// The last cursor seen.
+        cursor: String,
+        /// The subscriptions to re-open.
+        subscriptions: Vec<SubscribeSpec>,
+    },
+    /// Calls a mutation: `notify`, `mark_read`, `mark_all_read`, or one declared in the
+    /// schema file. Answered with `mutation_result` or an error with the same id.
+    Mutate {
+        /// Correlates the answer.
+        id: String,
+        /// The mutation.
+        name: String,
+        /// Its arguments.
+        #[serde(default)]
+        args: serde_json::Value,
+    },
+    /// Presence: "I am here, looking at `resource`". Repeat within the presence TTL.
+    Heartbeat {
+        /// The page or record being viewed.
+        resource: String,
+        /// A small state (typing, cursor position…), at most 1 KB of JSON.
+        #[serde(default)]
+        state: serde_json::Value,
+    },
     /// A console request (needs the console capability unless stated otherwise).
     Admin {
         /// Correlates the response.
@@ -48,6 +94,42 @@ pub enum ClientFrame {
         /// What is asked.
         request: AdminRequest,
     },
+}
+
+/// One subscription inside `resume`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubscribeSpec {
+    /// The subscription id.
+    pub id: String,
+    /// What to watch.
+    pub query: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: serde_json::Value,
+}
+
+/// What happened to a row of a live table (or an inbox).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateOp {
+    /// A row entered the result (new, or moved into the filter).
+    Insert,
+    /// A row in the result changed.
+    Update,
+    /// A row left the result (deleted, or moved out of the filter).
+    Delete,
+}
+
+/// A presence event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceEvent {
+    /// The user came online (or into the watched resource).
+    Join,
+    /// The user's resource or state changed.
+    Update,
+    /// The user went offline (or left the watched resource).
+    Leave,
 }
 
 /// A frame sent by the server.
@@ -70,6 +152,14 @@ pub enum ServerFrame {
         /// The polling interval, from the platform settings.
         sync_interval_ms: u64,
     },
+    /// The platform settings changed while connected: when `realtime` turns false the
+    /// client switches to polling every `sync_interval_ms` over HTTP.
+    Settings {
+        /// Enable Real-time.
+        realtime: bool,
+        /// Sync Interval, in ms.
+        sync_interval_ms: u64,
+    },
     /// Answers `ping`.
     Pong {
         /// The client's nonce.
@@ -83,6 +173,74 @@ pub enum ServerFrame {
         /// The error.
         #[serde(flatten)]
         error: ErrorBody,
+    },
+    /// The initial result of a subscription. `data` is an array of rows for live tables,
+    /// `{"value": …}` for metrics, `{"online": […]}` for presence, `{"items": […],
+    /// "unread": n}` for notifications.
+    Result {
+        /// The subscription id.
+        id: String,
+        /// Position in the update stream this result is valid at.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<String>,
+        /// The rows or value.
+        data: serde_json::Value,
+    },
+    /// A change to a subscribed live table or inbox.
+    Update {
+        /// The subscription id.
+        id: String,
+        /// Position of this update; send the last one seen in `resume`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cursor: Option<String>,
+        /// What happened.
+        op: UpdateOp,
+        /// The row's primary key, as an object.
+        key: serde_json::Value,
+        /// The row's visible columns (absent on delete).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        row: Option<serde_json::Value>,
+    },
+    /// A new value of a metric or of an unread count.
+    Value {
+        /// The subscription id.
+        id: String,
+        /// What changed (`value`, `unread`).
+        name: String,
+        /// The value.
+        value: serde_json::Value,
+    },
+    /// The history no longer reaches back to the client's cursor: drop the local copy; a
+    /// fresh `result` follows.
+    Resnapshot {
+        /// The subscription id.
+        id: String,
+    },
+    /// A subscription ended at the client's request.
+    Unsubscribed {
+        /// The subscription id.
+        id: String,
+    },
+    /// Answers `mutate`.
+    MutationResult {
+        /// The request id.
+        id: String,
+        /// What the mutation returned.
+        result: serde_json::Value,
+    },
+    /// Someone joined, moved or left.
+    Presence {
+        /// The presence subscription id.
+        id: String,
+        /// What happened.
+        event: PresenceEvent,
+        /// Who.
+        user: String,
+        /// Where they are (on leave: where they were).
+        resource: String,
+        /// Their state.
+        #[serde(default)]
+        state: serde_json::Value,
     },
     /// Answers an `admin` request.
     Admin {
@@ -135,6 +293,31 @@ mod tests {
     }
 
     #[test]
+    fn engine_frames_round_trip() {
+        let text = r#"{"type":"subscribe","id":"s1","query":"members","args":{"status":"active"}}"#;
+        match parse_client_frame(text).unwrap() {
+            ClientFrame::Subscribe { id, query, args } => {
+                assert_eq!((id.as_str(), query.as_str()), ("s1", "members"));
+                assert_eq!(args["status"], "active");
+            }
+            other => panic!("{other:?}"),
+        }
+        let hb = parse_client_frame(r#"{"type":"heartbeat","resource":"/members/7"}"#).unwrap();
+        assert!(matches!(hb, ClientFrame::Heartbeat { state, .. } if state.is_null()));
+        let up = ServerFrame::Update {
+            id: "s1".into(),
+            cursor: Some("a-1".into()),
+            op: UpdateOp::Delete,
+            key: serde_json::json!({"id": 1}),
+            row: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&up).unwrap(),
+            r#"{"type":"update","id":"s1","cursor":"a-1","op":"delete","key":{"id":1}}"#
+        );
+    }
+
+    #[test]
     fn malformed_frames_become_invalid_argument() {
         for bad in [
             "",
@@ -142,6 +325,9 @@ mod tests {
             "[]",
             r#"{"type":"nope"}"#,
             r#"{"type":"hello"}"#,
+            r#"{"type":"subscribe","query":"x"}"#,
+            r#"{"type":"heartbeat"}"#,
+            r#"{"type":"resume","cursor":"x"}"#,
             "\u{0}",
         ] {
             let err = parse_client_frame(bad).unwrap_err();

@@ -251,7 +251,7 @@ async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
     tui.wait_for(&["audit_log", "schema_migrations", "settings"], WAIT)
         .await;
     tui.keys(&["j", "Enter"]);
-    tui.wait_for(&["pulse.checkpoints · latest 0"], WAIT).await;
+    tui.wait_for(&["pulse.cdc_ledger · latest 0"], WAIT).await;
 
     // Presence has no tracker in this build yet: the screen says so.
     tui.keys(&["2"]);
@@ -413,7 +413,12 @@ async fn ask(
     })
     .await
     .unwrap();
-    match c.recv().await.unwrap() {
+    // Sessions also receive pushed frames (live settings); skip them.
+    let mut frame = c.recv().await.unwrap();
+    while matches!(frame, ServerFrame::Settings { .. }) {
+        frame = c.recv().await.unwrap();
+    }
+    match frame {
         ServerFrame::Admin { id: got, response } => {
             assert_eq!(got, id);
             Ok(*response)

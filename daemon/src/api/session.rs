@@ -2,10 +2,12 @@
 //!
 //! Reading and writing are separate: frames to the client go through a bounded queue to
 //! a writer task, so a client that stops reading fills its own queue and is cut loose,
-//! and never blocks whoever produces its frames.
+//! and never blocks whoever produces its frames (the engine's hub delivers with
+//! `try_send`). A session authenticated by a JWT ends with `unauthenticated` when the
+//! token expires, unless the client sent a fresh one in a `token` frame.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
@@ -13,8 +15,11 @@ use pulse_shared::caps::{Capability, Decision, Principal, Role, Target, authoriz
 use pulse_shared::protocol::{ClientFrame, PROTOCOL_VERSION, ServerFrame, parse_client_frame};
 use pulse_shared::{ErrorBody, ErrorCode};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::App;
+use crate::engine::Caller;
+use crate::engine::hub::Outgoing;
 
 /// How the client reached us, which decides how `hello` authenticates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,18 +32,42 @@ pub enum Transport {
 
 /// Frames queued for one client before it is considered too slow and cut loose.
 const OUTBOX_FRAMES: usize = 1024;
+/// Most frames written between two flushes.
+const WRITE_BATCH: usize = 64;
 /// How long a client has to send `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs one session to its end.
-pub async fn run(socket: WebSocket, app: Arc<App>, transport: Transport) {
+/// Who the session is, and until when.
+struct Identity {
+    principal: Principal,
+    /// When the token stops being valid; `None` for the deploy key and the admin socket.
+    expires: Option<SystemTime>,
+}
+
+/// Runs one session to its end. `guard` (a connection slot) is held until then.
+pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport: Transport, guard: G) {
     let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<ServerFrame>(OUTBOX_FRAMES);
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(OUTBOX_FRAMES);
     let shutdown = app.shutdown.clone();
+    let kill = CancellationToken::new();
     let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            let text = serde_json::to_string(&frame).expect("server frames serialize");
-            if sink.send(Message::Text(text.into())).await.is_err() {
+        // Frames that are already waiting go out in one flush: under load that is one
+        // write for many frames instead of one each.
+        'writing: while let Some(out) = rx.recv().await {
+            if sink.feed(Message::Text(out.into_text().into())).await.is_err() {
+                break;
+            }
+            for _ in 0..WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => {
+                        if sink.feed(Message::Text(more.into_text().into())).await.is_err() {
+                            break 'writing;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            if sink.flush().await.is_err() {
                 break;
             }
         }
@@ -46,33 +75,89 @@ pub async fn run(socket: WebSocket, app: Arc<App>, transport: Transport) {
     });
     metrics::gauge!("pulse_connections_active").increment(1.0);
 
-    let principal = tokio::select! {
+    let identity = tokio::select! {
         p = hello(&mut stream, &tx, &app, transport) => p,
         _ = shutdown.cancelled() => None,
     };
-    if let Some(principal) = principal {
+    if let Some(mut identity) = identity {
+        let session = app.engine.open_session(tx.clone(), kill.clone());
+        let mut settings = app.settings.subscribe();
+        settings.mark_unchanged();
+        let rate_key = identity
+            .principal
+            .user
+            .clone()
+            .unwrap_or_else(|| format!("session:{session}"));
         loop {
+            let expiry = async {
+                match identity.expires {
+                    Some(at) => {
+                        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                        tokio::time::sleep(left).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             let msg = tokio::select! {
                 m = stream.next() => m,
                 _ = shutdown.cancelled() => break,
+                _ = kill.cancelled() => break,
+                Ok(()) = settings.changed() => {
+                    let now = settings.borrow_and_update().clone();
+                    if !send(&tx, ServerFrame::Settings {
+                        realtime: now.enable_realtime,
+                        sync_interval_ms: now.sync_interval_ms,
+                    }) {
+                        break;
+                    }
+                    continue;
+                }
+                _ = expiry => {
+                    send(&tx, error(None, ErrorCode::Unauthenticated,
+                        "the token expired; reconnect with a fresh one (send token frames before expiry to stay connected)"));
+                    break;
+                }
             };
             let Some(Ok(msg)) = msg else { break };
             let text = match msg {
                 Message::Text(t) => t,
                 Message::Close(_) => break,
                 Message::Binary(_) => {
-                    let _ = send(
+                    if !send(
                         &tx,
                         error(
                             None,
                             ErrorCode::InvalidArgument,
                             "binary frames are not part of the protocol; send JSON text frames",
                         ),
-                    );
+                    ) {
+                        break;
+                    }
                     continue;
                 }
                 _ => continue,
             };
+            if let Err(wait) = app.limits.frame(&rate_key) {
+                let body = ErrorBody::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "too many frames; slow down and retry in {} ms",
+                        wait.as_millis().max(1)
+                    ),
+                )
+                .with_details(serde_json::json!({ "retry_after_ms": wait.as_millis().max(1) as u64 }));
+                metrics::counter!("pulse_errors_total", "code" => "rate_limited").increment(1);
+                if !send(
+                    &tx,
+                    ServerFrame::Error {
+                        id: None,
+                        error: body,
+                    },
+                ) {
+                    break;
+                }
+                continue;
+            }
             match parse_client_frame(&text) {
                 Err(body) => {
                     metrics::counter!("pulse_errors_total", "code" => body.code.as_str()).increment(1);
@@ -87,7 +172,11 @@ pub async fn run(socket: WebSocket, app: Arc<App>, transport: Transport) {
                     }
                 }
                 Ok(frame) => {
-                    if let Some(reply) = handle(frame, &principal, &app).await
+                    let caller = Caller {
+                        session,
+                        principal: identity.principal.clone(),
+                    };
+                    if let Some(reply) = handle(frame, &caller, &mut identity, &app).await
                         && !send(&tx, reply)
                     {
                         break;
@@ -95,15 +184,17 @@ pub async fn run(socket: WebSocket, app: Arc<App>, transport: Transport) {
                 }
             }
         }
+        app.engine.close_session(session);
     }
     drop(tx);
     let _ = writer.await;
     metrics::gauge!("pulse_connections_active").decrement(1.0);
+    drop(guard);
 }
 
 /// Queues a frame; false when the client is gone or too slow (then the session ends).
-fn send(tx: &mpsc::Sender<ServerFrame>, frame: ServerFrame) -> bool {
-    match tx.try_send(frame) {
+fn send(tx: &mpsc::Sender<Outgoing>, frame: ServerFrame) -> bool {
+    match tx.try_send(Outgoing::Frame(frame)) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
             tracing::warn!("client stopped reading; cutting it loose");
@@ -122,12 +213,28 @@ fn error(id: Option<String>, code: ErrorCode, message: impl Into<String>) -> Ser
     }
 }
 
+fn error_body(id: Option<String>, body: ErrorBody) -> ServerFrame {
+    metrics::counter!("pulse_errors_total", "code" => body.code.as_str()).increment(1);
+    ServerFrame::Error { id, error: body }
+}
+
+/// Verifies a JWT into an identity.
+fn verify_token(app: &App, token: &str) -> Result<Identity, ErrorBody> {
+    match app.auth.verify(token, &app.engine.schema) {
+        Ok(v) => Ok(Identity {
+            principal: v.principal,
+            expires: Some(v.expires),
+        }),
+        Err(e) => Err(ErrorBody::new(ErrorCode::Unauthenticated, e.to_string())),
+    }
+}
+
 async fn hello(
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
-    tx: &mpsc::Sender<ServerFrame>,
+    tx: &mpsc::Sender<Outgoing>,
     app: &App,
     transport: Transport,
-) -> Option<Principal> {
+) -> Option<Identity> {
     let first = match tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await {
         Ok(Some(Ok(Message::Text(t)))) => t,
         Ok(_) => return None,
@@ -157,13 +264,7 @@ async fn hello(
             return None;
         }
         Err(body) => {
-            send(
-                tx,
-                ServerFrame::Error {
-                    id: None,
-                    error: body,
-                },
-            );
+            send(tx, error_body(None, body));
             return None;
         }
     };
@@ -178,19 +279,19 @@ async fn hello(
         );
         return None;
     }
-    let principal = match (transport, token, deploy_key) {
-        (Transport::AdminSocket, _, _) => Principal {
+    let service = Identity {
+        principal: Principal {
             user: None,
             tenant: None,
             roles: vec![Role::Service],
         },
+        expires: None,
+    };
+    let identity = match (transport, token, deploy_key) {
+        (Transport::AdminSocket, _, _) => service,
         (Transport::Http, _, Some(key)) => {
             if app.deploy_key_matches(&key) {
-                Principal {
-                    user: None,
-                    tenant: None,
-                    roles: vec![Role::Service],
-                }
+                service
             } else {
                 send(
                     tx,
@@ -199,17 +300,13 @@ async fn hello(
                 return None;
             }
         }
-        (Transport::Http, Some(_token), None) => {
-            send(
-                tx,
-                error(
-                    None,
-                    ErrorCode::Unauthenticated,
-                    "token authentication is not configured on this server",
-                ),
-            );
-            return None;
-        }
+        (Transport::Http, Some(token), None) => match verify_token(app, &token) {
+            Ok(i) => i,
+            Err(body) => {
+                send(tx, error_body(None, body));
+                return None;
+            }
+        },
         (Transport::Http, None, None) => {
             send(
                 tx,
@@ -227,25 +324,94 @@ async fn hello(
         protocol: PROTOCOL_VERSION,
         server_version: crate::VERSION.to_string(),
         session: uuid::Uuid::now_v7().to_string(),
-        roles: principal.roles.iter().map(|r| r.as_str().to_string()).collect(),
+        roles: identity
+            .principal
+            .roles
+            .iter()
+            .map(|r| r.as_str().to_string())
+            .collect(),
         realtime: settings.enable_realtime,
         sync_interval_ms: settings.sync_interval_ms,
     };
-    send(tx, welcome).then_some(principal)
+    send(tx, welcome).then_some(identity)
 }
 
-async fn handle(frame: ClientFrame, principal: &Principal, app: &App) -> Option<ServerFrame> {
+async fn handle(
+    frame: ClientFrame,
+    caller: &Caller,
+    identity: &mut Identity,
+    app: &App,
+) -> Option<ServerFrame> {
+    let engine = &app.engine;
     match frame {
         ClientFrame::Hello { .. } => Some(error(None, ErrorCode::InvalidArgument, "hello was already sent")),
         ClientFrame::Ping { nonce } => Some(ServerFrame::Pong { nonce }),
-        ClientFrame::Token { .. } => Some(error(
-            None,
-            ErrorCode::Unauthenticated,
-            "token authentication is not configured on this server",
-        )),
+        ClientFrame::Token { token } => {
+            if identity.expires.is_none() {
+                return Some(error(
+                    None,
+                    ErrorCode::InvalidArgument,
+                    "this session is not authenticated by a token",
+                ));
+            }
+            match verify_token(app, &token) {
+                // A fresh token must be for the same user and tenant: a session never
+                // changes hands.
+                Ok(fresh)
+                    if fresh.principal.user == identity.principal.user
+                        && fresh.principal.tenant == identity.principal.tenant =>
+                {
+                    // Roles are taken from the fresh token for new requests; existing
+                    // subscriptions keep what they were granted.
+                    *identity = fresh;
+                    None
+                }
+                Ok(_) => Some(error(
+                    None,
+                    ErrorCode::Unauthenticated,
+                    "the fresh token is for another user or tenant",
+                )),
+                Err(body) => Some(error_body(None, body)),
+            }
+        }
+        ClientFrame::Subscribe { id, query, args } => engine
+            .subscribe(caller, &id, &query, &args, None)
+            .await
+            .err()
+            .map(|e| error_body(Some(id), e)),
+        ClientFrame::Resume {
+            cursor,
+            subscriptions,
+        } => {
+            for s in subscriptions {
+                if let Err(e) = engine
+                    .subscribe(caller, &s.id, &s.query, &s.args, Some(&cursor))
+                    .await
+                {
+                    engine
+                        .hub
+                        .lock()
+                        .expect("hub lock")
+                        .deliver(caller.session, error_body(Some(s.id), e));
+                }
+            }
+            None
+        }
+        ClientFrame::Unsubscribe { id } => engine
+            .unsubscribe(caller, &id)
+            .err()
+            .map(|e| error_body(Some(id), e)),
+        ClientFrame::Heartbeat { resource, state } => engine
+            .heartbeat(caller, &resource, state)
+            .err()
+            .map(|e| error_body(None, e)),
+        ClientFrame::Mutate { id, name, args } => Some(match engine.mutate(caller, &name, &args).await {
+            Ok(result) => ServerFrame::MutationResult { id, result },
+            Err(e) => error_body(Some(id), e),
+        }),
         ClientFrame::Admin { id, request } => {
-            match authorize(principal, Capability::Console, &Target::default()) {
-                Decision::Allowed(_) => match crate::admin::answer(app, principal, request).await {
+            match authorize(&caller.principal, Capability::Console, &Target::default()) {
+                Decision::Allowed(_) => match crate::admin::answer(app, &caller.principal, request).await {
                     Ok(response) => Some(ServerFrame::Admin {
                         id,
                         response: Box::new(response),

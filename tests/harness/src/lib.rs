@@ -385,6 +385,20 @@ impl Rabbit {
     }
 }
 
+/// A replication slot name no other test of this cluster uses: slots are cluster-wide,
+/// unlike the databases each test creates.
+pub fn unique_slot(label: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let clean: String = label
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .take(30)
+        .collect();
+    format!("{clean}_{}_{n}", std::process::id())
+}
+
 /// The real `pulsed` binary, running as a child process on free ports.
 pub struct Pulsed {
     child: Option<Child>,
@@ -420,6 +434,9 @@ impl Pulsed {
             .env("PULSE__ADMIN__SOCKET", &admin_socket)
             .env("PULSE__STORAGE__PATH", dir.path().join("files"))
             .env("PULSE__LOG__FORMAT", "text")
+            // Replication slots are cluster-wide: each pulsed gets its own unless the
+            // test names one.
+            .env("PULSE__REPLICATION__SLOT", unique_slot("pulsed"))
             .env("RUST_BACKTRACE", "1");
         for (k, v) in env {
             cmd.env(k, v);

@@ -1,0 +1,248 @@
+//! `pulse-bench latency`: commit-to-client latency of live-table updates.
+//!
+//! Clients subscribe to a live table; writers commit single-row inserts at a fixed rate.
+//! Each row carries `committed_at` (`clock_timestamp()` inside its one-statement
+//! transaction, the anchor standing in for the commit time in the WAL); each client
+//! measures the time from it to the moment the update arrives. Same machine, same clock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use pulse_harness::{PgCluster, Pulsed, wait_for};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::fanout::pulsed_path;
+
+const SECRET: &str = "bench-secret-bench-secret-bench-secret-02";
+const ISSUER: &str = "https://symfony.bench";
+
+const SCHEMA: &str = r#"
+[tables.ticks]
+source = "public.ticks"
+tenant_column = "tenant_id"
+columns = ["id", "tenant_id", "committed_at"]
+roles = ["staff"]
+"#;
+
+fn token(user: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        + 3600;
+    encode(
+        &Header::new(Algorithm::HS256),
+        &json!({ "iss": ISSUER, "exp": exp, "sub": user, "tenant_id": "t1", "roles": ["ROLE_STAFF"] }),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("HS256 signing")
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as i64
+}
+
+/// Finds `"committed_at":"<RFC 3339>"` in an update frame without a full parse (the
+/// clients must keep up with thousands of frames a second each).
+fn committed_micros(frame: &str) -> Option<i64> {
+    let at = frame.find("\"committed_at\":\"")? + "\"committed_at\":\"".len();
+    let end = at + frame[at..].find('"')?;
+    let t = chrono::DateTime::parse_from_rfc3339(&frame[at..end]).ok()?;
+    Some(t.timestamp_micros())
+}
+
+/// Runs the benchmark; prints the summary line last.
+pub async fn run(quick: bool) -> Result<()> {
+    let (mut clients, mut rate, mut seconds) = if quick {
+        (100, 500u64, 5u64)
+    } else {
+        (1_000, 2_000u64, 30u64)
+    };
+    // Overrides for exploring (the figures that count are from the defaults).
+    let knob = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = knob("PULSE_BENCH_CLIENTS") {
+        clients = n as usize;
+    }
+    if let Some(n) = knob("PULSE_BENCH_RATE") {
+        rate = n.max(1);
+    }
+    if let Some(n) = knob("PULSE_BENCH_SECONDS") {
+        seconds = n.max(1);
+    }
+    let cluster: &'static PgCluster = Box::leak(Box::new(PgCluster::start()?));
+    let db = cluster.fresh_db("latency").await?;
+    let setup = db.connect().await?;
+    setup
+        .batch_execute(
+            "CREATE TABLE ticks (id bigserial PRIMARY KEY, tenant_id text NOT NULL,
+               committed_at timestamptz NOT NULL DEFAULT clock_timestamp());
+             ALTER TABLE ticks REPLICA IDENTITY FULL;",
+        )
+        .await?;
+    let dir = tempfile_dir()?;
+    let schema = dir.join("schema.toml");
+    std::fs::write(&schema, SCHEMA)?;
+    let mut pulsed = Pulsed::spawn(
+        &pulsed_path()?,
+        &[
+            ("PULSE__SOURCE__URL", db.url()),
+            ("PULSE__SCHEMA__PATH", schema.display().to_string()),
+            ("PULSE__AUTH__ISSUER", ISSUER.into()),
+            ("PULSE__AUTH__HS256_SECRET", SECRET.into()),
+            ("PULSE__LIMITS__MAX_CONNECTIONS", "100000".into()),
+            ("PULSE__LIMITS__CONNECTIONS_PER_IP", "100000".into()),
+            ("PULSE__LOG__LEVEL", "warn".into()),
+        ],
+    )?;
+    pulsed.wait_ready(Duration::from_secs(60)).await?;
+    let readyz = format!("{}/readyz", pulsed.http);
+    wait_for("the change stream to be up", Duration::from_secs(60), || {
+        let url = readyz.clone();
+        async move {
+            let body: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+            body["components"]
+                .as_array()?
+                .iter()
+                .any(|c| c["name"] == "replication" && c["state"] == "up")
+                .then_some(())
+        }
+    })
+    .await?;
+    let url = format!("{}/ws", pulsed.http.replace("http://", "ws://"));
+
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let received = Arc::new(AtomicU64::new(0));
+    let closed = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for i in 0..clients {
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.context("connect")?;
+        ws.send(Message::Text(
+            json!({ "type": "hello", "protocol": 1, "token": token(&format!("u{i}")) })
+                .to_string()
+                .into(),
+        ))
+        .await?;
+        ws.send(Message::Text(
+            json!({ "type": "subscribe", "id": "t", "query": "ticks" })
+                .to_string()
+                .into(),
+        ))
+        .await?;
+        let mut answered = 0;
+        while answered < 2 {
+            match tokio::time::timeout(Duration::from_secs(30), ws.next()).await? {
+                Some(Ok(Message::Text(t))) if t.contains("\"error\"") => bail!("client {i} refused: {t}"),
+                Some(Ok(Message::Text(_))) => answered += 1,
+                Some(Ok(_)) => {}
+                _ => bail!("client {i} closed before subscribing"),
+            }
+        }
+        let (hist, received, closed) = (hist.clone(), received.clone(), closed.clone());
+        readers.push(tokio::spawn(async move {
+            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let mut n = 0u64;
+            while let Some(Ok(m)) = ws.next().await {
+                if let Message::Text(t) = m
+                    && let Some(c) = committed_micros(&t)
+                {
+                    let _ = local.record((now_micros() - c).max(1) as u64);
+                    n += 1;
+                    if n.is_multiple_of(256) {
+                        received.fetch_add(256, Ordering::Relaxed);
+                        hist.lock().expect("histogram").add(&local).ok();
+                        local.reset();
+                    }
+                }
+            }
+            received.fetch_add(n % 256, Ordering::Relaxed);
+            hist.lock().expect("histogram").add(&local).ok();
+            closed.fetch_add(1, Ordering::Relaxed);
+        }));
+    }
+    println!("{clients} clients subscribed");
+
+    // Writers: a few connections, each paced to its share of the rate.
+    let writers = 4u64;
+    let stop = Instant::now() + Duration::from_secs(seconds);
+    let committed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let c = db.connect().await?;
+        let committed = committed.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(writers as f64 / rate as f64));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            while Instant::now() < stop {
+                tick.tick().await;
+                if c.execute("INSERT INTO ticks (tenant_id) VALUES ('t1')", &[])
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                committed.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let t0 = Instant::now();
+    for t in tasks {
+        t.await?;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let commits = committed.load(Ordering::Relaxed);
+    // Let the last updates arrive.
+    let expected = commits * clients as u64;
+    let _ = wait_for("the last updates", Duration::from_secs(10), || {
+        let received = received.load(Ordering::Relaxed);
+        async move { (received + 256 * clients as u64 >= expected).then_some(()) }
+    })
+    .await;
+    pulsed.kill9();
+    for r in readers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+    }
+    let h = hist.lock().expect("histogram");
+    let p50 = h.value_at_quantile(0.5) as f64 / 1000.0;
+    let p99 = h.value_at_quantile(0.99) as f64 / 1000.0;
+    let got = received.load(Ordering::Relaxed);
+    println!(
+        "{commits} commits in {elapsed:.1} s; {got} of {expected} updates received; {} clients cut; max {:.1} ms",
+        closed
+            .load(Ordering::Relaxed)
+            .saturating_sub(clients as u64)
+            .min(clients as u64),
+        h.max() as f64 / 1000.0
+    );
+    println!(
+        "targets (p50 <= 5 ms, p99 <= 25 ms at 2000 commits/s, 1000 clients): {}",
+        if !quick && p50 <= 5.0 && p99 <= 25.0 && commits as f64 / elapsed >= 1900.0 {
+            "met"
+        } else {
+            "not met"
+        }
+    );
+    drop(db);
+    println!(
+        "latency: p50 {p50:.2} ms, p99 {p99:.2} ms, clients {clients}, commits/s {:.0}",
+        commits as f64 / elapsed
+    );
+    if got == 0 {
+        bail!("no update reached any client");
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("pulse-bench-latency-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,403 @@
+//! HTTP routes of file storage: upload URLs, uploads, downloads (with ETag, Range, HEAD,
+//! signed URLs), deletion, usage. The logic lives in `crate::files`; this module only
+//! speaks HTTP: headers in, headers out, errors as the shared table's bodies.
+//!
+//! Choices worth knowing:
+//! - A `Range` header with several ranges is answered with the whole file (200), as
+//!   RFC 9110 allows; a malformed one is ignored the same way. One range that starts past
+//!   the end answers 416 with `Content-Range: bytes */SIZE`.
+//! - `If-None-Match` wins over `Range`: a matching ETag answers 304 whatever the range.
+//! - `Cache-Control`: a signed URL is the credential, so its response may be cached by a
+//!   CDN until the URL expires (`public`, `immutable`); a bearer-authorised response is
+//!   `private` (tenant-public files for an hour, private files revalidated every time).
+//! - Uploads take the raw body with PUT (or POST) to the ticket's URL; multipart form
+//!   bodies are not parsed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use futures_util::TryStreamExt;
+use pulse_shared::ErrorCode;
+use pulse_shared::caps::{Capability, Decision, Scope, Target, authorize};
+use serde::Deserialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use uuid::Uuid;
+
+use super::ApiError;
+use crate::App;
+use crate::files::{self, FileError, ReadAccess, TicketRequest, sniff};
+
+impl From<FileError> for ApiError {
+    fn from(e: FileError) -> Self {
+        ApiError(e.body())
+    }
+}
+
+/// The file routes, with the CORS allow-list of `http.cors_origins`.
+pub fn files_router(app: Arc<App>) -> Router {
+    {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let config = app.config();
+            if let Err(e) = files::refresh_usage_metrics(&files::Ctx::new(&app, &config)).await {
+                tracing::warn!(error = %e, "cannot read storage usage at start");
+            }
+        });
+    }
+    let origins = app.config().cors_origins.clone();
+    let router = Router::new()
+        .route("/files/upload-url", post(upload_url))
+        .route("/files/upload/{ticket}", put(upload).post(upload))
+        .route("/files/usage", get(usage))
+        .route("/files/{id}", get(download).delete(delete))
+        .route("/files/{id}/signed-url", post(signed_url))
+        .with_state(app);
+    if origins.is_empty() {
+        return router;
+    }
+    let allowed: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok())
+        .collect();
+    router.layer(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(allowed))
+            .allow_methods([
+                Method::GET,
+                Method::HEAD,
+                Method::PUT,
+                Method::POST,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::RANGE,
+                header::IF_NONE_MATCH,
+                header::HeaderName::from_static(files::TENANT_HEADER),
+                header::HeaderName::from_static(files::DEPLOY_KEY_HEADER),
+            ])
+            .expose_headers([
+                header::ETAG,
+                header::CONTENT_RANGE,
+                header::CONTENT_LENGTH,
+                header::CONTENT_DISPOSITION,
+                header::ACCEPT_RANGES,
+            ])
+            .max_age(Duration::from_secs(3600)),
+    )
+}
+
+fn require_principal(app: &App, headers: &HeaderMap) -> Result<pulse_shared::caps::Principal, ApiError> {
+    files::principal_from_headers(app, headers)?
+        .ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "send Authorization: Bearer <token>"))
+}
+
+async fn upload_url(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let principal = require_principal(&app, &headers)?;
+    let request: TicketRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(
+            pulse_shared::ErrorBody::new(
+                ErrorCode::InvalidArgument,
+                format!("the body must be a JSON object with name and content_type: {e}"),
+            )
+            .with_details(serde_json::json!({ "field": "body" })),
+        )
+    })?;
+    let ticket = files::create_upload_ticket(&app, &principal, request).await?;
+    Ok((StatusCode::CREATED, axum::Json(ticket)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct SignedQuery {
+    expires: Option<i64>,
+    sig: Option<String>,
+}
+
+async fn upload(
+    State(app): State<Arc<App>>,
+    Path(ticket): Path<String>,
+    Query(q): Query<SignedQuery>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let forged = || FileError::UrlExpired("this upload URL is not valid: ask for a new one".into());
+    let ticket = Uuid::parse_str(&ticket).map_err(|_| forged())?;
+    let (Some(expires), Some(sig)) = (q.expires, q.sig) else {
+        return Err(forged().into());
+    };
+    let content_length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body = request.into_body().into_data_stream().map_err(|e| e.to_string());
+    // In its own task, so that a client hanging up mid-upload cannot cancel it between
+    // two awaits: the body then ends in an error, and the upload cleans up after itself
+    // (staged bytes removed, quota reservation released).
+    let task = tokio::spawn(async move {
+        files::receive_upload(&app, ticket, expires, &sig, content_length, body).await
+    });
+    let info = task
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("the upload task failed: {e}")))??;
+    let location = format!("/files/{}", info.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        axum::Json(info),
+    )
+        .into_response())
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| FileError::NotFound.into())
+}
+
+/// The byte range a `Range` header asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Wanted {
+    Full,
+    Part(u64, u64),
+    Unsatisfiable,
+}
+
+fn wanted_range(header: Option<&str>, size: u64) -> Wanted {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return Wanted::Full;
+    };
+    if spec.contains(',') {
+        // Several ranges: served whole (see the module documentation).
+        return Wanted::Full;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return Wanted::Full;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let parse = |s: &str| s.parse::<u64>().ok();
+    match (a.is_empty(), b.is_empty()) {
+        // bytes=-N: the last N bytes.
+        (true, false) => match parse(b) {
+            Some(0) => Wanted::Unsatisfiable,
+            Some(_) if size == 0 => Wanted::Unsatisfiable,
+            Some(n) => Wanted::Part(size.saturating_sub(n), size),
+            None => Wanted::Full,
+        },
+        // bytes=A-: from A to the end.
+        (false, true) => match parse(a) {
+            Some(start) if start >= size => Wanted::Unsatisfiable,
+            Some(start) => Wanted::Part(start, size),
+            None => Wanted::Full,
+        },
+        (false, false) => match (parse(a), parse(b)) {
+            (Some(start), Some(end)) if start <= end => {
+                if start >= size {
+                    Wanted::Unsatisfiable
+                } else {
+                    Wanted::Part(start, (end + 1).min(size))
+                }
+            }
+            _ => Wanted::Full,
+        },
+        (true, true) => Wanted::Full,
+    }
+}
+
+fn etag_matches(header: &str, etag: &str) -> bool {
+    header
+        .split(',')
+        .map(str::trim)
+        .any(|candidate| candidate == "*" || candidate.strip_prefix("W/").unwrap_or(candidate) == etag)
+}
+
+async fn download(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    Query(q): Query<SignedQuery>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let signed = match (q.expires, q.sig.as_deref()) {
+        (Some(e), Some(s)) => Some((e, s)),
+        (None, None) => None,
+        _ => {
+            return Err(FileError::UrlExpired("a signed URL needs both expires and sig".into()).into());
+        }
+    };
+    let principal = if signed.is_some() {
+        None
+    } else {
+        files::principal_from_headers(&app, &headers)?
+    };
+    let (info, access) = files::authorize_read(&app, id, principal, signed).await?;
+    let etag = format!("\"{}\"", info.sha256);
+    let cache = match access {
+        ReadAccess::Signed { expires } => {
+            let left = (expires - chrono::Utc::now().timestamp()).clamp(0, 86_400);
+            format!("public, max-age={left}, immutable")
+        }
+        ReadAccess::Principal(_) if info.public => "private, max-age=3600".to_string(),
+        ReadAccess::Principal(_) => "private, no-cache".to_string(),
+    };
+    let content_type = if info.content_type.starts_with("text/") {
+        format!("{}; charset=utf-8", info.content_type)
+    } else {
+        info.content_type.clone()
+    };
+    let mut builder = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::CACHE_CONTROL, &cache)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header(header::CONTENT_SECURITY_POLICY, "default-src 'none'; sandbox");
+    if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok())
+        && etag_matches(inm, &etag)
+    {
+        return Ok(builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .expect("valid response"));
+    }
+    builder = builder.header(header::CONTENT_TYPE, content_type).header(
+        header::CONTENT_DISPOSITION,
+        sniff::content_disposition(sniff::shown_inline(&info.content_type), &info.name),
+    );
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (status, start, end) = match wanted_range(range, info.size) {
+        Wanted::Full => (StatusCode::OK, 0, info.size),
+        Wanted::Part(s, e) => {
+            builder = builder.header(
+                header::CONTENT_RANGE,
+                format!("bytes {s}-{}/{}", e - 1, info.size),
+            );
+            (StatusCode::PARTIAL_CONTENT, s, e)
+        }
+        Wanted::Unsatisfiable => {
+            return Ok(builder
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{}", info.size))
+                .body(Body::empty())
+                .expect("valid response"));
+        }
+    };
+    builder = builder.status(status).header(header::CONTENT_LENGTH, end - start);
+    if method == Method::HEAD {
+        return Ok(builder.body(Body::empty()).expect("valid response"));
+    }
+    let stream = files::read(&app, &info, start..end).await?;
+    Ok(builder.body(Body::from_stream(stream)).expect("valid response"))
+}
+
+async fn delete(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let principal = require_principal(&app, &headers)?;
+    let id = parse_id(&id)?;
+    files::delete(&app, &principal, id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct SignRequest {
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+}
+
+async fn signed_url(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let principal = require_principal(&app, &headers)?;
+    let id = parse_id(&id)?;
+    let request: SignRequest = if body.is_empty() {
+        SignRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidArgument,
+                format!("the body must be {{\"ttl_secs\": N}} or empty: {e}"),
+            )
+        })?
+    };
+    let url =
+        files::signed_download_url(&app, &principal, id, request.ttl_secs.map(Duration::from_secs)).await?;
+    Ok(axum::Json(url).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct UsageQuery {
+    tenant: Option<String>,
+}
+
+async fn usage(
+    State(app): State<Arc<App>>,
+    Query(q): Query<UsageQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let principal = require_principal(&app, &headers)?;
+    let tenant = q.tenant.or_else(|| principal.tenant.clone());
+    let decision = authorize(
+        &principal,
+        Capability::SeeMetrics,
+        &Target {
+            tenant: tenant.as_deref(),
+            owner: None,
+            public: false,
+        },
+    );
+    match (decision, &tenant) {
+        (Decision::Allowed(_), Some(_)) | (Decision::Allowed(Scope::Any), None) => {}
+        _ => {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "not allowed to see this storage usage",
+            ));
+        }
+    }
+    let config = app.config();
+    let rows = files::storage_usage(&files::Ctx::new(&app, &config), tenant.as_deref()).await?;
+    Ok(axum::Json(rows).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(wanted_range(None, 10), Wanted::Full);
+        assert_eq!(wanted_range(Some("bytes=0-0"), 10), Wanted::Part(0, 1));
+        assert_eq!(wanted_range(Some("bytes=2-"), 10), Wanted::Part(2, 10));
+        assert_eq!(wanted_range(Some("bytes=-3"), 10), Wanted::Part(7, 10));
+        assert_eq!(wanted_range(Some("bytes=-30"), 10), Wanted::Part(0, 10));
+        assert_eq!(wanted_range(Some("bytes=5-100"), 10), Wanted::Part(5, 10));
+        assert_eq!(wanted_range(Some("bytes=10-"), 10), Wanted::Unsatisfiable);
+        assert_eq!(wanted_range(Some("bytes=-0"), 10), Wanted::Unsatisfiable);
+        assert_eq!(wanted_range(Some("bytes=0-1,4-5"), 10), Wanted::Full);
+        assert_eq!(wanted_range(Some("bytes=5-2"), 10), Wanted::Full);
+        assert_eq!(wanted_range(Some("items=0-1"), 10), Wanted::Full);
+        assert_eq!(wanted_range(Some("bytes=0-"), 0), Wanted::Unsatisfiable);
+    }
+
+    #[test]
+    fn etags() {
+        assert!(etag_matches("\"abc\"", "\"abc\""));
+        assert!(etag_matches("W/\"abc\", \"x\"", "\"abc\""));
+        assert!(etag_matches("*", "\"abc\""));
+        assert!(!etag_matches("\"abd\"", "\"abc\""));
+    }
+}

@@ -1,0 +1,1043 @@
+//! The hub: every live session, every subscription, the bounded update history and
+//! presence, behind one std mutex that is never held across an await.
+//!
+//! Delivery is `try_send` into each session's bounded writer queue: a full queue means the
+//! client stopped reading, so its session is cancelled (cut loose) and nobody else waits.
+//! Which subscribers a change reaches is worked out once per change: subscriptions with
+//! the same tenant, owner and filters share a group, so each group's filter is evaluated
+//! once and the same update goes to all its members.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use pulse_cdc::Value;
+use pulse_shared::protocol::{PresenceEvent, ServerFrame, UpdateOp};
+use serde_json::Value as Json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::value;
+
+/// A session's id, unique within the process.
+pub type SessionId = u64;
+
+/// What goes into a session's writer queue: a frame, or one already serialized (a
+/// live update is serialized once per group and only its subscription id differs
+/// between members).
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A frame, serialized by the writer.
+    Frame(ServerFrame),
+    /// JSON text of a frame.
+    Text(String),
+}
+
+impl Outgoing {
+    /// The JSON text on the wire.
+    pub fn into_text(self) -> String {
+        match self {
+            Outgoing::Frame(f) => serde_json::to_string(&f).expect("server frames serialize"),
+            Outgoing::Text(t) => t,
+        }
+    }
+
+    /// The frame (parsed back when pre-serialized), for tests and diagnostics.
+    pub fn into_frame(self) -> ServerFrame {
+        match self {
+            Outgoing::Frame(f) => f,
+            Outgoing::Text(t) => serde_json::from_str(&t).expect("pre-serialized frames parse"),
+        }
+    }
+}
+
+/// What the hub keeps of a session: where its frames go and how to cut it loose.
+pub struct SessionHandle {
+    /// The session's bounded writer queue.
+    pub tx: mpsc::Sender<Outgoing>,
+    /// Cancelled when the session must end (slow client).
+    pub kill: CancellationToken,
+}
+
+/// A row of a live table as the engine holds it between the stream and the wire.
+#[derive(Debug, Clone)]
+pub struct LiveRow {
+    /// Typed values of the columns the engine filters on (tenant, owner, filters).
+    pub vals: HashMap<String, Value>,
+    /// The primary key, as a JSON object.
+    pub key: Json,
+    /// The visible columns, as a JSON object.
+    pub row: Json,
+}
+
+/// One change to a live table, kept in the history for resume.
+#[derive(Debug)]
+pub struct LiveChange {
+    /// Its position.
+    pub seq: u64,
+    /// The live table's schema name.
+    pub table: String,
+    /// The row before (updates, deletes).
+    pub old: Option<LiveRow>,
+    /// The row after (inserts, updates).
+    pub new: Option<LiveRow>,
+}
+
+/// The rows a live subscription sees: its tenant (None: every tenant), its owner (members
+/// on tables with an owner column) and equality filters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowFilter {
+    /// Tenant column and value.
+    pub tenant: Option<(String, String)>,
+    /// Owner column and value.
+    pub owner: Option<(String, String)>,
+    /// Equality filters, sorted by column.
+    pub eq: Vec<(String, Value)>,
+}
+
+impl RowFilter {
+    /// Whether a row passes.
+    pub fn matches(&self, row: &LiveRow) -> bool {
+        let text_eq = |col: &str, want: &str| {
+            row.vals
+                .get(col)
+                .is_some_and(|v| value::key_text(v) == want && !matches!(v, Value::Null))
+        };
+        if let Some((c, t)) = &self.tenant
+            && !text_eq(c, t)
+        {
+            return false;
+        }
+        if let Some((c, o)) = &self.owner
+            && !text_eq(c, o)
+        {
+            return false;
+        }
+        self.eq.iter().all(|(c, want)| {
+            row.vals
+                .get(c)
+                .is_some_and(|v| value::compare(v, want) == Some(std::cmp::Ordering::Equal))
+        })
+    }
+}
+
+fn op_for(filter: &RowFilter, change: &LiveChange) -> Option<UpdateOp> {
+    let was = change.old.as_ref().is_some_and(|r| filter.matches(r));
+    let is = change.new.as_ref().is_some_and(|r| filter.matches(r));
+    match (was, is) {
+        (true, true) => Some(UpdateOp::Update),
+        (false, true) => Some(UpdateOp::Insert),
+        (true, false) => Some(UpdateOp::Delete),
+        (false, false) => None,
+    }
+}
+
+fn update_frame(id: &str, cursor: String, op: UpdateOp, change: &LiveChange) -> ServerFrame {
+    let (key, row) = match op {
+        UpdateOp::Delete => (
+            change.old.as_ref().map(|r| r.key.clone()).unwrap_or_default(),
+            None,
+        ),
+        _ => {
+            let n = change.new.as_ref().expect("insert and update have a new row");
+            (n.key.clone(), Some(n.row.clone()))
+        }
+    };
+    ServerFrame::Update {
+        id: id.to_string(),
+        cursor: Some(cursor),
+        op,
+        key,
+        row,
+    }
+}
+
+struct Group {
+    filter: RowFilter,
+    members: Vec<(SessionId, String)>,
+}
+
+/// What a subscription is, so it can be removed.
+#[derive(Debug, Clone)]
+enum SubKind {
+    Live { table: String, filter: RowFilter },
+    Metric { metric: String, tenant: String },
+    Inbox { tenant: String, user: String },
+    Presence { tenant: Option<String> },
+}
+
+/// One presence subscription.
+struct PresenceSub {
+    session: SessionId,
+    id: String,
+    resource: Option<String>,
+}
+
+/// One open tab of a user.
+struct Tab {
+    resource: String,
+    state: Json,
+    seen: Instant,
+    at: u64,
+}
+
+/// A user's presence within a tenant: one entry per session (tab); the latest heartbeat
+/// decides what the others see, and the user is online while any tab is.
+#[derive(Default)]
+struct UserPresence {
+    tabs: HashMap<SessionId, Tab>,
+}
+
+impl UserPresence {
+    fn effective(&self) -> Option<(&str, &Json)> {
+        self.tabs
+            .values()
+            .max_by_key(|t| t.at)
+            .map(|t| (t.resource.as_str(), &t.state))
+    }
+}
+
+/// Where a presence change came from and where it went.
+type Effective = Option<(String, Json)>;
+
+/// The hub's state.
+#[derive(Default)]
+pub struct Hub {
+    sessions: HashMap<SessionId, SessionHandle>,
+    subs: HashMap<SessionId, HashMap<String, SubKind>>,
+    /// Next update position.
+    seq: u64,
+    history: VecDeque<Arc<LiveChange>>,
+    history_cap: usize,
+    /// Live subscriptions: table -> tenant (None = all) -> groups.
+    live: HashMap<String, HashMap<Option<String>, Vec<Group>>>,
+    metric_subs: HashMap<(String, String), Vec<(SessionId, String)>>,
+    inbox_subs: HashMap<(String, String), Vec<(SessionId, String)>>,
+    presence_subs: HashMap<Option<String>, Vec<PresenceSub>>,
+    /// Subscriptions whose initial result is still being read: their updates wait here.
+    pending: HashMap<(SessionId, String), Vec<Outgoing>>,
+    /// tenant -> user -> tabs.
+    presence: HashMap<String, HashMap<String, UserPresence>>,
+    clock: u64,
+    epoch: u64,
+}
+
+/// Why a subscription could not be added.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubError {
+    /// The id is in use in this session.
+    Duplicate,
+    /// The session has too many.
+    TooMany(usize),
+}
+
+impl Hub {
+    /// A hub keeping `history_cap` updates for resume; `epoch` makes cursors of an earlier
+    /// process recognisably stale.
+    pub fn new(history_cap: usize, epoch: u64) -> Hub {
+        Hub {
+            history_cap,
+            epoch,
+            ..Hub::default()
+        }
+    }
+
+    /// The cursor of position `seq`.
+    pub fn cursor(&self, seq: u64) -> String {
+        format!("{:x}-{seq}", self.epoch)
+    }
+
+    /// The current cursor.
+    pub fn current_cursor(&self) -> String {
+        self.cursor(self.seq)
+    }
+
+    fn parse_cursor(&self, c: &str) -> Option<u64> {
+        let (epoch, seq) = c.split_once('-')?;
+        (u64::from_str_radix(epoch, 16).ok()? == self.epoch).then_some(())?;
+        let seq: u64 = seq.parse().ok()?;
+        (seq <= self.seq).then_some(seq)
+    }
+
+    /// Number of sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Registers a session.
+    pub fn add_session(&mut self, id: SessionId, handle: SessionHandle) {
+        self.sessions.insert(id, handle);
+    }
+
+    /// Queues a frame for one session; a full queue cuts the session loose.
+    pub fn deliver(&mut self, session: SessionId, frame: ServerFrame) {
+        self.deliver_out(session, Outgoing::Frame(frame));
+    }
+
+    fn deliver_out(&mut self, session: SessionId, out: Outgoing) {
+        let cut = match self.sessions.get(&session) {
+            None => false,
+            Some(h) => match h.tx.try_send(out) {
+                Ok(()) => false,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(session, "client stopped reading; cutting it loose");
+                    metrics::counter!("pulse_slow_clients_cut_total").increment(1);
+                    h.kill.cancel();
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => true,
+            },
+        };
+        if cut {
+            // Its subscriptions stop here; presence leaves when the session task ends.
+            self.drop_subscriptions(session);
+            self.sessions.remove(&session);
+        }
+    }
+
+    fn add_sub(&mut self, session: SessionId, id: &str, kind: SubKind, max: usize) -> Result<(), SubError> {
+        let subs = self.subs.entry(session).or_default();
+        if subs.contains_key(id) {
+            return Err(SubError::Duplicate);
+        }
+        if subs.len() >= max {
+            return Err(SubError::TooMany(max));
+        }
+        subs.insert(id.to_string(), kind);
+        metrics::gauge!("pulse_subscriptions").increment(1.0);
+        Ok(())
+    }
+
+    /// Opens a live-table subscription in the pending state; returns the cursor its
+    /// initial result is valid at. Updates wait until [`Hub::complete`].
+    pub fn subscribe_live(
+        &mut self,
+        session: SessionId,
+        id: &str,
+        table: &str,
+        filter: RowFilter,
+        max: usize,
+    ) -> Result<String, SubError> {
+        self.add_sub(
+            session,
+            id,
+            SubKind::Live {
+                table: table.to_string(),
+                filter: filter.clone(),
+            },
+            max,
+        )?;
+        self.pending.insert((session, id.to_string()), Vec::new());
+        self.join_group(session, id, table, filter);
+        Ok(self.current_cursor())
+    }
+
+    fn join_group(&mut self, session: SessionId, id: &str, table: &str, filter: RowFilter) {
+        let tenant = filter.tenant.as_ref().map(|(_, t)| t.clone());
+        let groups = self
+            .live
+            .entry(table.to_string())
+            .or_default()
+            .entry(tenant)
+            .or_default();
+        match groups.iter_mut().find(|g| g.filter == filter) {
+            Some(g) => g.members.push((session, id.to_string())),
+            None => groups.push(Group {
+                filter,
+                members: vec![(session, id.to_string())],
+            }),
+        }
+    }
+
+    /// Sends a pending subscription's initial result, then what arrived meanwhile.
+    pub fn complete(&mut self, session: SessionId, id: &str, result: ServerFrame) {
+        let waiting = self
+            .pending
+            .remove(&(session, id.to_string()))
+            .unwrap_or_default();
+        self.deliver(session, result);
+        for f in waiting {
+            self.deliver_out(session, f);
+        }
+    }
+
+    /// Re-opens a live subscription after a reconnect. When the history reaches back to
+    /// `cursor`, the missed updates are sent and `true` is returned; otherwise the
+    /// subscription is left pending (a fresh result must follow) and `false` is returned.
+    pub fn resume_live(
+        &mut self,
+        session: SessionId,
+        id: &str,
+        table: &str,
+        filter: RowFilter,
+        cursor: &str,
+        max: usize,
+    ) -> Result<bool, SubError> {
+        let from = self.parse_cursor(cursor);
+        let oldest = self.history.front().map_or(self.seq + 1, |c| c.seq);
+        // Every position after `from` must still be in the history.
+        let covered = from.is_some_and(|f| f + 1 >= oldest);
+        if !covered {
+            self.subscribe_live(session, id, table, filter, max)?;
+            return Ok(false);
+        }
+        let from = from.unwrap_or(0);
+        self.add_sub(
+            session,
+            id,
+            SubKind::Live {
+                table: table.to_string(),
+                filter: filter.clone(),
+            },
+            max,
+        )?;
+        let missed: Vec<ServerFrame> = self
+            .history
+            .iter()
+            .filter(|c| c.seq > from && c.table == table)
+            .filter_map(|c| op_for(&filter, c).map(|op| update_frame(id, self.cursor(c.seq), op, c)))
+            .collect();
+        for f in missed {
+            self.deliver(session, f);
+        }
+        self.join_group(session, id, table, filter);
+        Ok(true)
+    }
+
+    /// For polling: the updates of `table` after `cursor` that `filter` sees, and the
+    /// cursor to poll from next; `None` when the history no longer reaches back.
+    pub fn since(&self, table: &str, filter: &RowFilter, cursor: &str) -> Option<(Vec<ServerFrame>, String)> {
+        let from = self.parse_cursor(cursor)?;
+        let oldest = self.history.front().map_or(self.seq + 1, |c| c.seq);
+        if from + 1 < oldest {
+            return None;
+        }
+        let updates = self
+            .history
+            .iter()
+            .filter(|c| c.seq > from && c.table == table)
+            .filter_map(|c| op_for(filter, c).map(|op| update_frame("poll", self.cursor(c.seq), op, c)))
+            .collect();
+        Some((updates, self.current_cursor()))
+    }
+
+    /// Publishes one live-table change: history, then every group it reaches.
+    pub fn publish_live(
+        &mut self,
+        table: &str,
+        tenant_col: &str,
+        old: Option<LiveRow>,
+        new: Option<LiveRow>,
+    ) {
+        self.seq += 1;
+        let change = Arc::new(LiveChange {
+            seq: self.seq,
+            table: table.to_string(),
+            old,
+            new,
+        });
+        if self.history_cap > 0 {
+            self.history.push_back(change.clone());
+            while self.history.len() > self.history_cap {
+                self.history.pop_front();
+            }
+        }
+        let Some(by_tenant) = self.live.get(table) else {
+            return;
+        };
+        let tenant_of = |r: &Option<LiveRow>| {
+            r.as_ref()
+                .and_then(|r| r.vals.get(tenant_col))
+                .map(value::key_text)
+        };
+        let mut tenants = vec![None, tenant_of(&change.old)];
+        let new_tenant = tenant_of(&change.new);
+        if !tenants.contains(&new_tenant) {
+            tenants.push(new_tenant);
+        }
+        let cursor = self.cursor(self.seq);
+        let mut out: Vec<(SessionId, String, String)> = Vec::new();
+        let mut tenant_keys: Vec<Option<String>> = vec![None];
+        for t in tenants.into_iter().skip(1).flatten() {
+            tenant_keys.push(Some(t));
+        }
+        for key in tenant_keys {
+            let Some(groups) = by_tenant.get(&key) else {
+                continue;
+            };
+            for g in groups {
+                let Some(op) = op_for(&g.filter, &change) else {
+                    continue;
+                };
+                // Serialized once for the group: everything after the id is the same.
+                let whole = serde_json::to_string(&update_frame("", cursor.clone(), op, &change))
+                    .expect("server frames serialize");
+                let tail = whole
+                    .strip_prefix(r#"{"type":"update","id":"""#)
+                    .expect("update frames start with their type and id")
+                    .to_string();
+                for (session, id) in &g.members {
+                    let text = format!(
+                        r#"{{"type":"update","id":{}{tail}"#,
+                        serde_json::to_string(id).expect("strings serialize")
+                    );
+                    out.push((*session, id.clone(), text));
+                }
+            }
+        }
+        for (session, id, text) in out {
+            if let Some(buf) = self.pending.get_mut(&(session, id)) {
+                buf.push(Outgoing::Text(text));
+            } else {
+                self.deliver_out(session, Outgoing::Text(text));
+            }
+        }
+    }
+
+    /// The table was truncated: every subscriber starts again from an empty result.
+    pub fn resnapshot_table(&mut self, table: &str) {
+        self.seq += 1;
+        // Resuming across a truncate would replay rows that are gone.
+        self.history.clear();
+        let cursor = self.current_cursor();
+        let members: Vec<(SessionId, String)> = self
+            .live
+            .get(table)
+            .map(|t| {
+                t.values()
+                    .flatten()
+                    .flat_map(|g| g.members.iter().cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (s, id) in members {
+            self.deliver(s, ServerFrame::Resnapshot { id: id.clone() });
+            self.deliver(
+                s,
+                ServerFrame::Result {
+                    id,
+                    cursor: Some(cursor.clone()),
+                    data: Json::Array(Vec::new()),
+                },
+            );
+        }
+    }
+
+    /// Subscribes to a metric of a tenant.
+    pub fn subscribe_metric(
+        &mut self,
+        session: SessionId,
+        id: &str,
+        metric: &str,
+        tenant: &str,
+        max: usize,
+    ) -> Result<(), SubError> {
+        self.add_sub(
+            session,
+            id,
+            SubKind::Metric {
+                metric: metric.to_string(),
+                tenant: tenant.to_string(),
+            },
+            max,
+        )?;
+        self.metric_subs
+            .entry((metric.to_string(), tenant.to_string()))
+            .or_default()
+            .push((session, id.to_string()));
+        Ok(())
+    }
+
+    /// The (metric, tenant) pairs someone watches.
+    pub fn watched_metrics(&self) -> Vec<(String, String)> {
+        self.metric_subs.keys().cloned().collect()
+    }
+
+    /// Sends a metric's new value to its watchers.
+    pub fn publish_metric(&mut self, metric: &str, tenant: &str, value: &Json) {
+        let Some(subs) = self.metric_subs.get(&(metric.to_string(), tenant.to_string())) else {
+            return;
+        };
+        let out: Vec<_> = subs
+            .iter()
+            .map(|(s, id)| {
+                (
+                    *s,
+                    ServerFrame::Value {
+                        id: id.clone(),
+                        name: "value".into(),
+                        value: value.clone(),
+                    },
+                )
+            })
+            .collect();
+        for (s, f) in out {
+            self.deliver(s, f);
+        }
+    }
+
+    /// Subscribes to a user's inbox.
+    pub fn subscribe_inbox(
+        &mut self,
+        session: SessionId,
+        id: &str,
+        tenant: &str,
+        user: &str,
+        max: usize,
+    ) -> Result<(), SubError> {
+        self.add_sub(
+            session,
+            id,
+            SubKind::Inbox {
+                tenant: tenant.to_string(),
+                user: user.to_string(),
+            },
+            max,
+        )?;
+        self.inbox_subs
+            .entry((tenant.to_string(), user.to_string()))
+            .or_default()
+            .push((session, id.to_string()));
+        Ok(())
+    }
+
+    /// Sends frames built per inbox subscription of a user.
+    pub fn publish_inbox(&mut self, tenant: &str, user: &str, build: &dyn Fn(&str) -> Vec<ServerFrame>) {
+        let Some(subs) = self.inbox_subs.get(&(tenant.to_string(), user.to_string())) else {
+            return;
+        };
+        let out: Vec<_> = subs
+            .iter()
+            .flat_map(|(s, id)| build(id).into_iter().map(move |f| (*s, f)))
+            .collect();
+        for (s, f) in out {
+            self.deliver(s, f);
+        }
+    }
+
+    /// Subscribes to presence in a tenant (None: every tenant), optionally one resource;
+    /// returns who is online there now.
+    pub fn subscribe_presence(
+        &mut self,
+        session: SessionId,
+        id: &str,
+        tenant: Option<&str>,
+        resource: Option<&str>,
+        max: usize,
+    ) -> Result<Json, SubError> {
+        self.add_sub(
+            session,
+            id,
+            SubKind::Presence {
+                tenant: tenant.map(String::from),
+            },
+            max,
+        )?;
+        self.presence_subs
+            .entry(tenant.map(String::from))
+            .or_default()
+            .push(PresenceSub {
+                session,
+                id: id.to_string(),
+                resource: resource.map(String::from),
+            });
+        Ok(self.online(tenant, resource))
+    }
+
+    /// Who is online in a tenant (None: all), optionally only on one resource.
+    pub fn online(&self, tenant: Option<&str>, resource: Option<&str>) -> Json {
+        let mut out = Vec::new();
+        for (t, users) in &self.presence {
+            if tenant.is_some_and(|want| want != t) {
+                continue;
+            }
+            for (user, p) in users {
+                if let Some((res, state)) = p.effective()
+                    && resource.is_none_or(|want| want == res)
+                {
+                    out.push(serde_json::json!({
+                        "tenant": t, "user": user, "resource": res, "state": state, "tabs": p.tabs.len(),
+                    }));
+                }
+            }
+        }
+        out.sort_by(|a, b| a["user"].as_str().cmp(&b["user"].as_str()));
+        serde_json::json!({ "online": out, "count": out.len() })
+    }
+
+    /// Users online, per tenant (for /metrics and the presence-count metric).
+    pub fn online_counts(&self) -> HashMap<String, usize> {
+        self.presence
+            .iter()
+            .map(|(t, u)| (t.clone(), u.values().filter(|p| !p.tabs.is_empty()).count()))
+            .collect()
+    }
+
+    /// A heartbeat from one tab of a user.
+    pub fn heartbeat(&mut self, session: SessionId, tenant: &str, user: &str, resource: &str, state: Json) {
+        self.clock += 1;
+        let at = self.clock;
+        let users = self.presence.entry(tenant.to_string()).or_default();
+        let p = users.entry(user.to_string()).or_default();
+        let before: Effective = p.effective().map(|(r, s)| (r.to_string(), s.clone()));
+        p.tabs.insert(
+            session,
+            Tab {
+                resource: resource.to_string(),
+                state,
+                seen: Instant::now(),
+                at,
+            },
+        );
+        let after: Effective = p.effective().map(|(r, s)| (r.to_string(), s.clone()));
+        self.presence_changed(tenant, user, before, after);
+    }
+
+    /// A session ended: its tabs leave.
+    pub fn leave_session(&mut self, session: SessionId) {
+        let mut changes = Vec::new();
+        for (tenant, users) in self.presence.iter_mut() {
+            for (user, p) in users.iter_mut() {
+                if p.tabs.contains_key(&session) {
+                    let before = p.effective().map(|(r, s)| (r.to_string(), s.clone()));
+                    p.tabs.remove(&session);
+                    let after = p.effective().map(|(r, s)| (r.to_string(), s.clone()));
+                    changes.push((tenant.clone(), user.clone(), before, after));
+                }
+            }
+        }
+        self.apply_presence_changes(changes);
+    }
+
+    /// Removes tabs silent for longer than `ttl`.
+    pub fn expire_presence(&mut self, ttl: std::time::Duration) {
+        let now = Instant::now();
+        let mut changes = Vec::new();
+        for (tenant, users) in self.presence.iter_mut() {
+            for (user, p) in users.iter_mut() {
+                if p.tabs.values().any(|t| now.duration_since(t.seen) > ttl) {
+                    let before = p.effective().map(|(r, s)| (r.to_string(), s.clone()));
+                    p.tabs.retain(|_, t| now.duration_since(t.seen) <= ttl);
+                    let after = p.effective().map(|(r, s)| (r.to_string(), s.clone()));
+                    changes.push((tenant.clone(), user.clone(), before, after));
+                }
+            }
+        }
+        self.apply_presence_changes(changes);
+    }
+
+    fn apply_presence_changes(&mut self, changes: Vec<(String, String, Effective, Effective)>) {
+        for (tenant, user, before, after) in changes {
+            self.presence_changed(&tenant, &user, before, after);
+        }
+        for users in self.presence.values_mut() {
+            users.retain(|_, p| !p.tabs.is_empty());
+        }
+        self.presence.retain(|_, u| !u.is_empty());
+    }
+
+    fn presence_changed(&mut self, tenant: &str, user: &str, before: Effective, after: Effective) {
+        if before == after {
+            return;
+        }
+        let mut out = Vec::new();
+        for key in [None, Some(tenant.to_string())] {
+            let Some(subs) = self.presence_subs.get(&key) else {
+                continue;
+            };
+            for sub in subs {
+                // Seen through the subscription's resource: a user on another resource is
+                // absent from it.
+                let view = |e: &Effective| match (&sub.resource, e) {
+                    (Some(want), Some((r, _))) if want != r => None,
+                    (_, e) => e.clone(),
+                };
+                let (b, a) = (view(&before), view(&after));
+                let (event, (resource, state)) = match (b, a) {
+                    (None, Some(a)) => (PresenceEvent::Join, a),
+                    (Some(_), Some(a)) if Some(&a) != view(&before).as_ref() => (PresenceEvent::Update, a),
+                    (Some(b), None) => (PresenceEvent::Leave, b),
+                    _ => continue,
+                };
+                out.push((
+                    sub.session,
+                    ServerFrame::Presence {
+                        id: sub.id.clone(),
+                        event,
+                        user: user.to_string(),
+                        resource,
+                        state,
+                    },
+                ));
+            }
+        }
+        for (s, f) in out {
+            self.deliver(s, f);
+        }
+        let online: usize = self.online_counts().values().sum();
+        metrics::gauge!("pulse_presence_online").set(online as f64);
+    }
+
+    /// Ends one subscription; false when there is none by that id.
+    pub fn unsubscribe(&mut self, session: SessionId, id: &str) -> bool {
+        let Some(kind) = self.subs.get_mut(&session).and_then(|s| s.remove(id)) else {
+            return false;
+        };
+        self.remove_kind(session, id, kind);
+        true
+    }
+
+    fn remove_kind(&mut self, session: SessionId, id: &str, kind: SubKind) {
+        metrics::gauge!("pulse_subscriptions").decrement(1.0);
+        let me = |m: &(SessionId, String)| m.0 == session && m.1 == id;
+        self.pending.remove(&(session, id.to_string()));
+        match kind {
+            SubKind::Live { table, filter } => {
+                let tenant = filter.tenant.as_ref().map(|(_, t)| t.clone());
+                if let Some(groups) = self.live.get_mut(&table).and_then(|t| t.get_mut(&tenant)) {
+                    for g in groups.iter_mut() {
+                        g.members.retain(|m| !me(m));
+                    }
+                    groups.retain(|g| !g.members.is_empty());
+                }
+            }
+            SubKind::Metric { metric, tenant } => {
+                if let Some(v) = self.metric_subs.get_mut(&(metric.clone(), tenant.clone())) {
+                    v.retain(|m| !me(m));
+                    if v.is_empty() {
+                        self.metric_subs.remove(&(metric, tenant));
+                    }
+                }
+            }
+            SubKind::Inbox { tenant, user } => {
+                if let Some(v) = self.inbox_subs.get_mut(&(tenant.clone(), user.clone())) {
+                    v.retain(|m| !me(m));
+                    if v.is_empty() {
+                        self.inbox_subs.remove(&(tenant, user));
+                    }
+                }
+            }
+            SubKind::Presence { tenant } => {
+                if let Some(v) = self.presence_subs.get_mut(&tenant) {
+                    v.retain(|p| !(p.session == session && p.id == id));
+                }
+            }
+        }
+    }
+
+    fn drop_subscriptions(&mut self, session: SessionId) {
+        if let Some(subs) = self.subs.remove(&session) {
+            for (id, kind) in subs {
+                self.remove_kind(session, &id, kind);
+            }
+        }
+    }
+
+    /// A session ended: everything it held goes.
+    pub fn remove_session(&mut self, session: SessionId) {
+        self.drop_subscriptions(session);
+        self.sessions.remove(&session);
+        self.leave_session(session);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64, tenant: &str, status: &str) -> LiveRow {
+        LiveRow {
+            vals: [
+                ("tenant_id".to_string(), Value::Text(tenant.into())),
+                ("status".to_string(), Value::Text(status.into())),
+            ]
+            .into_iter()
+            .collect(),
+            key: serde_json::json!({ "id": id }),
+            row: serde_json::json!({ "id": id, "status": status }),
+        }
+    }
+
+    fn session(hub: &mut Hub, id: SessionId) -> mpsc::Receiver<Outgoing> {
+        let (tx, rx) = mpsc::channel(16);
+        hub.add_session(
+            id,
+            SessionHandle {
+                tx,
+                kill: CancellationToken::new(),
+            },
+        );
+        rx
+    }
+
+    fn filter(tenant: &str, status: Option<&str>) -> RowFilter {
+        RowFilter {
+            tenant: Some(("tenant_id".into(), tenant.into())),
+            owner: None,
+            eq: status
+                .map(|s| vec![("status".to_string(), Value::Text(s.into()))])
+                .unwrap_or_default(),
+        }
+    }
+
+    fn ops(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<(UpdateOp, i64)> {
+        let mut out = Vec::new();
+        while let Ok(f) = rx.try_recv() {
+            if let ServerFrame::Update { op, key, .. } = f.into_frame() {
+                out.push((op, key["id"].as_i64().unwrap()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rows_move_in_and_out_of_filters_and_tenants_stay_apart() {
+        let mut hub = Hub::new(100, 1);
+        let mut a = session(&mut hub, 1);
+        let mut b = session(&mut hub, 2);
+        hub.subscribe_live(1, "s", "m", filter("t1", Some("active")), 10)
+            .unwrap();
+        hub.complete(1, "s", ServerFrame::Pong { nonce: 0 });
+        hub.subscribe_live(2, "s", "m", filter("t2", None), 10).unwrap();
+        hub.complete(2, "s", ServerFrame::Pong { nonce: 0 });
+        hub.publish_live("m", "tenant_id", None, Some(row(1, "t1", "active")));
+        hub.publish_live(
+            "m",
+            "tenant_id",
+            Some(row(1, "t1", "active")),
+            Some(row(1, "t1", "gone")),
+        );
+        hub.publish_live(
+            "m",
+            "tenant_id",
+            Some(row(1, "t1", "gone")),
+            Some(row(1, "t1", "active")),
+        );
+        hub.publish_live("m", "tenant_id", None, Some(row(2, "t1", "gone")));
+        hub.publish_live("m", "tenant_id", Some(row(1, "t1", "active")), None);
+        assert_eq!(
+            ops(&mut a),
+            vec![
+                (UpdateOp::Insert, 1),
+                (UpdateOp::Delete, 1),
+                (UpdateOp::Insert, 1),
+                (UpdateOp::Delete, 1)
+            ]
+        );
+        assert!(ops(&mut b).is_empty(), "t2 saw t1's rows");
+    }
+
+    #[test]
+    fn pre_serialized_updates_equal_the_frame_with_awkward_ids() {
+        let mut hub = Hub::new(10, 1);
+        let mut rx = session(&mut hub, 1);
+        let id = "quote\" back\\ slash \u{1}";
+        hub.subscribe_live(1, id, "m", filter("t1", None), 10).unwrap();
+        hub.complete(1, id, ServerFrame::Pong { nonce: 0 });
+        let _ = rx.try_recv();
+        hub.publish_live("m", "tenant_id", None, Some(row(9, "t1", "ok")));
+        let text = rx.try_recv().unwrap().into_text();
+        let expected = ServerFrame::Update {
+            id: id.to_string(),
+            cursor: Some(hub.current_cursor()),
+            op: UpdateOp::Insert,
+            key: serde_json::json!({ "id": 9 }),
+            row: Some(serde_json::json!({ "id": 9, "status": "ok" })),
+        };
+        assert_eq!(text, serde_json::to_string(&expected).unwrap());
+    }
+
+    #[test]
+    fn resume_replays_exactly_the_missed_updates_or_asks_for_a_resnapshot() {
+        let mut hub = Hub::new(3, 1);
+        let _a = session(&mut hub, 1);
+        let before = hub.current_cursor();
+        for i in 1..=3 {
+            hub.publish_live("m", "tenant_id", None, Some(row(i, "t1", "active")));
+        }
+        let mut b = session(&mut hub, 2);
+        assert!(
+            hub.resume_live(2, "s", "m", filter("t1", None), &before, 10)
+                .unwrap()
+        );
+        assert_eq!(
+            ops(&mut b),
+            vec![
+                (UpdateOp::Insert, 1),
+                (UpdateOp::Insert, 2),
+                (UpdateOp::Insert, 3)
+            ]
+        );
+        hub.publish_live("m", "tenant_id", None, Some(row(4, "t1", "active")));
+        assert_eq!(ops(&mut b), vec![(UpdateOp::Insert, 4)]);
+        // History holds 3: a cursor from before update 1 is now too old.
+        let mut c = session(&mut hub, 3);
+        assert!(
+            !hub.resume_live(3, "s", "m", filter("t1", None), &before, 10)
+                .unwrap()
+        );
+        assert!(ops(&mut c).is_empty());
+        // A cursor of another process is always too old.
+        let _d = session(&mut hub, 4);
+        assert!(
+            !hub.resume_live(4, "s", "m", filter("t1", None), "ff-1", 10)
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn presence_counts_tabs_once_and_moves_are_updates() {
+        let mut hub = Hub::new(0, 1);
+        let mut watcher = session(&mut hub, 9);
+        hub.subscribe_presence(9, "p", Some("t1"), None, 10).unwrap();
+        let _tab1 = session(&mut hub, 1);
+        let _tab2 = session(&mut hub, 2);
+        hub.heartbeat(1, "t1", "alice", "/home", Json::Null);
+        hub.heartbeat(2, "t1", "alice", "/home", Json::Null);
+        hub.heartbeat(2, "t1", "alice", "/members", Json::Null);
+        hub.remove_session(2);
+        hub.remove_session(1);
+        let events: Vec<_> = std::iter::from_fn(|| watcher.try_recv().ok())
+            .map(|f| match f.into_frame() {
+                ServerFrame::Presence { event, resource, .. } => (event, resource),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            events,
+            vec![
+                (PresenceEvent::Join, "/home".to_string()),
+                (PresenceEvent::Update, "/members".to_string()),
+                (PresenceEvent::Update, "/home".to_string()),
+                (PresenceEvent::Leave, "/home".to_string()),
+            ]
+        );
+        assert!(hub.online_counts().is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_cuts_only_that_client() {
+        let mut hub = Hub::new(0, 1);
+        let (tx, _rx_never_read) = mpsc::channel(1);
+        let kill = CancellationToken::new();
+        hub.add_session(
+            1,
+            SessionHandle {
+                tx,
+                kill: kill.clone(),
+            },
+        );
+        let mut ok = session(&mut hub, 2);
+        for s in [1, 2] {
+            hub.subscribe_live(s, "s", "m", filter("t1", None), 10).unwrap();
+            hub.complete(s, "s", ServerFrame::Pong { nonce: 0 });
+        }
+        let _ = ok.try_recv();
+        for i in 0..5 {
+            hub.publish_live("m", "tenant_id", None, Some(row(i, "t1", "x")));
+        }
+        assert!(kill.is_cancelled());
+        assert_eq!(ops(&mut ok).len(), 5);
+        assert_eq!(hub.session_count(), 1);
+    }
+}

@@ -1,0 +1,1210 @@
+//! The realtime engine: live tables, presence, notifications and live dashboard metrics.
+//!
+//! It owns the hub (sessions, subscriptions, update history, presence), the metric cells
+//! and the notification store, and it consumes committed transactions from the change
+//! stream in two steps: [`Engine::apply`] writes derived state (metric cells,
+//! notifications from the source table) inside the caller's state transaction, and
+//! [`Engine::committed`] publishes to clients once that transaction is durable. It never
+//! publishes anything before it is durable, never decides access except through
+//! `pulse_shared::caps::authorize`, and never blocks on a client (see [`hub`]).
+
+pub mod filter;
+pub mod hub;
+pub mod metrics;
+pub mod notifications;
+pub mod value;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use pulse_cdc::{ChangeKind, Relation, Transaction, Value};
+use pulse_shared::caps::{Capability, Decision, Principal, Role, Scope, Target, authorize};
+use pulse_shared::protocol::{ServerFrame, UpdateOp};
+use pulse_shared::{ErrorBody, ErrorCode};
+use serde_json::{Value as Json, json};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::schema::{LiveTable, Schema, quote_ident};
+use hub::{Hub, LiveRow, RowFilter, SessionHandle, SessionId, SubError};
+use metrics::{Deltas, MetricStore};
+
+/// Rows an initial live-table result carries at most.
+const MAX_RESULT_ROWS: i64 = 10_000;
+/// Notifications an inbox result carries.
+const INBOX_ROWS: i64 = 50;
+
+/// Engine limits, taken from the config at start.
+#[derive(Debug, Clone)]
+pub struct EngineLimits {
+    /// Subscriptions per session.
+    pub subscriptions: usize,
+    /// Presence lifetime.
+    pub presence_ttl: Duration,
+    /// Updates kept for resume.
+    pub history: usize,
+}
+
+/// What `apply` derived, waiting for the commit to be published.
+#[derive(Default)]
+struct Stash {
+    deltas: Deltas,
+    truncated: Vec<String>,
+    notifications: Vec<notifications::Notification>,
+}
+
+/// The engine.
+pub struct Engine {
+    /// The validated schema.
+    pub schema: Arc<Schema>,
+    /// Symfony's database, for initial results.
+    source: Pool,
+    /// The pulse schema's database.
+    state: Pool,
+    /// Sessions, subscriptions, history, presence.
+    pub hub: Mutex<Hub>,
+    /// Metric cells. Lock order: `store` before `hub`.
+    store: Mutex<MetricStore>,
+    /// Derived in `apply`, published in `committed`.
+    stash: Mutex<Stash>,
+    /// Last value sent per (metric, tenant), so window roll-overs are noticed.
+    last_values: Mutex<HashMap<(String, String), Json>>,
+    next_session: AtomicU64,
+    limits: EngineLimits,
+}
+
+/// Who is asking, as the engine needs it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The session.
+    pub session: SessionId,
+    /// The principal.
+    pub principal: Principal,
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(code, message)
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(ErrorCode::InvalidArgument, format!("{field}: {}", message.into()))
+        .with_details(json!({ "field": field }))
+}
+
+fn internal(e: impl std::fmt::Display) -> ErrorBody {
+    tracing::error!(error = %e, "engine database error");
+    err(
+        ErrorCode::Unavailable,
+        "the database did not answer; try again shortly",
+    )
+}
+
+fn check(d: Decision, what: &str) -> Result<Scope, ErrorBody> {
+    match d {
+        Decision::Allowed(s) => Ok(s),
+        Decision::Denied(r) => Err(err(ErrorCode::Forbidden, format!("{what}: {}", r.explain()))),
+    }
+}
+
+fn sub_error(e: SubError, id: &str) -> ErrorBody {
+    match e {
+        SubError::Duplicate => invalid(
+            "id",
+            format!("subscription {id:?} already exists in this session"),
+        ),
+        SubError::TooMany(n) => err(
+            ErrorCode::RateLimited,
+            format!("at most {n} subscriptions per session; unsubscribe some first"),
+        )
+        .with_details(json!({ "limit": n })),
+    }
+}
+
+fn arg_text(args: &Json, name: &str) -> Result<Option<String>, ErrorBody> {
+    match args.get(name) {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) => Ok(Some(s.clone())),
+        Some(Json::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => Err(invalid(&format!("args.{name}"), "must be a string")),
+    }
+}
+
+/// Reads a column of a change's row, taking an unchanged TOAST value from the old row.
+fn getter<'a>(
+    rel: &'a Relation,
+    new: &'a [Value],
+    old: Option<&'a [Value]>,
+) -> impl Fn(&str) -> Option<Value> + 'a {
+    move |c: &str| {
+        let i = rel.column(c)?;
+        match new.get(i)? {
+            Value::UnchangedToast => old.and_then(|o| o.get(i)).cloned(),
+            v => Some(v.clone()),
+        }
+    }
+}
+
+impl Engine {
+    /// A new engine.
+    pub fn new(schema: Arc<Schema>, source: Pool, state: Pool, limits: EngineLimits) -> Engine {
+        let epoch = rand::random::<u32>() as u64;
+        Engine {
+            schema,
+            source,
+            state,
+            hub: Mutex::new(Hub::new(limits.history, epoch)),
+            store: Mutex::new(MetricStore::default()),
+            stash: Mutex::new(Stash::default()),
+            last_values: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            limits,
+        }
+    }
+
+    fn hub(&self) -> std::sync::MutexGuard<'_, Hub> {
+        self.hub.lock().expect("hub lock")
+    }
+
+    /// Registers a session; returns its id.
+    pub fn open_session(
+        &self,
+        tx: tokio::sync::mpsc::Sender<hub::Outgoing>,
+        kill: CancellationToken,
+    ) -> SessionId {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        self.hub().add_session(id, SessionHandle { tx, kill });
+        id
+    }
+
+    /// Removes a session and everything it held; its presence leaves.
+    pub fn close_session(&self, id: SessionId) {
+        self.hub().remove_session(id);
+    }
+
+    /// Starts the periodic work: presence expiry, metric windows, notification retention.
+    pub fn spawn_tasks(self: &Arc<Self>, tasks: &TaskTracker, shutdown: CancellationToken) {
+        let engine = self.clone();
+        tasks.spawn(async move {
+            let mut presence = tokio::time::interval(Duration::from_millis(500));
+            let mut windows = tokio::time::interval(Duration::from_secs(30));
+            let mut retention = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = presence.tick() => engine.hub().expire_presence(engine.limits.presence_ttl),
+                    _ = windows.tick() => engine.refresh_metrics(None),
+                    _ = retention.tick() => engine.expire_notifications().await,
+                }
+            }
+        });
+    }
+
+    async fn expire_notifications(&self) {
+        let days = self.schema.notification_retention_days;
+        match self.state.get().await {
+            Ok(c) => match notifications::expire(&**c, days).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(deleted = n, days, "notifications past their retention deleted")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "notification retention failed"),
+            },
+            Err(e) => tracing::warn!(error = %e, "notification retention: no database connection"),
+        }
+    }
+
+    /// Recomputes watched metrics (all, or only `touched`) and sends those that changed.
+    fn refresh_metrics(&self, touched: Option<&[(String, String)]>) {
+        let store = self.store.lock().expect("store lock");
+        let mut hub = self.hub();
+        let mut last = self.last_values.lock().expect("last values lock");
+        let pairs: Vec<(String, String)> = match touched {
+            Some(t) => t.to_vec(),
+            None => hub.watched_metrics(),
+        };
+        for (metric, tenant) in pairs {
+            let Some(m) = self.schema.metrics.get(&metric) else {
+                continue;
+            };
+            let v = store.value(&self.schema, m, &tenant);
+            let key = (metric.clone(), tenant.clone());
+            if last.get(&key) != Some(&v) {
+                hub.publish_metric(&metric, &tenant, &v);
+                last.insert(key, v);
+            }
+        }
+    }
+
+    /// The tenant a request is about: `args.tenant` when given, else the caller's.
+    fn tenant_of(p: &Principal, args: &Json) -> Result<Option<String>, ErrorBody> {
+        Ok(arg_text(args, "tenant")?.or_else(|| p.tenant.clone()))
+    }
+
+    /// Handles `subscribe`, and each subscription of `resume` (with its cursor).
+    pub async fn subscribe(
+        &self,
+        c: &Caller,
+        id: &str,
+        query: &str,
+        args: &Json,
+        cursor: Option<&str>,
+    ) -> Result<(), ErrorBody> {
+        if !(args.is_null() || args.is_object()) {
+            return Err(invalid("args", "must be an object"));
+        }
+        let started = Instant::now();
+        let max = self.limits.subscriptions;
+        let p = &c.principal;
+        let r = match query {
+            "presence" => {
+                let tenant = Self::tenant_of(p, args)?;
+                let scope = check(
+                    authorize(
+                        p,
+                        Capability::SeePresence,
+                        &Target {
+                            tenant: tenant.as_deref(),
+                            ..Target::default()
+                        },
+                    ),
+                    "presence",
+                )?;
+                if tenant.is_none() && scope != Scope::Any {
+                    return Err(invalid("args.tenant", "name the tenant"));
+                }
+                let resource = arg_text(args, "resource")?;
+                let mut hub = self.hub();
+                let online = hub
+                    .subscribe_presence(c.session, id, tenant.as_deref(), resource.as_deref(), max)
+                    .map_err(|e| sub_error(e, id))?;
+                hub.deliver(
+                    c.session,
+                    ServerFrame::Result {
+                        id: id.into(),
+                        cursor: None,
+                        data: online,
+                    },
+                );
+                Ok(())
+            }
+            "notifications" => {
+                let (Some(tenant), Some(user)) = (p.tenant.clone(), p.user.clone()) else {
+                    return Err(err(
+                        ErrorCode::Forbidden,
+                        "notifications: only users with a tenant have an inbox",
+                    ));
+                };
+                check(
+                    authorize(
+                        p,
+                        Capability::ReadOwnNotifications,
+                        &Target {
+                            tenant: Some(&tenant),
+                            owner: Some(&user),
+                            public: false,
+                        },
+                    ),
+                    "notifications",
+                )?;
+                self.hub()
+                    .subscribe_inbox(c.session, id, &tenant, &user, max)
+                    .map_err(|e| sub_error(e, id))?;
+                let loaded = async {
+                    let db = self.state.get().await.map_err(internal)?;
+                    let items = notifications::inbox(&**db, &tenant, &user, INBOX_ROWS)
+                        .await
+                        .map_err(internal)?;
+                    let unread = notifications::unread(&**db, &tenant, &user)
+                        .await
+                        .map_err(internal)?;
+                    Ok::<_, ErrorBody>(json!({ "items": items, "unread": unread }))
+                }
+                .await;
+                match loaded {
+                    Ok(data) => {
+                        self.hub().deliver(
+                            c.session,
+                            ServerFrame::Result {
+                                id: id.into(),
+                                cursor: None,
+                                data,
+                            },
+                        );
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.hub().unsubscribe(c.session, id);
+                        Err(e)
+                    }
+                }
+            }
+            q if q.starts_with("metric:") => {
+                let name = &q["metric:".len()..];
+                let m =
+                    self.schema.metrics.get(name).ok_or_else(|| {
+                        err(ErrorCode::NotFound, format!("no metric {name:?} in the schema"))
+                    })?;
+                let tenant =
+                    Self::tenant_of(p, args)?.ok_or_else(|| invalid("args.tenant", "name the tenant"))?;
+                check(
+                    authorize(
+                        p,
+                        Capability::SeeMetrics,
+                        &Target {
+                            tenant: Some(&tenant),
+                            ..Target::default()
+                        },
+                    ),
+                    "metrics",
+                )?;
+                let store = self.store.lock().expect("store lock");
+                let v = store.value(&self.schema, m, &tenant);
+                let mut hub = self.hub();
+                hub.subscribe_metric(c.session, id, name, &tenant, max)
+                    .map_err(|e| sub_error(e, id))?;
+                // What this subscriber has counts as sent: the periodic refresh sends
+                // only changes.
+                self.last_values
+                    .lock()
+                    .expect("last values lock")
+                    .insert((name.to_string(), tenant.clone()), v.clone());
+                hub.deliver(
+                    c.session,
+                    ServerFrame::Result {
+                        id: id.into(),
+                        cursor: None,
+                        data: json!({ "value": v }),
+                    },
+                );
+                Ok(())
+            }
+            table => self.subscribe_live(c, id, table, args, cursor).await,
+        };
+        ::metrics::histogram!("pulse_query_latency_seconds").record(started.elapsed().as_secs_f64());
+        r
+    }
+
+    /// Works out the rows a caller may see of a live table, from the matrix and the schema.
+    fn live_filter(&self, p: &Principal, t: &LiveTable, args: &Json) -> Result<RowFilter, ErrorBody> {
+        let tenant = Self::tenant_of(p, args)?;
+        let scope = check(
+            authorize(
+                p,
+                Capability::ReadLiveTable,
+                &Target {
+                    tenant: tenant.as_deref(),
+                    ..Target::default()
+                },
+            ),
+            &format!("live table {}", t.name),
+        )?;
+        // The schema narrows the matrix: only the listed roles read this table (services always may).
+        let listed = p.roles.iter().any(|r| *r == Role::Service || t.roles.contains(r));
+        if !listed {
+            return Err(err(
+                ErrorCode::Forbidden,
+                format!("live table {}: none of your roles may read it", t.name),
+            ));
+        }
+        if tenant.is_none() && scope != Scope::Any {
+            return Err(invalid("args.tenant", "name the tenant"));
+        }
+        let owner = match (scope, &t.owner_column) {
+            (Scope::OwnTenantOwnedRows, Some(col)) => {
+                let user = p
+                    .user
+                    .clone()
+                    .ok_or_else(|| err(ErrorCode::Forbidden, "only a user owns rows"))?;
+                Some((col.clone(), user))
+            }
+            _ => None,
+        };
+        let mut eq = Vec::new();
+        if let Some(obj) = args.as_object() {
+            for (k, v) in obj {
+                if k == "tenant" {
+                    continue;
+                }
+                let field = format!("args.{k}");
+                if !t.filters.contains(k) {
+                    return Err(invalid(
+                        &field,
+                        format!(
+                            "{} cannot be filtered on {k:?}; allowed: {}",
+                            t.name,
+                            t.filters.join(", ")
+                        ),
+                    ));
+                }
+                let ty = t.types.get(k).map(String::as_str).unwrap_or("text");
+                let typed =
+                    value::from_json(ty, v).ok_or_else(|| invalid(&field, format!("must be a {ty}")))?;
+                eq.push((k.clone(), typed));
+            }
+        }
+        eq.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(RowFilter {
+            tenant: tenant.map(|t_| (t.tenant_column.clone(), t_)),
+            owner,
+            eq,
+        })
+    }
+
+    async fn subscribe_live(
+        &self,
+        c: &Caller,
+        id: &str,
+        table: &str,
+        args: &Json,
+        cursor: Option<&str>,
+    ) -> Result<(), ErrorBody> {
+        let t = self.schema.tables.get(table).ok_or_else(|| {
+            err(
+                ErrorCode::NotFound,
+                format!("no live table, metric or query named {table:?}"),
+            )
+        })?;
+        let filter = self.live_filter(&c.principal, t, args)?;
+        let max = self.limits.subscriptions;
+        let cursor_at = {
+            let mut hub = self.hub();
+            match cursor {
+                Some(cur) => {
+                    if hub
+                        .resume_live(c.session, id, table, filter.clone(), cur, max)
+                        .map_err(|e| sub_error(e, id))?
+                    {
+                        return Ok(());
+                    }
+                    hub.deliver(c.session, ServerFrame::Resnapshot { id: id.into() });
+                    hub.current_cursor()
+                }
+                None => hub
+                    .subscribe_live(c.session, id, table, filter.clone(), max)
+                    .map_err(|e| sub_error(e, id))?,
+            }
+        };
+        match self.initial_rows(t, &filter).await {
+            Ok(rows) => {
+                self.hub().complete(
+                    c.session,
+                    id,
+                    ServerFrame::Result {
+                        id: id.into(),
+                        cursor: Some(cursor_at),
+                        data: Json::Array(rows),
+                    },
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.hub().unsubscribe(c.session, id);
+                Err(internal(e))
+            }
+        }
+    }
+
+    /// Reads a live table's current rows for a filter from the source database.
+    async fn initial_rows(&self, t: &LiveTable, f: &RowFilter) -> Result<Vec<Json>, String> {
+        let cols = t
+            .columns
+            .iter()
+            .map(|c| format!("'{}', {}", c.replace('\'', "''"), quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut conds = Vec::new();
+        let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = Vec::new();
+        for (col, v) in f.tenant.iter().chain(f.owner.iter()) {
+            params.push(Box::new(v.clone()));
+            conds.push(format!("{}::text = ${}", quote_ident(col), params.len()));
+        }
+        for (col, v) in &f.eq {
+            params.push(Box::new(value::to_json(v)));
+            conds.push(format!(
+                "to_jsonb({}) = ${}::jsonb",
+                quote_ident(col),
+                params.len()
+            ));
+        }
+        let sql = format!(
+            "SELECT jsonb_build_object({cols}) FROM {} {} {} ORDER BY {} LIMIT {MAX_RESULT_ROWS}",
+            t.source.quoted(),
+            if conds.is_empty() { "" } else { "WHERE" },
+            conds.join(" AND "),
+            t.key
+                .iter()
+                .map(|k| quote_ident(k))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        let db = self.source.get().await.map_err(|e| e.to_string())?;
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p.as_ref() as _).collect();
+        let rows = db.query(&sql, &refs).await.map_err(|e| e.to_string())?;
+        Ok(rows.iter().map(|r| r.get::<_, Json>(0)).collect())
+    }
+
+    /// The polling fallback: what a client without a WebSocket sees of a query. Live
+    /// tables answer the updates since `cursor` (or every row, with `resnapshot: true`,
+    /// when there is no cursor or the history no longer reaches it); other queries answer
+    /// their current value.
+    pub async fn poll(
+        &self,
+        p: &Principal,
+        query: &str,
+        args: &Json,
+        cursor: Option<&str>,
+    ) -> Result<Json, ErrorBody> {
+        if !(args.is_null() || args.is_object()) {
+            return Err(invalid("args", "must be an object"));
+        }
+        if let Some(t) = self.schema.tables.get(query) {
+            let filter = self.live_filter(p, t, args)?;
+            if let Some(cur) = cursor
+                && let Some((updates, next)) = self.hub().since(&t.name, &filter, cur)
+            {
+                return Ok(json!({ "resnapshot": false, "cursor": next, "updates": updates }));
+            }
+            let at = self.hub().current_cursor();
+            let rows = self.initial_rows(t, &filter).await.map_err(internal)?;
+            return Ok(json!({ "resnapshot": true, "cursor": at, "rows": rows }));
+        }
+        match query {
+            "presence" => {
+                let tenant = Self::tenant_of(p, args)?;
+                let scope = check(
+                    authorize(
+                        p,
+                        Capability::SeePresence,
+                        &Target {
+                            tenant: tenant.as_deref(),
+                            ..Target::default()
+                        },
+                    ),
+                    "presence",
+                )?;
+                if tenant.is_none() && scope != Scope::Any {
+                    return Err(invalid("args.tenant", "name the tenant"));
+                }
+                let resource = arg_text(args, "resource")?;
+                Ok(self.hub().online(tenant.as_deref(), resource.as_deref()))
+            }
+            "notifications" => {
+                let (Some(tenant), Some(user)) = (p.tenant.clone(), p.user.clone()) else {
+                    return Err(err(
+                        ErrorCode::Forbidden,
+                        "notifications: only users with a tenant have an inbox",
+                    ));
+                };
+                check(
+                    authorize(
+                        p,
+                        Capability::ReadOwnNotifications,
+                        &Target {
+                            tenant: Some(&tenant),
+                            owner: Some(&user),
+                            public: false,
+                        },
+                    ),
+                    "notifications",
+                )?;
+                let db = self.state.get().await.map_err(internal)?;
+                let items = notifications::inbox(&**db, &tenant, &user, INBOX_ROWS)
+                    .await
+                    .map_err(internal)?;
+                let unread = notifications::unread(&**db, &tenant, &user)
+                    .await
+                    .map_err(internal)?;
+                Ok(json!({ "items": items, "unread": unread }))
+            }
+            q if q.starts_with("metric:") => {
+                let name = &q["metric:".len()..];
+                let m =
+                    self.schema.metrics.get(name).ok_or_else(|| {
+                        err(ErrorCode::NotFound, format!("no metric {name:?} in the schema"))
+                    })?;
+                let tenant =
+                    Self::tenant_of(p, args)?.ok_or_else(|| invalid("args.tenant", "name the tenant"))?;
+                check(
+                    authorize(
+                        p,
+                        Capability::SeeMetrics,
+                        &Target {
+                            tenant: Some(&tenant),
+                            ..Target::default()
+                        },
+                    ),
+                    "metrics",
+                )?;
+                Ok(json!({ "value": self.store.lock().expect("store lock").value(&self.schema, m, &tenant) }))
+            }
+            other => Err(err(
+                ErrorCode::NotFound,
+                format!("no live table, metric or query named {other:?}"),
+            )),
+        }
+    }
+
+    /// Handles `unsubscribe`.
+    pub fn unsubscribe(&self, c: &Caller, id: &str) -> Result<(), ErrorBody> {
+        let mut hub = self.hub();
+        if hub.unsubscribe(c.session, id) {
+            hub.deliver(c.session, ServerFrame::Unsubscribed { id: id.into() });
+            Ok(())
+        } else {
+            Err(err(
+                ErrorCode::NotFound,
+                format!("no subscription {id:?} in this session"),
+            ))
+        }
+    }
+
+    /// Handles `heartbeat`.
+    pub fn heartbeat(&self, c: &Caller, resource: &str, state: Json) -> Result<(), ErrorBody> {
+        let p = &c.principal;
+        check(
+            authorize(
+                p,
+                Capability::PublishPresence,
+                &Target {
+                    tenant: p.tenant.as_deref(),
+                    owner: p.user.as_deref(),
+                    public: false,
+                },
+            ),
+            "presence",
+        )?;
+        let user = p
+            .user
+            .as_deref()
+            .ok_or_else(|| err(ErrorCode::Forbidden, "presence: only users have presence"))?;
+        if resource.is_empty() || resource.len() > 512 {
+            return Err(invalid("resource", "must be 1 to 512 characters"));
+        }
+        if state.to_string().len() > 1024 {
+            return Err(invalid("state", "must be at most 1 KB of JSON"));
+        }
+        let tenant = p.tenant.clone().unwrap_or_default();
+        self.hub().heartbeat(c.session, &tenant, user, resource, state);
+        Ok(())
+    }
+
+    /// Handles `mutate`.
+    pub async fn mutate(&self, c: &Caller, name: &str, args: &Json) -> Result<Json, ErrorBody> {
+        let started = Instant::now();
+        let r = self.mutate_inner(c, name, args).await;
+        ::metrics::histogram!("pulse_mutation_latency_seconds").record(started.elapsed().as_secs_f64());
+        r
+    }
+
+    async fn mutate_inner(&self, c: &Caller, name: &str, args: &Json) -> Result<Json, ErrorBody> {
+        let p = &c.principal;
+        if !(args.is_null() || args.is_object()) {
+            return Err(invalid("args", "must be an object"));
+        }
+        match name {
+            "notify" => {
+                let tenant =
+                    Self::tenant_of(p, args)?.ok_or_else(|| invalid("args.tenant", "name the tenant"))?;
+                check(
+                    authorize(
+                        p,
+                        Capability::SendNotifications,
+                        &Target {
+                            tenant: Some(&tenant),
+                            ..Target::default()
+                        },
+                    ),
+                    "send notifications",
+                )?;
+                let user = arg_text(args, "user")?.ok_or_else(|| invalid("args.user", "is required"))?;
+                let title = arg_text(args, "title")?.ok_or_else(|| invalid("args.title", "is required"))?;
+                let body = arg_text(args, "body")?.unwrap_or_default();
+                if title.len() > 500 || body.len() > 10_000 {
+                    return Err(invalid(
+                        "args.title",
+                        "title at most 500 and body at most 10,000 characters",
+                    ));
+                }
+                let data = args.get("data").cloned().unwrap_or_else(|| json!({}));
+                let created_by = p.user.clone().unwrap_or_else(|| "service".into());
+                let mut db = self.state.get().await.map_err(internal)?;
+                let tx = db.transaction().await.map_err(internal)?;
+                let n = notifications::create(
+                    &*tx,
+                    &notifications::NewNotification {
+                        tenant: &tenant,
+                        user: &user,
+                        title: &title,
+                        body: &body,
+                        data: &data,
+                        source_key: None,
+                        created_by: &created_by,
+                    },
+                )
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| internal("a notification without a source key conflicted"))?;
+                events::notification_created(&*tx, &n).await.map_err(internal)?;
+                tx.commit().await.map_err(internal)?;
+                let unread = notifications::unread(&**db, &tenant, &user)
+                    .await
+                    .map_err(internal)?;
+                self.publish_notification(&n, unread);
+                Ok(json!({ "id": n.id }))
+            }
+            "mark_read" | "mark_all_read" => {
+                let (Some(tenant), Some(user)) = (p.tenant.clone(), p.user.clone()) else {
+                    return Err(err(
+                        ErrorCode::Forbidden,
+                        "notifications: only users with a tenant have an inbox",
+                    ));
+                };
+                check(
+                    authorize(
+                        p,
+                        Capability::ReadOwnNotifications,
+                        &Target {
+                            tenant: Some(&tenant),
+                            owner: Some(&user),
+                            public: false,
+                        },
+                    ),
+                    "notifications",
+                )?;
+                let db = self.state.get().await.map_err(internal)?;
+                let changed = if name == "mark_read" {
+                    let ids: Vec<i64> = match args.get("ids") {
+                        Some(Json::Array(a)) => a
+                            .iter()
+                            .map(|v| {
+                                v.as_i64()
+                                    .ok_or_else(|| invalid("args.ids", "must be a list of notification ids"))
+                            })
+                            .collect::<Result<_, _>>()?,
+                        _ => return Err(invalid("args.ids", "must be a list of notification ids")),
+                    };
+                    notifications::mark_read(&**db, &tenant, &user, &ids)
+                        .await
+                        .map_err(internal)?
+                } else {
+                    notifications::mark_all_read(&**db, &tenant, &user)
+                        .await
+                        .map_err(internal)?
+                };
+                let unread = notifications::unread(&**db, &tenant, &user)
+                    .await
+                    .map_err(internal)?;
+                self.hub().publish_inbox(&tenant, &user, &|id| {
+                    vec![ServerFrame::Value {
+                        id: id.into(),
+                        name: "unread".into(),
+                        value: json!(unread),
+                    }]
+                });
+                Ok(json!({ "marked": changed, "unread": unread }))
+            }
+            other => {
+                let m = self
+                    .schema
+                    .mutations
+                    .get(other)
+                    .ok_or_else(|| err(ErrorCode::NotFound, format!("no mutation {other:?}")))?;
+                m.validate(args).map_err(|(field, msg)| invalid(&field, msg))?;
+                Err(err(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "{other}: schema mutations are forwarded to Symfony through the outbox, which this pulsed does not run"
+                    ),
+                ))
+            }
+        }
+    }
+
+    fn publish_notification(&self, n: &notifications::Notification, unread: i64) {
+        self.hub().publish_inbox(&n.tenant, &n.user, &|id| {
+            vec![
+                ServerFrame::Update {
+                    id: id.into(),
+                    cursor: None,
+                    op: UpdateOp::Insert,
+                    key: json!({ "id": n.id }),
+                    row: Some(n.row.clone()),
+                },
+                ServerFrame::Value {
+                    id: id.into(),
+                    name: "unread".into(),
+                    value: json!(unread),
+                },
+            ]
+        });
+    }
+
+    // ---- The change stream: state loading, apply (inside the state transaction), committed.
+
+    /// Loads the persisted metric cells (at start, before the stream resumes).
+    pub async fn load_state<C: tokio_postgres::GenericClient>(
+        &self,
+        state: &C,
+    ) -> Result<(), tokio_postgres::Error> {
+        let rows = state
+            .query(
+                "SELECT metric, tenant, bucket, dkey, n, micros FROM pulse.metric_cells",
+                &[],
+            )
+            .await?;
+        let cells = rows.iter().map(|r| {
+            (
+                metrics::CellKey {
+                    metric: r.get(0),
+                    tenant: r.get(1),
+                    bucket: r.get(2),
+                    dkey: r.get(3),
+                },
+                metrics::Cell {
+                    n: r.get(4),
+                    micros: r.get(5),
+                },
+            )
+        });
+        self.store.lock().expect("store lock").replace(cells);
+        Ok(())
+    }
+
+    /// Rebuilds the metric cells from the source database as of the exported snapshot.
+    pub async fn load_snapshot<S, T>(&self, source: &S, state: &T) -> Result<(), tokio_postgres::Error>
+    where
+        S: tokio_postgres::GenericClient,
+        T: tokio_postgres::GenericClient,
+    {
+        let mut deltas = Deltas::new();
+        for m in self.schema.metrics.values() {
+            let cols = Schema::metric_columns(m);
+            let sql = format!(
+                "SELECT jsonb_build_object({}) FROM {}",
+                cols.iter()
+                    .map(|c| format!("'{}', {}", c.replace('\'', "''"), quote_ident(c)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                m.source.quoted()
+            );
+            for row in source.query(&sql, &[]).await? {
+                let obj: Json = row.get(0);
+                let get = |c: &str| {
+                    let ty = m.types.get(c)?;
+                    value::from_json(ty, obj.get(c)?)
+                };
+                metrics::add(&mut deltas, metrics::contribution(&self.schema, m, &get), 1);
+            }
+        }
+        state.execute("DELETE FROM pulse.metric_cells", &[]).await?;
+        write_deltas(state, &deltas).await?;
+        self.store.lock().expect("store lock").replace(deltas);
+        Ok(())
+    }
+
+    /// Derives state from a batch of committed transactions inside the caller's state
+    /// transaction: metric cells and notifications from the source table.
+    pub async fn apply<T: tokio_postgres::GenericClient>(
+        &self,
+        batch: &[Transaction],
+        state: &T,
+    ) -> Result<(), tokio_postgres::Error> {
+        let mut stash = Stash::default();
+        for tx in batch {
+            for (pos, change) in tx.changes.iter().enumerate() {
+                let rel = &change.relation;
+                for m in self.schema.metrics.values() {
+                    if m.source.schema != rel.schema || m.source.table != rel.name {
+                        continue;
+                    }
+                    match &change.kind {
+                        ChangeKind::Insert { new } => metrics::add(
+                            &mut stash.deltas,
+                            metrics::contribution(&self.schema, m, &getter(rel, new, None)),
+                            1,
+                        ),
+                        ChangeKind::Update { old, new } => {
+                            if let Some(old) = old {
+                                metrics::add(
+                                    &mut stash.deltas,
+                                    metrics::contribution(&self.schema, m, &getter(rel, old, None)),
+                                    -1,
+                                );
+                            }
+                            metrics::add(
+                                &mut stash.deltas,
+                                metrics::contribution(&self.schema, m, &getter(rel, new, old.as_deref())),
+                                1,
+                            );
+                        }
+                        ChangeKind::Delete { old } => metrics::add(
+                            &mut stash.deltas,
+                            metrics::contribution(&self.schema, m, &getter(rel, old, None)),
+                            -1,
+                        ),
+                        ChangeKind::Truncate => {
+                            // Everything of the metric goes, including deltas of this batch.
+                            stash.deltas.retain(|k, _| k.metric != m.name);
+                            state
+                                .execute("DELETE FROM pulse.metric_cells WHERE metric = $1", &[&m.name])
+                                .await?;
+                            stash.truncated.push(m.name.clone());
+                        }
+                    }
+                }
+                if let (Some(ns), ChangeKind::Insert { new }) = (&self.schema.notifications, &change.kind)
+                    && ns.source.schema == rel.schema
+                    && ns.source.table == rel.name
+                {
+                    let get = getter(rel, new, None);
+                    let text = |c: &str| {
+                        get(c)
+                            .filter(|v| !matches!(v, Value::Null))
+                            .map(|v| value::key_text(&v))
+                    };
+                    let (Some(tenant), Some(user)) = (text(&ns.tenant_column), text(&ns.user_column)) else {
+                        tracing::warn!(table = %ns.source, "a notification row without tenant or user was skipped");
+                        continue;
+                    };
+                    let title = text(&ns.title_column).unwrap_or_default();
+                    let body = ns.body_column.as_deref().and_then(text).unwrap_or_default();
+                    let key = format!("{}:{pos}", tx.commit_lsn);
+                    let created = notifications::create(
+                        state,
+                        &notifications::NewNotification {
+                            tenant: &tenant,
+                            user: &user,
+                            title: &title,
+                            body: &body,
+                            data: &json!({}),
+                            source_key: Some(&key),
+                            created_by: "stream",
+                        },
+                    )
+                    .await?;
+                    if let Some(n) = created {
+                        events::notification_created(state, &n).await?;
+                        stash.notifications.push(n);
+                    }
+                }
+            }
+        }
+        write_deltas(state, &stash.deltas).await?;
+        *self.stash.lock().expect("stash lock") = stash;
+        Ok(())
+    }
+
+    /// The batch is durable: update memory and publish to clients.
+    pub fn committed(self: &Arc<Self>, batch: &[Transaction]) {
+        let stash = std::mem::take(&mut *self.stash.lock().expect("stash lock"));
+        let mut touched = {
+            let mut store = self.store.lock().expect("store lock");
+            let mut touched = Vec::new();
+            for m in &stash.truncated {
+                touched.extend(store.clear_metric(m).into_iter().map(|t| (m.clone(), t)));
+            }
+            touched.extend(store.apply(&stash.deltas));
+            touched
+        };
+        touched.sort();
+        touched.dedup();
+        self.refresh_metrics(Some(&touched));
+        if !stash.notifications.is_empty() {
+            // Unread counts need the database; publishing from here must not wait for it.
+            let engine = self.clone();
+            tokio::spawn(async move {
+                let db = match engine.state.get().await {
+                    Ok(db) => db,
+                    Err(e) => return tracing::warn!(error = %e, "unread counts not sent"),
+                };
+                for n in &stash.notifications {
+                    match notifications::unread(&**db, &n.tenant, &n.user).await {
+                        Ok(unread) => engine.publish_notification(n, unread),
+                        Err(e) => tracing::warn!(error = %e, "unread count not sent"),
+                    }
+                }
+            });
+        }
+        let mut hub = self.hub();
+        for tx in batch {
+            for change in &tx.changes {
+                let rel = &change.relation;
+                for t in self.schema.tables.values() {
+                    if t.source.schema != rel.schema || t.source.table != rel.name {
+                        continue;
+                    }
+                    let live = |row: &[Value], old: Option<&[Value]>| live_row(t, &getter(rel, row, old));
+                    match &change.kind {
+                        ChangeKind::Insert { new } => {
+                            hub.publish_live(&t.name, &t.tenant_column, None, Some(live(new, None)))
+                        }
+                        ChangeKind::Update { old, new } => hub.publish_live(
+                            &t.name,
+                            &t.tenant_column,
+                            old.as_deref().map(|o| live(o, None)),
+                            Some(live(new, old.as_deref())),
+                        ),
+                        ChangeKind::Delete { old } => {
+                            hub.publish_live(&t.name, &t.tenant_column, Some(live(old, None)), None)
+                        }
+                        ChangeKind::Truncate => hub.resnapshot_table(&t.name),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every metric cell (tests and the console compare them with a recomputation).
+    pub fn metric_cells(&self) -> Vec<(metrics::CellKey, metrics::Cell)> {
+        self.store
+            .lock()
+            .expect("store lock")
+            .cells()
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+}
+
+fn live_row(t: &LiveTable, get: &dyn Fn(&str) -> Option<Value>) -> LiveRow {
+    let mut vals = HashMap::new();
+    for c in std::iter::once(&t.tenant_column)
+        .chain(t.owner_column.iter())
+        .chain(t.filters.iter())
+    {
+        if let Some(v) = get(c) {
+            vals.insert(c.clone(), v);
+        }
+    }
+    let obj = |cols: &[String]| {
+        Json::Object(
+            cols.iter()
+                .map(|c| {
+                    (
+                        c.clone(),
+                        get(c).map(|v| value::to_json(&v)).unwrap_or(Json::Null),
+                    )
+                })
+                .collect(),
+        )
+    };
+    LiveRow {
+        vals,
+        key: obj(&t.key),
+        row: obj(&t.columns),
+    }
+}
+
+async fn write_deltas<T: tokio_postgres::GenericClient>(
+    state: &T,
+    deltas: &Deltas,
+) -> Result<(), tokio_postgres::Error> {
+    let live: Vec<_> = deltas.iter().filter(|(_, d)| d.n != 0 || d.micros != 0).collect();
+    if live.is_empty() {
+        return Ok(());
+    }
+    let col =
+        |f: &dyn Fn(&metrics::CellKey) -> String| live.iter().map(|(k, _)| f(k)).collect::<Vec<String>>();
+    let metric = col(&|k| k.metric.clone());
+    let tenant = col(&|k| k.tenant.clone());
+    let bucket = col(&|k| k.bucket.clone());
+    let dkey = col(&|k| k.dkey.clone());
+    let n: Vec<i64> = live.iter().map(|(_, d)| d.n).collect();
+    let micros: Vec<i64> = live.iter().map(|(_, d)| d.micros).collect();
+    state
+        .execute(
+            "INSERT INTO pulse.metric_cells AS c (metric, tenant, bucket, dkey, n, micros) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[]) \
+             ON CONFLICT (metric, tenant, bucket, dkey) DO UPDATE SET n = c.n + EXCLUDED.n, micros = c.micros + EXCLUDED.micros",
+            &[&metric, &tenant, &bucket, &dkey, &n, &micros],
+        )
+        .await?;
+    state
+        .execute(
+            "DELETE FROM pulse.metric_cells c USING unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS d(metric, tenant, bucket, dkey) \
+             WHERE c.metric = d.metric AND c.tenant = d.tenant AND c.bucket = d.bucket AND c.dkey = d.dkey AND c.n = 0",
+            &[&metric, &tenant, &bucket, &dkey],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Where events born in the engine leave for Symfony. The outbox (RabbitMQ webhooks) is
+/// another module's; its enqueue call belongs here, inside the same state transaction
+/// that created the notification, so the event is durable exactly when the notification is.
+pub mod events {
+    use super::notifications::Notification;
+
+    /// A notification was created (by a mutation or from the change stream), inside `tx`.
+    /// Without an outbox in this build there is nowhere to enqueue it, and that is fine:
+    /// the notification itself is stored and delivered.
+    pub async fn notification_created<C: tokio_postgres::GenericClient>(
+        _tx: &C,
+        n: &Notification,
+    ) -> Result<(), tokio_postgres::Error> {
+        tracing::debug!(id = n.id, tenant = %n.tenant, "notification created");
+        Ok(())
+    }
+}
+
+/// The engine as the change stream's consumer (see [`crate::replication::ChangeSink`]):
+/// metric cells and stream notifications are written in the loop's state transaction,
+/// beside the checkpoint, and published only once it is committed.
+pub struct EngineSink {
+    engine: Arc<Engine>,
+    /// The checkpoint row (the slot name).
+    name: String,
+}
+
+impl EngineSink {
+    /// A sink feeding `engine`, checkpointed under `name` (the slot name).
+    pub fn new(engine: Arc<Engine>, name: impl Into<String>) -> EngineSink {
+        EngineSink {
+            engine,
+            name: name.into(),
+        }
+    }
+}
+
+impl crate::replication::ChangeSink for EngineSink {
+    async fn checkpoint(
+        &mut self,
+        state: &tokio_postgres::Client,
+    ) -> Result<Option<pulse_cdc::Lsn>, crate::replication::SinkError> {
+        // Whatever memory holds beyond the persisted state is dropped: the stream replays it.
+        *self.engine.stash.lock().expect("stash lock") = Stash::default();
+        self.engine.load_state(state).await?;
+        crate::replication::read_checkpoint(state, &self.name).await
+    }
+
+    async fn load_snapshot(
+        &mut self,
+        source: &tokio_postgres::Transaction<'_>,
+        state_tx: &tokio_postgres::Transaction<'_>,
+        _lsn: pulse_cdc::Lsn,
+    ) -> Result<(), crate::replication::SinkError> {
+        self.engine.load_snapshot(source, state_tx).await?;
+        Ok(())
+    }
+
+    async fn apply(
+        &mut self,
+        batch: &[Transaction],
+        state_tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<(), crate::replication::SinkError> {
+        self.engine.apply(batch, state_tx).await?;
+        Ok(())
+    }
+
+    fn committed(&mut self, batch: &[Transaction]) {
+        self.engine.committed(batch);
+    }
+
+    fn needs_snapshot(&self) -> bool {
+        !self.engine.schema.metrics.is_empty()
+    }
+}

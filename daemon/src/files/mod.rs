@@ -1,0 +1,1394 @@
+//! File storage: upload tickets, streaming uploads with quota and size limits, content
+//! addressed storage (once per tenant), authorised and signed downloads, deletion,
+//! per-tenant usage, the orphan cleanup and GDPR erasure.
+//!
+//! Owns the `pulse.file_blobs`, `pulse.files`, `pulse.upload_tickets` and
+//! `pulse.storage_usage` tables and the objects of the storage backend. Every permission
+//! decision goes through `pulse_shared::caps::authorize`; this module never verifies
+//! JWTs itself (it asks `crate::auth`, see [`principal_from_headers`]) and never holds a whole file in memory.
+//!
+//! Quota: an upload reserves its declared length (or the ticket's maximum) in
+//! `pulse.storage_usage` with one conditional UPDATE before any byte is stored, so
+//! concurrent uploads cannot together pass the quota; the reservation becomes usage (or
+//! nothing, when the content was already stored) when the upload commits, and is released
+//! when it fails.
+
+pub mod crypto;
+pub mod sniff;
+pub mod store;
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{Stream, StreamExt};
+use hmac::{Hmac, Mac};
+use pulse_shared::caps::{Capability, Decision, Principal, Role, Target, authorize};
+use pulse_shared::{ErrorBody, ErrorCode};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use uuid::Uuid;
+
+use crate::App;
+use crate::config::Config;
+use crypto::Keyring;
+use store::{Backend, StoreError};
+
+/// The header a service holding the deploy key names the tenant it acts for with.
+pub const TENANT_HEADER: &str = "x-pulse-tenant";
+/// The header a service may send the deploy key in (as the engine's HTTP routes do).
+pub const DEPLOY_KEY_HEADER: &str = "x-pulse-deploy-key";
+/// The header a service names the user it acts for with (the owner of what it uploads).
+pub const USER_HEADER: &str = "x-pulse-user";
+/// Share of the quota past which a warning is logged.
+pub const QUOTA_WARNING_RATIO: f64 = 0.8;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Why a file operation failed; each maps to one code of the shared table.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// No usable credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The capability matrix said no.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Unknown file.
+    #[error("no such file; it may have been deleted")]
+    NotFound,
+    /// Bad input; names the field.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field at fault.
+        field: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// Over the size limit.
+    #[error("the file is larger than the limit of {limit} bytes ({mb:.1} MB); upload a smaller file", mb = *limit as f64 / 1_048_576.0)]
+    TooLarge {
+        /// The limit in force.
+        limit: u64,
+    },
+    /// Over the tenant's quota.
+    #[error(
+        "the storage quota of tenant {tenant} ({quota} bytes) would be exceeded ({used} bytes used or reserved, {wanted} more needed); delete files or ask for a larger quota"
+    )]
+    QuotaExceeded {
+        /// The tenant.
+        tenant: String,
+        /// Its quota.
+        quota: u64,
+        /// Used plus reserved.
+        used: u64,
+        /// What the upload needed.
+        wanted: u64,
+    },
+    /// Expired, forged or reused ticket or signed URL.
+    #[error("{0}")]
+    UrlExpired(String),
+    /// The database or the storage is down.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl FileError {
+    /// The code of the shared table.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FileError::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            FileError::Forbidden(_) => ErrorCode::Forbidden,
+            FileError::NotFound => ErrorCode::NotFound,
+            FileError::Invalid { .. } => ErrorCode::InvalidArgument,
+            FileError::TooLarge { .. } => ErrorCode::FileTooLarge,
+            FileError::QuotaExceeded { .. } => ErrorCode::QuotaExceeded,
+            FileError::UrlExpired(_) => ErrorCode::UploadUrlExpired,
+            FileError::Unavailable(_) => ErrorCode::Unavailable,
+        }
+    }
+
+    /// The body clients see, with structured details where they help.
+    pub fn body(&self) -> ErrorBody {
+        let body = ErrorBody::new(self.code(), self.to_string());
+        match self {
+            FileError::Invalid { field, .. } => body.with_details(json!({ "field": field })),
+            FileError::TooLarge { limit } => body.with_details(json!({ "limit_bytes": limit })),
+            FileError::QuotaExceeded { quota, used, .. } => {
+                body.with_details(json!({ "quota_bytes": quota, "used_bytes": used }))
+            }
+            _ => body,
+        }
+    }
+
+    fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        FileError::Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for FileError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        tracing::error!(error = %e, "file storage: database error");
+        FileError::Unavailable(format!("the state database failed: {e}; retry shortly"))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for FileError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        FileError::Unavailable(format!("the state database is unreachable: {e}; retry shortly"))
+    }
+}
+
+impl From<StoreError> for FileError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "file storage: backend error");
+        FileError::Unavailable(format!("file storage failed: {e}; retry shortly"))
+    }
+}
+
+/// The storage subsystem's own state: the backend, the keys and the URL signing key.
+pub struct Files {
+    backend: Backend,
+    keys: Keyring,
+    signing_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Files {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Files")
+            .field("backend", &self.backend.kind)
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Files {
+    /// Opens the configured backend and keys.
+    pub fn open(config: &Config) -> Result<Files, StoreError> {
+        let backend = Backend::open(&config.storage)?;
+        let keys = Keyring::new(
+            config.files.encryption_key,
+            &config.files.previous_encryption_keys,
+        );
+        let secret = config.files.signing_secret.expose();
+        let signing_key = if secret.is_empty() {
+            tracing::warn!(
+                "storage.signing_secret is empty: upload and download URLs are signed with a random key and stop working at restart or on other instances"
+            );
+            let mut k = vec![0u8; 32];
+            rand::fill(&mut k[..]);
+            k
+        } else {
+            secret.as_bytes().to_vec()
+        };
+        Ok(Files {
+            backend,
+            keys,
+            signing_key,
+        })
+    }
+
+    /// The backend, for tests and the console.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    fn mac(&self, purpose: &str, id: Uuid, expires: i64) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.signing_key).expect("any key length");
+        mac.update(format!("{purpose}\n{id}\n{expires}").as_bytes());
+        mac
+    }
+
+    fn sign(&self, purpose: &str, id: Uuid, expires: i64) -> String {
+        hex::encode(self.mac(purpose, id, expires).finalize().into_bytes())
+    }
+
+    /// Checks a URL signature and its expiry (constant time).
+    fn verify(&self, purpose: &str, id: Uuid, expires: i64, sig: &str) -> Result<(), FileError> {
+        let forged = || FileError::UrlExpired("the URL's signature is wrong: ask for a new URL".into());
+        let raw = hex::decode(sig).map_err(|_| forged())?;
+        self.mac(purpose, id, expires)
+            .verify_slice(&raw)
+            .map_err(|_| forged())?;
+        if expires <= now_unix() {
+            return Err(FileError::UrlExpired(
+                "the URL has expired: ask for a new one".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the storage functions need from the daemon: built from an [`App`] with
+/// [`Ctx::new`], or by hand by tools and tests that hold no running daemon.
+pub struct Ctx<'a> {
+    /// Backend, keys, signing.
+    pub files: &'a Files,
+    /// The state database.
+    pub pool: &'a deadpool_postgres::Pool,
+    /// The configuration in force.
+    pub config: &'a Config,
+}
+
+impl<'a> Ctx<'a> {
+    /// The context of a running daemon; `config` is `app.config()`.
+    pub fn new(app: &'a App, config: &'a Config) -> Ctx<'a> {
+        Ctx {
+            files: &app.files,
+            pool: &app.pool,
+            config,
+        }
+    }
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Who is asking, from the request headers.
+///
+/// A service holding the deploy key sends it as `Authorization: Bearer <deploy key>` or
+/// `X-Pulse-Deploy-Key: <deploy key>` (Role::Service), acting for the tenant in
+/// `X-Pulse-Tenant` and, optionally, the user in `X-Pulse-User`. Anything else in
+/// `Authorization: Bearer` is a JWT, verified by [`crate::auth`]. `Ok(None)`: no
+/// credentials at all.
+pub fn principal_from_headers(app: &App, headers: &http::HeaderMap) -> Result<Option<Principal>, FileError> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(String::from)
+    };
+    let service = || Principal {
+        user: header(USER_HEADER),
+        tenant: header(TENANT_HEADER),
+        roles: vec![Role::Service],
+    };
+    if let Some(key) = headers.get(DEPLOY_KEY_HEADER) {
+        return match key.to_str() {
+            Ok(k) if app.deploy_key_matches(k.trim()) => Ok(Some(service())),
+            _ => Err(FileError::Unauthenticated("the deploy key is wrong".into())),
+        };
+    }
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or_else(|| {
+            FileError::Unauthenticated("the Authorization header must be `Bearer <token>`".into())
+        })?;
+    if app.deploy_key_matches(token) {
+        return Ok(Some(service()));
+    }
+    app.auth
+        .verify(token, &app.engine.schema)
+        .map(|v| Some(v.principal))
+        .map_err(|e| FileError::Unauthenticated(e.to_string()))
+}
+
+fn decide(principal: &Principal, capability: Capability, target: &Target<'_>) -> Result<(), FileError> {
+    match authorize(principal, capability, target) {
+        Decision::Allowed(_) => Ok(()),
+        Decision::Denied(reason) => Err(FileError::Forbidden(format!(
+            "not allowed to {}: {}",
+            match capability {
+                Capability::UploadFiles => "upload files",
+                Capability::ReadFile => "read this file",
+                Capability::DeleteFile => "delete this file",
+                _ => "do this",
+            },
+            reason.explain()
+        ))),
+    }
+}
+
+/// The row a file may be attached to in Symfony's database.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Attachment {
+    /// Schema-qualified table, such as `public.members`.
+    pub table: String,
+    /// The row's id (compared as text).
+    pub id: String,
+}
+
+/// What a client asks an upload URL for.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct TicketRequest {
+    /// The tenant; defaults to the principal's.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// The file's name, as the user sees it (made safe before it is stored).
+    pub name: String,
+    /// The declared content type; must be allowed, and the bytes must agree.
+    pub content_type: String,
+    /// The size, when known: refused at once when over the limit.
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// Whether every member of the tenant may read it.
+    #[serde(default)]
+    pub public: bool,
+    /// The owning user, for services uploading on a user's behalf.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// The Symfony row the file belongs to; the cleanup removes it when the row goes.
+    #[serde(default)]
+    pub attached_to: Option<Attachment>,
+}
+
+/// A signed, single-use, short-lived upload URL.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UploadTicket {
+    /// The ticket id.
+    pub id: Uuid,
+    /// The absolute URL to PUT the bytes to.
+    pub url: String,
+    /// The same, relative to the deployment URL.
+    pub path: String,
+    /// The HTTP method.
+    pub method: &'static str,
+    /// When the URL stops working (RFC 3339).
+    pub expires_at: String,
+    /// The largest accepted body.
+    pub max_bytes: u64,
+    /// The content type the upload must have.
+    pub content_type: String,
+}
+
+fn valid_table(t: &str) -> bool {
+    let ident = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    matches!(t.split_once('.'), Some((a, b)) if ident(a) && ident(b))
+}
+
+/// Creates an upload ticket: the one entry point for the HTTP route and the WebSocket
+/// mutation. Checks the capability, the content type, the size limit and (when the size
+/// is given) the quota, then records a single-use ticket and returns its signed URL.
+pub async fn create_upload_ticket(
+    app: &App,
+    principal: &Principal,
+    request: TicketRequest,
+) -> Result<UploadTicket, FileError> {
+    let config = app.config();
+    let tenant = request
+        .tenant
+        .clone()
+        .or_else(|| principal.tenant.clone())
+        .filter(|t| !t.trim().is_empty())
+        .ok_or_else(|| FileError::invalid("tenant", "name the tenant the file belongs to"))?;
+    if tenant.len() > 200 {
+        return Err(FileError::invalid("tenant", "at most 200 characters"));
+    }
+    let is_service = principal.roles.contains(&Role::Service);
+    let owner = match (&request.owner, is_service) {
+        (Some(o), true) => Some(o.clone()),
+        (Some(o), false) if Some(o) != principal.user.as_ref() => {
+            return Err(FileError::Forbidden(
+                "only services may upload on another user's behalf".into(),
+            ));
+        }
+        _ => principal.user.clone(),
+    };
+    decide(
+        principal,
+        Capability::UploadFiles,
+        &Target {
+            tenant: Some(&tenant),
+            owner: owner.as_deref(),
+            public: request.public,
+        },
+    )?;
+    let content_type = sniff::normalise_type(&request.content_type);
+    if !config.files.allowed_content_types.contains(&content_type) {
+        return Err(FileError::invalid(
+            "content_type",
+            format!(
+                "{content_type:?} is not allowed; allowed types: {}",
+                config.files.allowed_content_types.join(", ")
+            ),
+        ));
+    }
+    if request.name.len() > 4096 {
+        return Err(FileError::invalid("name", "at most 4096 bytes"));
+    }
+    let name = sniff::safe_name(&request.name);
+    let limit = config
+        .files
+        .max_upload_for(&tenant, config.limits.max_upload_bytes);
+    if let Some(size) = request.size
+        && size > limit
+    {
+        return Err(FileError::TooLarge { limit });
+    }
+    if let Some(a) = &request.attached_to
+        && !valid_table(&a.table)
+    {
+        return Err(FileError::invalid(
+            "attached_to.table",
+            "expected a schema-qualified table such as public.members",
+        ));
+    }
+    let client = app.pool.get().await?;
+    if let (Some(size), Some(quota)) = (request.size, config.files.quota_for(&tenant)) {
+        let row = client
+            .query_opt(
+                "SELECT used_bytes + reserved_bytes FROM pulse.storage_usage WHERE tenant = $1",
+                &[&tenant],
+            )
+            .await?;
+        let used = row.map(|r| r.get::<_, i64>(0) as u64).unwrap_or(0);
+        if used + size > quota {
+            return Err(FileError::QuotaExceeded {
+                tenant,
+                quota,
+                used,
+                wanted: size,
+            });
+        }
+    }
+    let id = Uuid::new_v4();
+    let ttl = config.files.upload_ticket_ttl;
+    let expires = now_unix() + ttl.as_secs() as i64;
+    let (att_table, att_id) = match &request.attached_to {
+        Some(a) => (Some(a.table.clone()), Some(a.id.clone())),
+        None => (None, None),
+    };
+    client
+        .execute(
+            "INSERT INTO pulse.upload_tickets
+                (id, tenant, owner, name, max_bytes, content_types, public, attached_table, attached_id, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10))",
+            &[
+                &id,
+                &tenant,
+                &owner,
+                &name,
+                &(limit as i64),
+                &vec![content_type.clone()],
+                &request.public,
+                &att_table,
+                &att_id,
+                &(expires as f64),
+            ],
+        )
+        .await?;
+    let sig = app.files.sign("upload", id, expires);
+    let path = format!("/files/upload/{id}?expires={expires}&sig={sig}");
+    let base = app.platform().deployment_url;
+    tracing::info!(ticket = %id, tenant = %tenant, max_bytes = limit, "upload ticket issued");
+    Ok(UploadTicket {
+        id,
+        url: format!("{}{path}", base.trim_end_matches('/')),
+        path,
+        method: "PUT",
+        expires_at: chrono::DateTime::from_timestamp(expires, 0)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default(),
+        max_bytes: limit,
+        content_type,
+    })
+}
+
+/// A stored file, as the database has it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileInfo {
+    /// Id.
+    pub id: Uuid,
+    /// Tenant.
+    pub tenant: String,
+    /// Owning user.
+    pub owner: Option<String>,
+    /// Safe name.
+    pub name: String,
+    /// Content type.
+    pub content_type: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256 of the content, hex; also the ETag.
+    pub sha256: String,
+    /// Readable by the whole tenant.
+    pub public: bool,
+    /// When it was uploaded (RFC 3339).
+    pub created_at: String,
+    #[serde(skip)]
+    storage_key: String,
+    #[serde(skip)]
+    key_id: Option<String>,
+}
+
+impl FileInfo {
+    /// The capability target of this file.
+    pub fn target(&self) -> Target<'_> {
+        Target {
+            tenant: Some(&self.tenant),
+            owner: self.owner.as_deref(),
+            public: self.public,
+        }
+    }
+}
+
+/// Deletes a staged file if the upload does not get as far as committing it.
+struct StagedGuard(Option<PathBuf>);
+
+impl Drop for StagedGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn storage_key(tenant: &str, sha: &str, key_id: Option<&str>) -> String {
+    let t = hex::encode(&Sha256::digest(tenant.as_bytes())[..12]);
+    match key_id {
+        Some(k) => format!("t/{t}/{}/{sha}.{k}.enc", &sha[..2]),
+        None => format!("t/{t}/{}/{sha}", &sha[..2]),
+    }
+}
+
+fn aad_for(tenant: &str) -> String {
+    format!("pulse-file\n{tenant}")
+}
+
+/// Receives an upload through a ticket: checks the signature and single use, reserves
+/// quota, streams the body to a staged file (size limit, SHA-256, sniffing and encryption
+/// on the way), stores the content once per tenant, and records the file. On any failure
+/// the staged bytes are removed and the reservation released.
+pub async fn receive_upload<S, E>(
+    app: &App,
+    ticket: Uuid,
+    expires: i64,
+    sig: &str,
+    content_length: Option<u64>,
+    body: S,
+) -> Result<FileInfo, FileError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    app.files.verify("upload", ticket, expires, sig)?;
+    // Claiming the ticket and reserving quota commit together (one WAL flush); a refused
+    // upload still uses up its ticket.
+    let mut client = app.pool.get().await?;
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            "UPDATE pulse.upload_tickets SET used_at = now()
+              WHERE id = $1 AND used_at IS NULL AND expires_at > now()
+          RETURNING tenant, owner, name, max_bytes, content_types, public, attached_table, attached_id",
+            &[&ticket],
+        )
+        .await?
+        .ok_or_else(|| {
+            FileError::UrlExpired("this upload URL was already used or has expired: ask for a new one".into())
+        })?;
+    let tenant: String = row.get(0);
+    let limit = row.get::<_, i64>(3) as u64;
+    if let Some(len) = content_length
+        && len > limit
+    {
+        tx.commit().await?;
+        count_upload("too_large");
+        return Err(FileError::TooLarge { limit });
+    }
+    let reserve = content_length.unwrap_or(limit);
+    let quota = app.config().files.quota_for(&tenant);
+    let reserved = reserve_quota(&tx, &tenant, quota, reserve, ticket).await;
+    tx.commit().await?;
+    drop(client);
+    if let Err(e) = reserved {
+        count_upload("quota_exceeded");
+        return Err(e);
+    }
+    let result = store_upload(app, &row, ticket, limit, content_length, reserve, body).await;
+    if result.is_err() {
+        let config = app.config();
+        if let Err(e) = release_reservation(&Ctx::new(app, &config), &tenant, reserve, ticket).await {
+            tracing::error!(error = %e, ticket = %ticket, "cannot release an upload's quota reservation; the cleanup job will");
+        }
+    }
+    count_upload(match &result {
+        Ok(_) => "ok",
+        Err(FileError::TooLarge { .. }) => "too_large",
+        Err(FileError::Invalid { .. }) => "invalid",
+        Err(_) => "failed",
+    });
+    result
+}
+
+fn count_upload(result: &'static str) {
+    metrics::counter!("pulse_file_uploads_total", "result" => result).increment(1);
+}
+
+async fn reserve_quota(
+    tx: &deadpool_postgres::Transaction<'_>,
+    tenant: &str,
+    quota: Option<u64>,
+    bytes: u64,
+    ticket: Uuid,
+) -> Result<(), FileError> {
+    // One conditional upsert: the row lock makes concurrent reservations queue, and each
+    // re-checks against the others' bytes, so the quota cannot be passed together.
+    let quota_i = quota.map(|q| q as i64);
+    let reserved = tx
+        .query_opt(
+            "INSERT INTO pulse.storage_usage AS u (tenant, reserved_bytes)
+                  SELECT $1, $2 WHERE $3::bigint IS NULL OR $2 <= $3
+             ON CONFLICT (tenant) DO UPDATE
+                    SET reserved_bytes = u.reserved_bytes + EXCLUDED.reserved_bytes, updated_at = now()
+                  WHERE $3::bigint IS NULL OR u.used_bytes + u.reserved_bytes + EXCLUDED.reserved_bytes <= $3
+             RETURNING u.used_bytes",
+            &[&tenant, &(bytes as i64), &quota_i],
+        )
+        .await?;
+    if reserved.is_none() {
+        let used: i64 = tx
+            .query_opt(
+                "SELECT used_bytes + reserved_bytes FROM pulse.storage_usage WHERE tenant = $1",
+                &[&tenant],
+            )
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        return Err(FileError::QuotaExceeded {
+            tenant: tenant.to_string(),
+            quota: quota.unwrap_or(0),
+            used: used as u64,
+            wanted: bytes,
+        });
+    }
+    tx.execute(
+        "UPDATE pulse.upload_tickets SET reserved_bytes = $2 WHERE id = $1",
+        &[&ticket, &(bytes as i64)],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn release_reservation(cx: &Ctx<'_>, tenant: &str, bytes: u64, ticket: Uuid) -> Result<(), FileError> {
+    let mut client = cx.pool.get().await?;
+    let tx = client.transaction().await?;
+    // Only release what the ticket still holds, so a release never runs twice.
+    let held = tx
+        .query_opt(
+            "UPDATE pulse.upload_tickets SET reserved_bytes = 0 WHERE id = $1 AND reserved_bytes = $2 RETURNING 1",
+            &[&ticket, &(bytes as i64)],
+        )
+        .await?;
+    if held.is_some() {
+        tx.execute(
+            "UPDATE pulse.storage_usage SET reserved_bytes = greatest(reserved_bytes - $2, 0), updated_at = now() WHERE tenant = $1",
+            &[&tenant, &(bytes as i64)],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn store_upload<S, E>(
+    app: &App,
+    ticket_row: &tokio_postgres::Row,
+    ticket: Uuid,
+    limit: u64,
+    content_length: Option<u64>,
+    reserved: u64,
+    mut body: S,
+) -> Result<FileInfo, FileError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let tenant: String = ticket_row.get(0);
+    let owner: Option<String> = ticket_row.get(1);
+    let name: String = ticket_row.get(2);
+    let types: Vec<String> = ticket_row.get(4);
+    let public: bool = ticket_row.get(5);
+    let att_table: Option<String> = ticket_row.get(6);
+    let att_id: Option<String> = ticket_row.get(7);
+    let content_type = types.first().cloned().unwrap_or_default();
+
+    let files = &app.files;
+    let staged_path = files.backend.staging_path();
+    let mut guard = StagedGuard(Some(staged_path.clone()));
+    let file = tokio::fs::File::create(&staged_path)
+        .await
+        .map_err(|e| FileError::Unavailable(format!("cannot stage the upload: {e}")))?;
+    let mut out = tokio::io::BufWriter::with_capacity(512 * 1024, file);
+    let key_id = files.keys.current_id().map(String::from);
+    let mut encryptor = files.keys.encryptor(&aad_for(&tenant));
+    let mut sealed = Vec::new();
+    let mut hasher = Sha256::new();
+    let mut head: Vec<u8> = Vec::with_capacity(sniff::SNIFF_LEN);
+    let mut sniffed = false;
+    let mut total: u64 = 0;
+    let io = |e: std::io::Error| FileError::Unavailable(format!("cannot stage the upload: {e}"));
+
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| FileError::invalid("body", format!("the upload was interrupted: {e}")))?;
+        total += chunk.len() as u64;
+        if total > limit {
+            return Err(FileError::TooLarge { limit });
+        }
+        if let Some(len) = content_length
+            && total > len
+        {
+            return Err(FileError::invalid("body", "more bytes than Content-Length"));
+        }
+        if !sniffed {
+            let want = sniff::SNIFF_LEN - head.len();
+            head.extend_from_slice(&chunk[..want.min(chunk.len())]);
+            if head.len() >= sniff::SNIFF_LEN {
+                sniff::check(&content_type, &head).map_err(|m| FileError::invalid("content_type", m))?;
+                sniffed = true;
+            }
+        }
+        hasher.update(&chunk);
+        match encryptor.as_mut() {
+            Some(enc) => {
+                sealed.clear();
+                enc.push(&chunk, &mut sealed);
+                out.write_all(&sealed).await.map_err(io)?;
+            }
+            None => out.write_all(&chunk).await.map_err(io)?,
+        }
+    }
+    if let Some(len) = content_length
+        && total != len
+    {
+        return Err(FileError::invalid(
+            "body",
+            format!("the upload was truncated: {total} of {len} bytes arrived"),
+        ));
+    }
+    if !sniffed {
+        sniff::check(&content_type, &head).map_err(|m| FileError::invalid("content_type", m))?;
+    }
+    if let Some(enc) = encryptor.take() {
+        sealed.clear();
+        enc.finish(&mut sealed);
+        out.write_all(&sealed).await.map_err(io)?;
+    }
+    out.flush().await.map_err(io)?;
+    let file = out.into_inner();
+    file.sync_all().await.map_err(io)?;
+    drop(file);
+
+    let sha = hex::encode(hasher.finalize());
+    let key = storage_key(&tenant, &sha, key_id.as_deref());
+    let mut client = app.pool.get().await?;
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pulse.file_blobs WHERE tenant = $1 AND sha256 = $2",
+            &[&tenant, &sha],
+        )
+        .await?
+        .is_some();
+    let mut committed = false;
+    if !exists {
+        files.backend.commit(&staged_path, &key).await?;
+        guard.0 = None;
+        committed = true;
+    }
+
+    let id = Uuid::new_v4();
+    let tx = client.transaction().await?;
+    let before: i64 = tx
+        .query_one(
+            "SELECT used_bytes FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE",
+            &[&tenant],
+        )
+        .await?
+        .get(0);
+    let blob = tx
+        .query_opt(
+            "SELECT storage_key FROM pulse.file_blobs WHERE tenant = $1 AND sha256 = $2 FOR UPDATE",
+            &[&tenant, &sha],
+        )
+        .await?;
+    let mut added: i64 = 0;
+    match blob {
+        None => {
+            // Not stored (or deleted since we looked): store ours now.
+            if !committed {
+                files.backend.commit(&staged_path, &key).await?;
+                guard.0 = None;
+            }
+            tx.execute(
+                "INSERT INTO pulse.file_blobs (tenant, sha256, size, storage_key, key_id) VALUES ($1, $2, $3, $4, $5)",
+                &[&tenant, &sha, &(total as i64), &key, &key_id],
+            )
+            .await?;
+            added = total as i64;
+        }
+        Some(existing) => {
+            let existing: String = existing.get(0);
+            if committed && existing != key {
+                // Another upload of the same content won with another key: ours is spare.
+                files.backend.delete(&key).await?;
+            }
+        }
+    }
+    let released = tx
+        .query_opt(
+            "UPDATE pulse.upload_tickets SET reserved_bytes = 0, file_id = $2 WHERE id = $1 AND reserved_bytes = $3 RETURNING 1",
+            &[&ticket, &id, &(reserved as i64)],
+        )
+        .await?
+        .map(|_| reserved as i64)
+        .unwrap_or(0);
+    tx.execute(
+        "UPDATE pulse.storage_usage
+            SET used_bytes = used_bytes + $2, reserved_bytes = greatest(reserved_bytes - $3, 0), updated_at = now()
+          WHERE tenant = $1",
+        &[&tenant, &added, &released],
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "INSERT INTO pulse.files (id, tenant, owner, name, content_type, size, sha256, public, attached_table, attached_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             RETURNING to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+            &[&id, &tenant, &owner, &name, &content_type, &(total as i64), &sha, &public, &att_table, &att_id],
+        )
+        .await?;
+    tx.commit().await?;
+    let after = before + added;
+    usage_changed(&app.config(), &tenant, before as u64, after as u64);
+    tracing::info!(file = %id, tenant = %tenant, size = total, deduplicated = added == 0, "file stored");
+    Ok(FileInfo {
+        id,
+        tenant,
+        owner,
+        name,
+        content_type,
+        size: total,
+        sha256: sha,
+        public,
+        created_at: row.get(0),
+        storage_key: key,
+        key_id,
+    })
+}
+
+/// Records a tenant's new usage: the gauge, and a warning when it crosses 80% of quota.
+fn usage_changed(config: &Config, tenant: &str, before: u64, after: u64) {
+    metrics::gauge!("pulse_storage_bytes", "tenant" => tenant.to_string()).set(after as f64);
+    if let Some(quota) = config.files.quota_for(tenant) {
+        let line = (quota as f64 * QUOTA_WARNING_RATIO) as u64;
+        if before < line && after >= line {
+            tracing::warn!(
+                tenant = %tenant, used_bytes = after, quota_bytes = quota,
+                "tenant storage passed 80% of its quota"
+            );
+        }
+    }
+}
+
+const FILE_COLUMNS: &str = "f.id, f.tenant, f.owner, f.name, f.content_type, f.size, f.sha256, f.public,
+    to_char(f.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), b.storage_key, b.key_id";
+
+fn file_from_row(r: &tokio_postgres::Row) -> FileInfo {
+    FileInfo {
+        id: r.get(0),
+        tenant: r.get(1),
+        owner: r.get(2),
+        name: r.get(3),
+        content_type: r.get(4),
+        size: r.get::<_, i64>(5) as u64,
+        sha256: r.get(6),
+        public: r.get(7),
+        created_at: r.get(8),
+        storage_key: r.get(9),
+        key_id: r.get(10),
+    }
+}
+
+/// A file's metadata, without any permission check (callers decide).
+pub async fn lookup(app: &App, id: Uuid) -> Result<FileInfo, FileError> {
+    let client = app.pool.get().await?;
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT {FILE_COLUMNS} FROM pulse.files f
+                   JOIN pulse.file_blobs b ON b.tenant = f.tenant AND b.sha256 = f.sha256
+                  WHERE f.id = $1"
+            ),
+            &[&id],
+        )
+        .await?
+        .ok_or(FileError::NotFound)?;
+    Ok(file_from_row(&row))
+}
+
+/// How a download is allowed.
+#[derive(Debug, Clone)]
+pub enum ReadAccess {
+    /// An authenticated principal.
+    Principal(Principal),
+    /// A valid signed URL for this file, until this Unix time.
+    Signed {
+        /// Expiry, Unix seconds.
+        expires: i64,
+    },
+}
+
+/// Resolves who may read file `id`: a valid signed URL for it, or a principal the matrix
+/// allows. A file the principal may not see answers `not_found` only when it does not
+/// exist; otherwise `forbidden`.
+pub async fn authorize_read(
+    app: &App,
+    id: Uuid,
+    principal: Option<Principal>,
+    signed: Option<(i64, &str)>,
+) -> Result<(FileInfo, ReadAccess), FileError> {
+    let access = match (signed, principal) {
+        (Some((expires, sig)), _) => {
+            app.files.verify("download", id, expires, sig)?;
+            ReadAccess::Signed { expires }
+        }
+        (None, Some(p)) => ReadAccess::Principal(p),
+        (None, None) => {
+            return Err(FileError::Unauthenticated(
+                "send a bearer token or use a signed URL".into(),
+            ));
+        }
+    };
+    let info = lookup(app, id).await?;
+    if let ReadAccess::Principal(p) = &access {
+        decide(p, Capability::ReadFile, &info.target())?;
+    }
+    Ok((info, access))
+}
+
+/// A signed download URL for a file the principal may read.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SignedUrl {
+    /// Absolute URL.
+    pub url: String,
+    /// Relative to the deployment URL.
+    pub path: String,
+    /// Expiry (RFC 3339).
+    pub expires_at: String,
+}
+
+/// Signs a download URL of `id` for `ttl` (capped at 7 days; default from the config).
+pub async fn signed_download_url(
+    app: &App,
+    principal: &Principal,
+    id: Uuid,
+    ttl: Option<Duration>,
+) -> Result<SignedUrl, FileError> {
+    let info = lookup(app, id).await?;
+    decide(principal, Capability::ReadFile, &info.target())?;
+    let ttl = ttl
+        .unwrap_or(app.config().files.signed_url_ttl)
+        .min(Duration::from_secs(7 * 86_400));
+    Ok(sign_download(app, id, now_unix() + ttl.as_secs().max(1) as i64))
+}
+
+/// Signs a download URL of `id` valid until `expires` (Unix seconds), without checks.
+pub fn sign_download(app: &App, id: Uuid, expires: i64) -> SignedUrl {
+    let sig = app.files.sign("download", id, expires);
+    let path = format!("/files/{id}?expires={expires}&sig={sig}");
+    SignedUrl {
+        url: format!("{}{path}", app.platform().deployment_url.trim_end_matches('/')),
+        path,
+        expires_at: chrono::DateTime::from_timestamp(expires, 0)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default(),
+    }
+}
+
+/// Streams the plaintext bytes `range` of a file (decrypting when it was encrypted).
+pub async fn read(
+    app: &App,
+    info: &FileInfo,
+    range: Range<u64>,
+) -> Result<BoxStream<'static, Result<Bytes, FileError>>, FileError> {
+    let backend = &app.files.backend;
+    let Some(key_id) = &info.key_id else {
+        let s = backend.get(&info.storage_key, Some(range)).await?;
+        return Ok(s.map(|r| r.map_err(FileError::from)).boxed());
+    };
+    if range.is_empty() {
+        return Ok(futures_util::stream::empty().boxed());
+    }
+    let header = backend
+        .read_range(&info.storage_key, 0..crypto::HEADER as u64)
+        .await?;
+    let decryptor = app
+        .files
+        .keys
+        .decryptor(key_id, &header, &aad_for(&info.tenant))
+        .map_err(|e| FileError::Unavailable(e.to_string()))?;
+    let (sealed, first) = crypto::sealed_range(range.start, range.end, info.size);
+    let inner = backend.get(&info.storage_key, Some(sealed)).await?;
+    let size = info.size;
+    let skip = (range.start - first * crypto::CHUNK as u64) as usize;
+    let want = range.end - range.start;
+    struct State {
+        inner: BoxStream<'static, Result<Bytes, StoreError>>,
+        buf: Vec<u8>,
+        index: u64,
+        skip: usize,
+        left: u64,
+        decryptor: crypto::Decryptor,
+        size: u64,
+        done: bool,
+    }
+    let state = State {
+        inner,
+        buf: Vec::with_capacity(crypto::CHUNK + crypto::TAG),
+        index: first,
+        skip,
+        left: want,
+        decryptor,
+        size,
+        done: false,
+    };
+    let full = crypto::CHUNK + crypto::TAG;
+    let stream = futures_util::stream::unfold(state, move |mut st| async move {
+        if st.done || st.left == 0 {
+            return None;
+        }
+        // Fill one sealed chunk (the last one of the object may be shorter).
+        loop {
+            if st.buf.len() >= full {
+                break;
+            }
+            match st.inner.next().await {
+                Some(Ok(b)) => st.buf.extend_from_slice(&b),
+                Some(Err(e)) => {
+                    st.done = true;
+                    return Some((Err(FileError::from(e)), st));
+                }
+                None => break,
+            }
+        }
+        if st.buf.is_empty() {
+            st.done = true;
+            return Some((
+                Err(FileError::Unavailable("the stored file is truncated".into())),
+                st,
+            ));
+        }
+        let take = st.buf.len().min(full);
+        let rest = st.buf.split_off(take);
+        let mut chunk = std::mem::replace(&mut st.buf, rest);
+        if let Err(e) = st.decryptor.open(st.index, st.size, &mut chunk) {
+            st.done = true;
+            return Some((Err(FileError::Unavailable(e.to_string())), st));
+        }
+        st.index += 1;
+        let start = st.skip.min(chunk.len());
+        st.skip = 0;
+        let end = (start as u64 + st.left).min(chunk.len() as u64) as usize;
+        st.left -= (end - start) as u64;
+        Some((Ok(Bytes::copy_from_slice(&chunk[start..end])), st))
+    });
+    Ok(stream.boxed())
+}
+
+/// Deletes a file the principal may delete; its content goes when no file names it.
+pub async fn delete(app: &App, principal: &Principal, id: Uuid) -> Result<(), FileError> {
+    let info = lookup(app, id).await?;
+    decide(principal, Capability::DeleteFile, &info.target())?;
+    let config = app.config();
+    delete_unchecked(&Ctx::new(app, &config), id).await.map(|_| ())
+}
+
+/// Deletes a file without a permission check (cleanup, erasure); returns whether it was
+/// there.
+async fn delete_unchecked(cx: &Ctx<'_>, id: Uuid) -> Result<bool, FileError> {
+    let mut client = cx.pool.get().await?;
+    let tx = client.transaction().await?;
+    let Some(row) = tx
+        .query_opt(
+            "DELETE FROM pulse.files WHERE id = $1 RETURNING tenant, sha256",
+            &[&id],
+        )
+        .await?
+    else {
+        return Ok(false);
+    };
+    let tenant: String = row.get(0);
+    let sha: String = row.get(1);
+    let before: i64 = tx
+        .query_opt(
+            "SELECT used_bytes FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE",
+            &[&tenant],
+        )
+        .await?
+        .map(|r| r.get(0))
+        .unwrap_or(0);
+    let others: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM pulse.files WHERE tenant = $1 AND sha256 = $2",
+            &[&tenant, &sha],
+        )
+        .await?
+        .get(0);
+    let mut freed = 0i64;
+    if others == 0
+        && let Some(blob) = tx
+            .query_opt(
+                "DELETE FROM pulse.file_blobs WHERE tenant = $1 AND sha256 = $2 RETURNING storage_key, size",
+                &[&tenant, &sha],
+            )
+            .await?
+    {
+        let key: String = blob.get(0);
+        freed = blob.get(1);
+        // Removed while the usage row is locked, so a concurrent upload of the same
+        // content waits and then stores it again rather than pointing at a deleted object.
+        cx.files.backend.delete(&key).await?;
+        tx.execute(
+            "UPDATE pulse.storage_usage SET used_bytes = greatest(used_bytes - $2, 0), updated_at = now() WHERE tenant = $1",
+            &[&tenant, &freed],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    usage_changed(cx.config, &tenant, before as u64, (before - freed).max(0) as u64);
+    tracing::info!(file = %id, tenant = %tenant, freed_bytes = freed, "file deleted");
+    Ok(true)
+}
+
+/// One tenant's storage, as the console and `/files/usage` show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TenantUsage {
+    /// Tenant.
+    pub tenant: String,
+    /// Bytes stored (each content once).
+    pub used_bytes: u64,
+    /// Bytes reserved by running uploads.
+    pub reserved_bytes: u64,
+    /// Files.
+    pub files: u64,
+    /// Quota, `None` when unlimited.
+    pub quota_bytes: Option<u64>,
+    /// Whether usage is at or past 80% of the quota.
+    pub warning: bool,
+}
+
+/// Storage per tenant (all tenants when `tenant` is `None`), largest first.
+pub async fn storage_usage(cx: &Ctx<'_>, tenant: Option<&str>) -> Result<Vec<TenantUsage>, FileError> {
+    let client = cx.pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT u.tenant, u.used_bytes, u.reserved_bytes,
+                    (SELECT count(*) FROM pulse.files f WHERE f.tenant = u.tenant)
+               FROM pulse.storage_usage u
+              WHERE $1::text IS NULL OR u.tenant = $1
+              ORDER BY u.used_bytes DESC, u.tenant",
+            &[&tenant],
+        )
+        .await?;
+    let config = cx.config;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let tenant: String = r.get(0);
+            let used = r.get::<_, i64>(1) as u64;
+            let quota = config.files.quota_for(&tenant);
+            TenantUsage {
+                warning: quota.is_some_and(|q| used as f64 >= q as f64 * QUOTA_WARNING_RATIO),
+                used_bytes: used,
+                reserved_bytes: r.get::<_, i64>(2) as u64,
+                files: r.get::<_, i64>(3) as u64,
+                quota_bytes: quota,
+                tenant,
+            }
+        })
+        .collect())
+}
+
+/// Sets the `pulse_storage_bytes` gauge of every tenant from the database (at start).
+pub async fn refresh_usage_metrics(cx: &Ctx<'_>) -> Result<(), FileError> {
+    for u in storage_usage(cx, None).await? {
+        metrics::gauge!("pulse_storage_bytes", "tenant" => u.tenant.clone()).set(u.used_bytes as f64);
+        if u.warning {
+            tracing::warn!(tenant = %u.tenant, used_bytes = u.used_bytes, quota_bytes = ?u.quota_bytes,
+                "tenant storage is at or past 80% of its quota");
+        }
+    }
+    Ok(())
+}
+
+/// What one cleanup run removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CleanupReport {
+    /// Tickets that expired without being used, removed.
+    pub expired_tickets: u64,
+    /// Reservations of uploads that never finished, released.
+    pub stale_reservations: u64,
+    /// Files whose owning Symfony row is gone, deleted.
+    pub detached_files: u64,
+    /// Stored objects no row names, deleted.
+    pub orphan_objects: u64,
+    /// Staged upload files left by a crash, deleted.
+    pub staged_files: u64,
+}
+
+/// How old an unfinished upload must be before the cleanup gives up on it.
+pub const STALE_UPLOAD: Duration = Duration::from_secs(6 * 3600);
+
+/// The orphan cleanup, for the jobs scheduler: expired tickets never used, reservations of
+/// uploads that never finished, files whose owning row in Symfony's database is gone,
+/// objects in storage no row names, and staged files left by a crash. `stale` is how old
+/// unfinished work must be before it is removed ([`STALE_UPLOAD`] in production).
+pub async fn cleanup_orphans(cx: &Ctx<'_>, stale: Duration) -> Result<CleanupReport, FileError> {
+    let mut report = CleanupReport::default();
+    let stale_secs = stale.as_secs_f64();
+    let client = cx.pool.get().await?;
+    report.expired_tickets = client
+        .execute(
+            "DELETE FROM pulse.upload_tickets
+              WHERE (used_at IS NULL AND expires_at < now() - make_interval(secs => $1))
+                 OR (used_at IS NOT NULL AND reserved_bytes = 0 AND used_at < now() - interval '7 days')",
+            &[&stale_secs],
+        )
+        .await?;
+    let stale_rows = client
+        .query(
+            "SELECT id, tenant, reserved_bytes FROM pulse.upload_tickets
+              WHERE reserved_bytes > 0 AND used_at < now() - make_interval(secs => $1)",
+            &[&stale_secs],
+        )
+        .await?;
+    drop(client);
+    for r in stale_rows {
+        release_reservation(cx, &r.get::<_, String>(1), r.get::<_, i64>(2) as u64, r.get(0)).await?;
+        report.stale_reservations += 1;
+    }
+
+    report.detached_files = delete_detached(cx).await?;
+
+    // Objects without a blob row (a crash between storing and recording), old enough not
+    // to be an upload committing right now.
+    let client = cx.pool.get().await?;
+    let known: std::collections::HashSet<String> = client
+        .query("SELECT storage_key FROM pulse.file_blobs", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    drop(client);
+    let cutoff = chrono::Utc::now() - chrono::Duration::from_std(stale).unwrap_or_default();
+    for (key, modified) in cx.files.backend.list("t").await? {
+        if !known.contains(&key) && modified <= cutoff {
+            cx.files.backend.delete(&key).await?;
+            report.orphan_objects += 1;
+        }
+    }
+
+    let dir = cx.files.backend.staging_dir().to_path_buf();
+    report.staged_files = tokio::task::spawn_blocking(move || {
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= stale);
+            if old && std::fs::remove_file(entry.path()).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    })
+    .await
+    .unwrap_or(0);
+    tracing::info!(?report, "file cleanup done");
+    Ok(report)
+}
+
+async fn delete_detached(cx: &Ctx<'_>) -> Result<u64, FileError> {
+    let client = cx.pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, attached_table, attached_id FROM pulse.files WHERE attached_table IS NOT NULL",
+            &[],
+        )
+        .await?;
+    drop(client);
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let source = crate::db::connect(&cx.config.source_db)
+        .await
+        .map_err(|e| FileError::Unavailable(format!("cannot reach the source database: {e}")))?;
+    let mut deleted = 0;
+    for r in rows {
+        let id: Uuid = r.get(0);
+        let table: String = r.get(1);
+        let row_id: String = r.get(2);
+        if !valid_table(&table) {
+            continue;
+        }
+        let (schema, name) = table.split_once('.').expect("validated");
+        let sql = format!("SELECT 1 FROM \"{schema}\".\"{name}\" WHERE id::text = $1");
+        match source.query_opt(&sql, &[&row_id]).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                if delete_unchecked(cx, id).await? {
+                    deleted += 1;
+                }
+            }
+            // A missing table means every row of it is gone.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                if delete_unchecked(cx, id).await? {
+                    deleted += 1;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(deleted)
+}
+
+/// GDPR erasure: deletes every file `user` owns in `tenant`; returns how many.
+pub async fn erase_user_files(cx: &Ctx<'_>, tenant: &str, user: &str) -> Result<u64, FileError> {
+    let client = cx.pool.get().await?;
+    let ids: Vec<Uuid> = client
+        .query(
+            "SELECT id FROM pulse.files WHERE tenant = $1 AND owner = $2",
+            &[&tenant, &user],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    drop(client);
+    let mut n = 0;
+    for id in ids {
+        if delete_unchecked(cx, id).await? {
+            n += 1;
+        }
+    }
+    Ok(n)
+}

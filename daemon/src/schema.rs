@@ -1,0 +1,932 @@
+//! The declarative schema: what clients may see and do, from a TOML file beside the
+//! config (`schema.path`).
+//!
+//! It declares live tables, dashboard metrics, the notification source table, mutation
+//! argument types, tenant time zones and the mapping from Symfony role names to Pulse
+//! roles. [`Schema::load`] parses the file; [`Schema::check`] compares every entry with the
+//! PostgreSQL catalog and fails with an error naming the entry (`tables.members.columns`),
+//! so a wrong table, column or type stops the start instead of failing later at runtime.
+//! This module validates and describes; it never queries rows and never decides access
+//! (that is `pulse_shared::caps::authorize`, narrowed by the roles listed here).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use chrono_tz::Tz;
+use pulse_shared::Role;
+use serde::Deserialize;
+
+use crate::engine::filter::{self, Expr};
+
+/// A schema problem: the entry (dotted path in the file) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("schema {file}: {entry}: {message}")]
+pub struct SchemaError {
+    /// The file.
+    pub file: String,
+    /// The entry, for example `tables.members.columns`.
+    pub entry: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchema {
+    #[serde(default)]
+    roles: BTreeMap<String, String>,
+    #[serde(default = "utc")]
+    default_time_zone: String,
+    #[serde(default)]
+    time_zones: BTreeMap<String, String>,
+    #[serde(default)]
+    tables: BTreeMap<String, RawTable>,
+    #[serde(default)]
+    metrics: BTreeMap<String, RawMetric>,
+    notifications: Option<RawNotifications>,
+    #[serde(default)]
+    mutations: BTreeMap<String, RawMutation>,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    source: String,
+    tenant_column: String,
+    owner_column: Option<String>,
+    columns: Vec<String>,
+    roles: Vec<String>,
+    #[serde(default)]
+    filters: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetric {
+    source: String,
+    tenant_column: String,
+    aggregate: String,
+    column: Option<String>,
+    filter: Option<String>,
+    window: Option<String>,
+    time_column: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotifications {
+    source: Option<String>,
+    #[serde(default = "tenant_id")]
+    tenant_column: String,
+    #[serde(default = "user_id")]
+    user_column: String,
+    #[serde(default = "title")]
+    title_column: String,
+    body_column: Option<String>,
+    #[serde(default = "retention")]
+    retention_days: u32,
+}
+
+fn tenant_id() -> String {
+    "tenant_id".into()
+}
+fn user_id() -> String {
+    "user_id".into()
+}
+fn title() -> String {
+    "title".into()
+}
+fn retention() -> u32 {
+    90
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMutation {
+    #[serde(default)]
+    args: BTreeMap<String, String>,
+}
+
+/// A table's name, schema-qualified.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    /// Schema.
+    pub schema: String,
+    /// Table.
+    pub table: String,
+}
+
+impl TableName {
+    fn parse(s: &str) -> Option<TableName> {
+        let (schema, table) = s.split_once('.').unwrap_or(("public", s));
+        let ok = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_');
+        (ok(schema) && ok(table)).then(|| TableName {
+            schema: schema.into(),
+            table: table.into(),
+        })
+    }
+
+    /// The name quoted for SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+/// Quotes an identifier for SQL.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A live table clients may subscribe to.
+#[derive(Debug, Clone)]
+pub struct LiveTable {
+    /// Its name in the schema file (what clients subscribe to).
+    pub name: String,
+    /// The Symfony table.
+    pub source: TableName,
+    /// Column holding the tenant id.
+    pub tenant_column: String,
+    /// Column holding the owning user id, when rows belong to users.
+    pub owner_column: Option<String>,
+    /// Columns clients see.
+    pub columns: Vec<String>,
+    /// Roles that may read it (further narrowed by the capability matrix).
+    pub roles: Vec<Role>,
+    /// Columns clients may filter on by equality.
+    pub filters: Vec<String>,
+    /// Primary key columns, from the catalog.
+    pub key: Vec<String>,
+    /// Catalog type name of every column of the table (filled by [`Schema::check`]).
+    pub types: HashMap<String, String>,
+}
+
+/// What a metric aggregates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Aggregate {
+    /// Rows.
+    Count,
+    /// Sum of a numeric column.
+    Sum(String),
+    /// Distinct non-null values of a column.
+    CountDistinct(String),
+}
+
+/// A time window, in the tenant's time zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// Since local midnight.
+    Today,
+    /// Since Monday, local midnight.
+    ThisWeek,
+    /// Since the first of the month.
+    ThisMonth,
+    /// Today and the N-1 days before.
+    LastDays(u32),
+}
+
+impl Window {
+    fn parse(s: &str) -> Option<Window> {
+        match s {
+            "today" => Some(Window::Today),
+            "this_week" => Some(Window::ThisWeek),
+            "this_month" => Some(Window::ThisMonth),
+            _ => {
+                let n = s.strip_prefix("last_")?.strip_suffix("_days")?.parse().ok()?;
+                (1..=366).contains(&n).then_some(Window::LastDays(n))
+            }
+        }
+    }
+
+    /// The first local date inside the window, given today's local date.
+    pub fn start(self, today: chrono::NaiveDate) -> chrono::NaiveDate {
+        use chrono::Datelike;
+        match self {
+            Window::Today => today,
+            Window::ThisWeek => today - chrono::Days::new(today.weekday().num_days_from_monday() as u64),
+            Window::ThisMonth => today.with_day(1).unwrap_or(today),
+            Window::LastDays(n) => today - chrono::Days::new(n.saturating_sub(1) as u64),
+        }
+    }
+}
+
+/// A live dashboard metric.
+#[derive(Debug, Clone)]
+pub struct Metric {
+    /// Its name in the schema file.
+    pub name: String,
+    /// The Symfony table.
+    pub source: TableName,
+    /// Column holding the tenant id.
+    pub tenant_column: String,
+    /// What is aggregated.
+    pub aggregate: Aggregate,
+    /// Which rows count.
+    pub filter: Option<Expr>,
+    /// The time window and the column that places a row in time.
+    pub window: Option<(Window, String)>,
+    /// Catalog type name of every column of the table (filled by [`Schema::check`]).
+    pub types: HashMap<String, String>,
+    filter_src: Option<String>,
+}
+
+/// Where notifications come from through the change stream.
+#[derive(Debug, Clone)]
+pub struct NotificationSource {
+    /// The Symfony table; each inserted row becomes a notification.
+    pub source: TableName,
+    /// Tenant column.
+    pub tenant_column: String,
+    /// Recipient column.
+    pub user_column: String,
+    /// Title column.
+    pub title_column: String,
+    /// Body column.
+    pub body_column: Option<String>,
+}
+
+/// The type of a mutation argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArgType {
+    /// Catalog-style type name: text, int8, float8, bool, uuid, timestamptz, date, jsonb.
+    pub name: &'static str,
+    /// Whether the argument may be missing or null.
+    pub optional: bool,
+}
+
+const ARG_TYPES: &[&str] = &[
+    "text",
+    "int8",
+    "float8",
+    "bool",
+    "uuid",
+    "timestamptz",
+    "date",
+    "jsonb",
+];
+
+impl ArgType {
+    fn parse(s: &str) -> Option<ArgType> {
+        let (base, optional) = match s.strip_suffix('?') {
+            Some(b) => (b, true),
+            None => (s, false),
+        };
+        let base = match base {
+            "string" => "text",
+            "int" | "integer" => "int8",
+            "float" | "number" => "float8",
+            "boolean" => "bool",
+            "json" => "jsonb",
+            other => other,
+        };
+        ARG_TYPES
+            .iter()
+            .find(|t| **t == base)
+            .map(|name| ArgType { name, optional })
+    }
+}
+
+/// A mutation's declared argument types.
+#[derive(Debug, Clone)]
+pub struct Mutation {
+    /// Name.
+    pub name: String,
+    /// Argument name to type.
+    pub args: BTreeMap<String, ArgType>,
+}
+
+impl Mutation {
+    /// Validates arguments: every declared argument present with its type, nothing
+    /// undeclared. The error names the field.
+    pub fn validate(&self, args: &serde_json::Value) -> Result<(), (String, String)> {
+        let empty = serde_json::Map::new();
+        let obj = match args {
+            serde_json::Value::Object(o) => o,
+            serde_json::Value::Null => &empty,
+            _ => return Err(("args".into(), "must be an object".into())),
+        };
+        for k in obj.keys() {
+            if !self.args.contains_key(k) {
+                return Err((
+                    format!("args.{k}"),
+                    format!("{} takes no argument {k:?}", self.name),
+                ));
+            }
+        }
+        for (name, ty) in &self.args {
+            let v = obj.get(name).unwrap_or(&serde_json::Value::Null);
+            if v.is_null() {
+                if ty.optional {
+                    continue;
+                }
+                return Err((format!("args.{name}"), format!("is required ({})", ty.name)));
+            }
+            let fits = match ty.name {
+                "text" => v.is_string(),
+                "int8" => v.is_i64(),
+                "float8" => v.is_number(),
+                "bool" => v.is_boolean(),
+                "jsonb" => true,
+                other => crate::engine::value::from_json(other, v).is_some(),
+            };
+            if !fits {
+                return Err((format!("args.{name}"), format!("must be a {}", ty.name)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The validated schema.
+#[derive(Debug, Clone)]
+pub struct Schema {
+    /// The file it came from.
+    pub file: String,
+    /// Symfony role name to Pulse role.
+    pub roles: HashMap<String, Role>,
+    /// Time zone of tenants not listed in `time_zones`.
+    pub default_time_zone: Tz,
+    /// Per-tenant time zones.
+    pub time_zones: HashMap<String, Tz>,
+    /// Live tables by name.
+    pub tables: BTreeMap<String, LiveTable>,
+    /// Metrics by name.
+    pub metrics: BTreeMap<String, Metric>,
+    /// The notification source, when configured.
+    pub notifications: Option<NotificationSource>,
+    /// Notification retention.
+    pub notification_retention_days: u32,
+    /// Mutations by name.
+    pub mutations: BTreeMap<String, Mutation>,
+}
+
+impl Default for Schema {
+    fn default() -> Self {
+        Schema {
+            file: "(none)".into(),
+            roles: default_roles(),
+            default_time_zone: Tz::UTC,
+            time_zones: HashMap::new(),
+            tables: BTreeMap::new(),
+            metrics: BTreeMap::new(),
+            notifications: None,
+            notification_retention_days: 90,
+            mutations: BTreeMap::new(),
+        }
+    }
+}
+
+/// The role mapping when the file has none: the usual Symfony names.
+fn default_roles() -> HashMap<String, Role> {
+    [
+        ("ROLE_SUPER_ADMIN", Role::PlatformAdmin),
+        ("ROLE_ADMIN", Role::TenantAdmin),
+        ("ROLE_STAFF", Role::Staff),
+        ("ROLE_USER", Role::Member),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+impl Schema {
+    /// Reads and parses the file (no catalog check yet).
+    pub fn load(path: &Path) -> Result<Schema, SchemaError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| SchemaError {
+            file: file.clone(),
+            entry: "(file)".into(),
+            message: format!("cannot read it: {e}; set schema.path to the schema TOML file"),
+        })?;
+        Schema::parse(&file, &text)
+    }
+
+    /// Parses schema text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Schema, SchemaError> {
+        let err = |entry: String, message: String| SchemaError {
+            file: file.to_string(),
+            entry,
+            message,
+        };
+        let raw: RawSchema = toml::from_str(text).map_err(|e| {
+            let entry = e
+                .span()
+                .map(|s| format!("line {}", text[..s.start.min(text.len())].lines().count().max(1)))
+                .unwrap_or_else(|| "(file)".into());
+            err(entry, e.message().to_string())
+        })?;
+        let role = |entry: String, name: &str| {
+            Role::parse(name).ok_or_else(|| {
+                err(
+                    entry,
+                    format!("unknown role {name:?}; expected platform_admin, tenant_admin, staff, member or service"),
+                )
+            })
+        };
+        let table_name = |entry: String, s: &str| {
+            TableName::parse(s)
+                .ok_or_else(|| err(entry, format!("{s:?} is not a table name such as public.members")))
+        };
+        let tz = |entry: String, s: &str| {
+            s.parse::<Tz>().map_err(|_| {
+                err(
+                    entry,
+                    format!("{s:?} is not an IANA time zone such as Europe/Paris"),
+                )
+            })
+        };
+        let mut roles = if raw.roles.is_empty() {
+            default_roles()
+        } else {
+            HashMap::new()
+        };
+        for (symfony, pulse) in &raw.roles {
+            roles.insert(symfony.clone(), role(format!("roles.{symfony}"), pulse)?);
+        }
+        let default_time_zone = tz("default_time_zone".into(), &raw.default_time_zone)?;
+        let mut time_zones = HashMap::new();
+        for (tenant, zone) in &raw.time_zones {
+            time_zones.insert(tenant.clone(), tz(format!("time_zones.{tenant}"), zone)?);
+        }
+        let mut tables = BTreeMap::new();
+        for (name, t) in raw.tables {
+            let at = |k: &str| format!("tables.{name}.{k}");
+            if t.columns.is_empty() {
+                return Err(err(at("columns"), "list at least one visible column".into()));
+            }
+            let roles = t
+                .roles
+                .iter()
+                .map(|r| role(at("roles"), r))
+                .collect::<Result<Vec<_>, _>>()?;
+            for f in &t.filters {
+                if !t.columns.contains(f) {
+                    return Err(err(
+                        at("filters"),
+                        format!("{f:?} is not one of the visible columns"),
+                    ));
+                }
+            }
+            tables.insert(
+                name.clone(),
+                LiveTable {
+                    source: table_name(at("source"), &t.source)?,
+                    name: name.clone(),
+                    tenant_column: t.tenant_column,
+                    owner_column: t.owner_column,
+                    columns: t.columns,
+                    roles,
+                    filters: t.filters,
+                    key: Vec::new(),
+                    types: HashMap::new(),
+                },
+            );
+        }
+        let mut metrics = BTreeMap::new();
+        for (name, m) in raw.metrics {
+            let at = |k: &str| format!("metrics.{name}.{k}");
+            let aggregate = match (m.aggregate.as_str(), m.column) {
+                ("count", None) => Aggregate::Count,
+                ("count", Some(_)) => return Err(err(at("column"), "count takes no column".into())),
+                ("sum", Some(c)) => Aggregate::Sum(c),
+                ("count_distinct", Some(c)) => Aggregate::CountDistinct(c),
+                ("sum" | "count_distinct", None) => {
+                    return Err(err(at("column"), format!("{} needs a column", m.aggregate)));
+                }
+                (other, _) => {
+                    return Err(err(
+                        at("aggregate"),
+                        format!("{other:?} is not count, sum or count_distinct"),
+                    ));
+                }
+            };
+            let window = match (m.window, m.time_column) {
+                (None, None) => None,
+                (Some(w), Some(c)) => Some((
+                    Window::parse(&w).ok_or_else(|| {
+                        err(
+                            at("window"),
+                            format!("{w:?} is not today, this_week, this_month or last_N_days"),
+                        )
+                    })?,
+                    c,
+                )),
+                (Some(_), None) => return Err(err(at("time_column"), "a window needs a time_column".into())),
+                (None, Some(_)) => return Err(err(at("window"), "a time_column needs a window".into())),
+            };
+            if let Some(f) = &m.filter {
+                filter::parse(f).map_err(|e| err(at("filter"), e))?;
+            }
+            metrics.insert(
+                name.clone(),
+                Metric {
+                    name: name.clone(),
+                    source: table_name(at("source"), &m.source)?,
+                    tenant_column: m.tenant_column,
+                    aggregate,
+                    filter: None,
+                    window,
+                    types: HashMap::new(),
+                    filter_src: m.filter,
+                },
+            );
+        }
+        let (notifications, notification_retention_days) = match raw.notifications {
+            None => (None, 90),
+            Some(n) => {
+                if n.retention_days == 0 {
+                    return Err(err(
+                        "notifications.retention_days".into(),
+                        "must be at least 1".into(),
+                    ));
+                }
+                let src = match n.source {
+                    None => None,
+                    Some(s) => Some(NotificationSource {
+                        source: table_name("notifications.source".into(), &s)?,
+                        tenant_column: n.tenant_column,
+                        user_column: n.user_column,
+                        title_column: n.title_column,
+                        body_column: n.body_column,
+                    }),
+                };
+                (src, n.retention_days)
+            }
+        };
+        let mut mutations = BTreeMap::new();
+        for (name, m) in raw.mutations {
+            let mut args = BTreeMap::new();
+            for (arg, ty) in m.args {
+                let parsed = ArgType::parse(&ty).ok_or_else(|| {
+                    err(
+                        format!("mutations.{name}.args.{arg}"),
+                        format!(
+                            "{ty:?} is not a type; use one of {} (append ? when optional)",
+                            ARG_TYPES.join(", ")
+                        ),
+                    )
+                })?;
+                args.insert(arg, parsed);
+            }
+            mutations.insert(name.clone(), Mutation { name, args });
+        }
+        Ok(Schema {
+            file: file.to_string(),
+            roles,
+            default_time_zone,
+            time_zones,
+            tables,
+            metrics,
+            notifications,
+            notification_retention_days,
+            mutations,
+        })
+    }
+
+    /// The time zone of a tenant.
+    pub fn time_zone(&self, tenant: &str) -> Tz {
+        self.time_zones
+            .get(tenant)
+            .copied()
+            .unwrap_or(self.default_time_zone)
+    }
+
+    /// Maps Symfony role names to Pulse roles; unknown names are ignored.
+    pub fn map_roles<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Vec<Role> {
+        let mut out: Vec<Role> = names
+            .into_iter()
+            .filter_map(|n| self.roles.get(n).copied().or_else(|| Role::parse(n)))
+            .filter(|r| *r != Role::Service)
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Every source table the engine reads from the change stream.
+    pub fn source_tables(&self) -> Vec<TableName> {
+        let mut out: Vec<TableName> = self
+            .tables
+            .values()
+            .map(|t| t.source.clone())
+            .chain(self.metrics.values().map(|m| m.source.clone()))
+            .chain(self.notifications.iter().map(|n| n.source.clone()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Checks every entry against the catalog of the source database: tables exist,
+    /// columns exist, sums are over numbers, filters type-check, live tables have a
+    /// primary key and REPLICA IDENTITY FULL (so updates and deletes carry the old row,
+    /// which is how rows leaving a filter or a tenant are seen).
+    pub async fn check(&mut self, db: &tokio_postgres::Client) -> Result<(), SchemaError> {
+        let file = self.file.clone();
+        let err = |entry: String, message: String| SchemaError {
+            file: file.clone(),
+            entry,
+            message,
+        };
+        let mut catalog: HashMap<TableName, TableInfo> = HashMap::new();
+        for t in self.source_tables() {
+            let info = table_info(db, &t)
+                .await
+                .map_err(|e| err("(catalog)".into(), format!("cannot read the catalog: {e}")))?;
+            if let Some(info) = info {
+                catalog.insert(t, info);
+            }
+        }
+        let lookup = |entry: String, t: &TableName| {
+            catalog
+                .get(t)
+                .ok_or_else(|| err(entry, format!("table {t} does not exist in the source database")))
+        };
+        let need_col = |entry: String, info: &TableInfo, t: &TableName, c: &str| {
+            if info.types.contains_key(c) {
+                Ok(())
+            } else {
+                Err(err(entry, format!("table {t} has no column {c:?}")))
+            }
+        };
+        let full = |entry: String, info: &TableInfo, t: &TableName| {
+            if info.replica_full {
+                Ok(())
+            } else {
+                Err(err(
+                    entry,
+                    format!(
+                        "table {t} needs REPLICA IDENTITY FULL so changes carry the old row: run ALTER TABLE {} REPLICA IDENTITY FULL",
+                        t.quoted()
+                    ),
+                ))
+            }
+        };
+        for (name, t) in self.tables.iter_mut() {
+            let at = |k: &str| format!("tables.{name}.{k}");
+            let info = lookup(at("source"), &t.source)?;
+            need_col(at("tenant_column"), info, &t.source, &t.tenant_column)?;
+            if let Some(o) = &t.owner_column {
+                need_col(at("owner_column"), info, &t.source, o)?;
+            }
+            for c in &t.columns {
+                need_col(at("columns"), info, &t.source, c)?;
+            }
+            if info.key.is_empty() {
+                return Err(err(
+                    at("source"),
+                    format!("table {} has no primary key", t.source),
+                ));
+            }
+            for k in &info.key {
+                if !t.columns.contains(k) {
+                    return Err(err(
+                        at("columns"),
+                        format!(
+                            "the primary key column {k:?} must be visible so clients can tell rows apart"
+                        ),
+                    ));
+                }
+            }
+            full(at("source"), info, &t.source)?;
+            t.key = info.key.clone();
+            t.types = info.types.clone();
+        }
+        for (name, m) in self.metrics.iter_mut() {
+            let at = |k: &str| format!("metrics.{name}.{k}");
+            let info = lookup(at("source"), &m.source)?;
+            need_col(at("tenant_column"), info, &m.source, &m.tenant_column)?;
+            match &m.aggregate {
+                Aggregate::Count => {}
+                Aggregate::CountDistinct(c) => need_col(at("column"), info, &m.source, c)?,
+                Aggregate::Sum(c) => {
+                    need_col(at("column"), info, &m.source, c)?;
+                    let ty = &info.types[c];
+                    if !matches!(
+                        ty.as_str(),
+                        "int2" | "int4" | "int8" | "float4" | "float8" | "numeric"
+                    ) {
+                        return Err(err(
+                            at("column"),
+                            format!("sum needs a number column; {c:?} is {ty}"),
+                        ));
+                    }
+                }
+            }
+            if let Some((_, c)) = &m.window {
+                need_col(at("time_column"), info, &m.source, c)?;
+                let ty = &info.types[c];
+                if !matches!(ty.as_str(), "timestamptz" | "timestamp" | "date") {
+                    return Err(err(
+                        at("time_column"),
+                        format!("{c:?} is {ty}; a window needs a timestamptz, timestamp or date column"),
+                    ));
+                }
+            }
+            if let Some(src) = &m.filter_src {
+                let types = &info.types;
+                let bound = filter::parse(src)
+                    .and_then(|e| e.bind(&|c| types.get(c).cloned()))
+                    .map_err(|e| err(at("filter"), e))?;
+                m.filter = Some(bound);
+            }
+            full(at("source"), info, &m.source)?;
+            m.types = info.types.clone();
+        }
+        if let Some(n) = &self.notifications {
+            let info = lookup("notifications.source".into(), &n.source)?;
+            need_col(
+                "notifications.tenant_column".into(),
+                info,
+                &n.source,
+                &n.tenant_column,
+            )?;
+            need_col(
+                "notifications.user_column".into(),
+                info,
+                &n.source,
+                &n.user_column,
+            )?;
+            need_col(
+                "notifications.title_column".into(),
+                info,
+                &n.source,
+                &n.title_column,
+            )?;
+            if let Some(b) = &n.body_column {
+                need_col("notifications.body_column".into(), info, &n.source, b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The columns of a metric's table the engine needs to evaluate it.
+    pub fn metric_columns(m: &Metric) -> Vec<String> {
+        let mut cols = vec![m.tenant_column.clone()];
+        match &m.aggregate {
+            Aggregate::Count => {}
+            Aggregate::Sum(c) | Aggregate::CountDistinct(c) => cols.push(c.clone()),
+        }
+        if let Some((_, c)) = &m.window {
+            cols.push(c.clone());
+        }
+        if let Some(f) = &m.filter {
+            f.columns(&mut cols);
+        }
+        cols.sort();
+        cols.dedup();
+        cols
+    }
+}
+
+struct TableInfo {
+    types: HashMap<String, String>,
+    key: Vec<String>,
+    replica_full: bool,
+}
+
+async fn table_info(
+    db: &tokio_postgres::Client,
+    t: &TableName,
+) -> Result<Option<TableInfo>, tokio_postgres::Error> {
+    let rel = db
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&t.schema, &t.table],
+        )
+        .await?;
+    let Some(rel) = rel else { return Ok(None) };
+    let oid: u32 = rel.get(0);
+    let ident: String = rel.get(1);
+    // Domains resolve to their base type, as the stream decodes them.
+    let cols = db
+        .query(
+            "SELECT a.attname::text, COALESCE(bt.typname, ty.typname)::text \
+             FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid \
+             LEFT JOIN pg_type bt ON ty.typtype = 'd' AND bt.oid = ty.typbasetype \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&oid],
+        )
+        .await?;
+    let key = db
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.ord",
+            &[&oid],
+        )
+        .await?;
+    Ok(Some(TableInfo {
+        types: cols.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        key: key.iter().map(|r| r.get(0)).collect(),
+        replica_full: ident == "f",
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+default_time_zone = "Europe/Paris"
+[time_zones]
+t2 = "America/New_York"
+[roles]
+ROLE_SUPER_ADMIN = "platform_admin"
+ROLE_ADMIN = "tenant_admin"
+ROLE_USER = "member"
+[tables.members]
+source = "public.members"
+tenant_column = "tenant_id"
+owner_column = "user_id"
+columns = ["id", "name", "status"]
+roles = ["tenant_admin", "member"]
+filters = ["status"]
+[metrics.active]
+source = "public.members"
+tenant_column = "tenant_id"
+aggregate = "count"
+filter = "status = 'active'"
+window = "last_7_days"
+time_column = "created_at"
+[notifications]
+source = "public.alerts"
+[mutations.invite]
+args = { email = "text", days = "int?" }
+"#;
+
+    #[test]
+    fn a_good_file_parses() {
+        let s = Schema::parse("s.toml", GOOD).unwrap();
+        assert_eq!(s.tables["members"].roles, vec![Role::TenantAdmin, Role::Member]);
+        assert_eq!(
+            s.metrics["active"].window.as_ref().unwrap().0,
+            Window::LastDays(7)
+        );
+        assert_eq!(s.time_zone("t2"), chrono_tz::America::New_York);
+        assert_eq!(s.time_zone("t1"), chrono_tz::Europe::Paris);
+        assert_eq!(
+            s.map_roles(["ROLE_USER", "ROLE_ADMIN", "ROLE_UNKNOWN"]),
+            vec![Role::TenantAdmin, Role::Member]
+        );
+        let m = &s.mutations["invite"];
+        assert!(m.validate(&serde_json::json!({"email": "a@b"})).is_ok());
+        assert_eq!(
+            m.validate(&serde_json::json!({"email": 3})).unwrap_err().0,
+            "args.email"
+        );
+        assert_eq!(
+            m.validate(&serde_json::json!({"email": "x", "evil": 1}))
+                .unwrap_err()
+                .0,
+            "args.evil"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_entry() {
+        let cases = [
+            (GOOD.replace("\"member\"]", "\"wizard\"]"), "tables.members.roles"),
+            (GOOD.replace("last_7_days", "fortnight"), "metrics.active.window"),
+            (
+                GOOD.replace("status = 'active'", "status = "),
+                "metrics.active.filter",
+            ),
+            (
+                GOOD.replace("\"int?\"", "\"color\""),
+                "mutations.invite.args.days",
+            ),
+            (GOOD.replace("America/New_York", "Mars/Base"), "time_zones.t2"),
+            (
+                GOOD.replace("filters = [\"status\"]", "filters = [\"secret\"]"),
+                "tables.members.filters",
+            ),
+        ];
+        for (text, entry) in cases {
+            let e = Schema::parse("s.toml", &text).unwrap_err();
+            assert_eq!(e.entry, entry, "{e}");
+        }
+        let e = Schema::parse("s.toml", "[tables.x]\nsource = 1\n").unwrap_err();
+        assert!(e.entry.starts_with("line"), "{e}");
+    }
+
+    #[test]
+    fn windows_start_where_expected() {
+        let d = chrono::NaiveDate::from_ymd_opt(2026, 11, 26).unwrap(); // a Thursday
+        assert_eq!(Window::Today.start(d), d);
+        assert_eq!(Window::ThisWeek.start(d).to_string(), "2026-11-23");
+        assert_eq!(Window::ThisMonth.start(d).to_string(), "2026-11-01");
+        assert_eq!(Window::LastDays(7).start(d).to_string(), "2026-11-20");
+    }
+}
