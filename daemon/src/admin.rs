@@ -10,8 +10,9 @@
 use std::time::Duration;
 
 use pulse_shared::admin::{
-    AdminRequest, AdminResponse, ConfigEntry, MetricsSample, ReplicationReport, SenderInfo, SettingEntry,
-    SettingKind, SlotInfo, StatusReport, TableInfo, TableRows,
+    AdminRequest, AdminResponse, ConfigEntry, MetricsSample, PresenceEntry, PresenceReport,
+    ReplicationReport, SenderInfo, SettingEntry, SettingKind, SlotInfo, StatusReport, TableInfo, TableRows,
+    TenantPresence,
 };
 use pulse_shared::caps::{Capability, Decision, Principal, Target, authorize};
 use pulse_shared::{ErrorBody, ErrorCode};
@@ -64,7 +65,7 @@ pub async fn answer(
             "live tables and the change stream",
             "the state engine and the CDC reader",
         )),
-        AdminRequest::Presence { .. } => Err(missing("presence", "the presence tracker")),
+        AdminRequest::Presence { tenant } => Ok(AdminResponse::Presence(presence(app, tenant.as_deref()))),
         AdminRequest::Notifications { .. } => Err(missing("notifications", "the notification service")),
         AdminRequest::Storage => Err(missing("storage usage", "file storage")),
         AdminRequest::Jobs => Err(missing("jobs", "the job scheduler")),
@@ -109,6 +110,44 @@ fn allowed(principal: &Principal, capability: Capability, what: &str) -> Result<
             format!("{what}: {}", reason.explain()),
         )),
     }
+}
+
+/// Who is online, from the engine's hub (the lock is held only to copy).
+fn presence(app: &App, tenant: Option<&str>) -> PresenceReport {
+    let (online, counts) = {
+        let hub = app.engine.hub.lock().expect("hub lock");
+        (hub.online(tenant, None), hub.online_counts())
+    };
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let users = online["online"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|u| PresenceEntry {
+                    tenant: text(&u["tenant"]),
+                    user: text(&u["user"]),
+                    resource: text(&u["resource"]),
+                    state: text(&u["state"]),
+                    // The hub does not report heartbeat ages.
+                    last_seen_secs: None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut tenants: Vec<TenantPresence> = counts
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(tenant, n)| TenantPresence {
+            tenant,
+            online: n as u64,
+        })
+        .collect();
+    tenants.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+    PresenceReport { tenants, users }
 }
 
 /// The error for a screen whose subsystem is not part of this pulsed.

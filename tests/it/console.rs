@@ -253,9 +253,9 @@ async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
     tui.keys(&["j", "Enter"]);
     tui.wait_for(&["pulse.cdc_ledger · latest 0"], WAIT).await;
 
-    // Presence has no tracker in this build yet: the screen says so.
+    // Presence comes from the engine's hub: nobody is online in this test database.
     tui.keys(&["2"]);
-    tui.wait_for(&["Not available", "presence tracker"], WAIT).await;
+    tui.wait_for(&["Online: 0 of 0", "(all tenants)"], WAIT).await;
 
     // Settings: an invalid value is refused before anything is sent…
     tui.keys(&["9"]);
@@ -546,9 +546,13 @@ async fn console_requests_answer_with_data_or_a_clear_error() {
     let value = rows.columns.iter().position(|c| c == "value").unwrap();
     assert_eq!(rows.rows[0][value], "***");
 
+    let Ok(A::Presence(p)) = ask(&mut c, "8", R::Presence { tenant: None }).await else {
+        panic!("expected presence")
+    };
+    assert!(p.users.is_empty() && p.tenants.is_empty(), "{p:?}");
+
     // Subsystems not in this build answer unavailable and name what is missing.
     for (id, request, missing) in [
-        ("8", R::Presence { tenant: None }, "presence tracker"),
         ("9", R::Storage, "file storage"),
         ("10", R::Jobs, "job scheduler"),
         ("11", R::LiveTables, "state engine"),
