@@ -562,3 +562,81 @@ async fn console_requests_answer_with_data_or_a_clear_error() {
         assert!(err.message.contains(missing), "{}", err.message);
     }
 }
+
+#[tokio::test]
+async fn a_presence_change_appears_on_the_console() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+
+    let bin = pulsetop_bin();
+    let db = PgCluster::shared().fresh_db("console_presence").await.unwrap();
+    let secret = "console-presence-secret-0123456789abcdef";
+    let mut pulsed = Pulsed::spawn(
+        &pulsed_bin(),
+        &[
+            ("PULSE__SOURCE__URL", db.url()),
+            ("PULSE__AUTH__ISSUER", "https://symfony.test".to_string()),
+            ("PULSE__AUTH__AUDIENCE", "pulse".to_string()),
+            ("PULSE__AUTH__HS256_SECRET", secret.to_string()),
+        ],
+    )
+    .unwrap();
+    pulsed.wait_ready(WAIT).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("pulsetop.log");
+    let tui = Tmux::start(
+        &format!(
+            "{} --socket {} --log-file {}",
+            bin.display(),
+            pulsed.admin_socket.display(),
+            log.display()
+        ),
+        &log,
+    );
+    tui.keys(&["2"]);
+    tui.wait_for(&["Online: 0 of 0"], WAIT).await;
+
+    // A member of tenant t1 opens a page and announces it.
+    let claims = serde_json::json!({
+        "iss": "https://symfony.test", "aud": "pulse", "sub": "alice-console",
+        "tenant_id": "t1", "roles": ["ROLE_USER"],
+        "exp": pulse_daemon::auth::now_secs() + 600,
+    });
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let url = format!("{}/ws", pulsed.http.replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let send = |frame: ClientFrame| Message::Text(serde_json::to_string(&frame).unwrap().into());
+    ws.send(send(ClientFrame::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: Some(token),
+        deploy_key: None,
+    }))
+    .await
+    .unwrap();
+    let welcome = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&welcome, Some(Ok(Message::Text(t))) if t.contains("welcome")),
+        "{welcome:?}"
+    );
+    ws.send(send(ClientFrame::Heartbeat {
+        resource: "/events/42".into(),
+        state: serde_json::json!("active"),
+    }))
+    .await
+    .unwrap();
+    tui.wait_for(&["alice-console", "/events/42", "Online: 1 of 1", "t1"], WAIT)
+        .await;
+
+    // The session ends: the user leaves the console's list.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    tui.wait_gone(&["alice-console"], WAIT).await;
+    tui.keys(&["q"]);
+    tui.wait_for(&["pulsetop exited with 0"], WAIT).await;
+}
