@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use pulse_shared::admin::{
-    AdminRequest, AdminResponse, ConfigEntry, MetricsSample, PresenceEntry, PresenceReport,
+    AdminRequest, AdminResponse, ConfigEntry, MetricsSample, NotificationItem, PresenceEntry, PresenceReport,
     ReplicationReport, SenderInfo, SettingEntry, SettingKind, SlotInfo, StatusReport, TableInfo, TableRows,
     TenantPresence,
 };
@@ -66,7 +66,9 @@ pub async fn answer(
             "the state engine and the CDC reader",
         )),
         AdminRequest::Presence { tenant } => Ok(AdminResponse::Presence(presence(app, tenant.as_deref()))),
-        AdminRequest::Notifications { .. } => Err(missing("notifications", "the notification service")),
+        AdminRequest::Notifications { tenant, user, limit } => {
+            with_db(notifications(app, tenant, user, limit.min(MAX_ROWS))).await
+        }
         AdminRequest::Storage => Err(missing("storage usage", "file storage")),
         AdminRequest::Jobs => Err(missing("jobs", "the job scheduler")),
         AdminRequest::RunJob { .. } | AdminRequest::RequeueDeadLetter { .. } => {
@@ -110,6 +112,40 @@ fn allowed(principal: &Principal, capability: Capability, what: &str) -> Result<
             format!("{what}: {}", reason.explain()),
         )),
     }
+}
+
+/// The latest notifications, newest first, optionally of one tenant or user.
+async fn notifications(
+    app: &App,
+    tenant: Option<String>,
+    user: Option<String>,
+    limit: u32,
+) -> Result<AdminResponse, ErrorBody> {
+    let client = app.pool.get().await.map_err(db_unavailable)?;
+    let rows = client
+        .query(
+            "SELECT id, tenant, user_id, title,
+                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    read_at IS NOT NULL
+             FROM pulse.notifications
+             WHERE ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR user_id = $2)
+             ORDER BY id DESC LIMIT $3",
+            &[&tenant, &user, &(limit as i64)],
+        )
+        .await
+        .map_err(db_unavailable)?;
+    let items = rows
+        .iter()
+        .map(|r| NotificationItem {
+            id: r.get::<_, i64>(0).to_string(),
+            tenant: r.get(1),
+            user: r.get(2),
+            title: r.get(3),
+            created_at: r.get(4),
+            read: r.get(5),
+        })
+        .collect();
+    Ok(AdminResponse::Notifications { items })
 }
 
 /// Who is online, from the engine's hub (the lock is held only to copy).

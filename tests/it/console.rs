@@ -551,6 +551,46 @@ async fn console_requests_answer_with_data_or_a_clear_error() {
     };
     assert!(p.users.is_empty() && p.tenants.is_empty(), "{p:?}");
 
+    // Notifications from pulse.notifications, newest first, by tenant and user.
+    client
+        .batch_execute(
+            "INSERT INTO pulse.notifications (tenant, user_id, title, created_by) VALUES
+             ('t1', 'alice', 'first', 'test'), ('t1', 'bob', 'second', 'test'), ('t2', 'alice', 'third', 'test')",
+        )
+        .await
+        .unwrap();
+    let Ok(A::Notifications { items }) = ask(
+        &mut c,
+        "12",
+        R::Notifications {
+            tenant: Some("t1".into()),
+            user: None,
+            limit: 10,
+        },
+    )
+    .await
+    else {
+        panic!("expected notifications")
+    };
+    let titles: Vec<&str> = items.iter().map(|n| n.title.as_str()).collect();
+    assert_eq!(titles, ["second", "first"]);
+    assert!(items.iter().all(|n| !n.read && n.created_at.ends_with('Z')));
+    let Ok(A::Notifications { items }) = ask(
+        &mut c,
+        "13",
+        R::Notifications {
+            tenant: None,
+            user: Some("alice".into()),
+            limit: 1,
+        },
+    )
+    .await
+    else {
+        panic!("expected notifications")
+    };
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].title, "third");
+
     // Subsystems not in this build answer unavailable and name what is missing.
     for (id, request, missing) in [
         ("9", R::Storage, "file storage"),
