@@ -10,9 +10,9 @@
 use std::time::Duration;
 
 use pulse_shared::admin::{
-    AdminRequest, AdminResponse, ConfigEntry, MetricsSample, NotificationItem, PresenceEntry, PresenceReport,
-    ReplicationReport, SenderInfo, SettingEntry, SettingKind, SlotInfo, StatusReport, TableInfo, TableRows,
-    TenantPresence,
+    AdminRequest, AdminResponse, ConfigEntry, DeadLetter, JobInfo, JobRun, JobsReport, MetricsSample,
+    NotificationItem, PresenceEntry, PresenceReport, ReplicationReport, SenderInfo, SettingEntry,
+    SettingKind, SlotInfo, StatusReport, TableInfo, TableRows, TenantPresence,
 };
 use pulse_shared::caps::{Capability, Decision, Principal, Target, authorize};
 use pulse_shared::{ErrorBody, ErrorCode};
@@ -70,14 +70,46 @@ pub async fn answer(
             with_db(notifications(app, tenant, user, limit.min(MAX_ROWS))).await
         }
         AdminRequest::Storage => Err(missing("storage usage", "file storage")),
-        AdminRequest::Jobs => Err(missing("jobs", "the job scheduler")),
-        AdminRequest::RunJob { .. } | AdminRequest::RequeueDeadLetter { .. } => {
-            allowed(
-                principal,
-                Capability::RunJob,
-                "running jobs and requeueing dead letters",
-            )?;
-            Err(missing("jobs", "the job scheduler"))
+        AdminRequest::Jobs => with_db(jobs(app)).await,
+        AdminRequest::RunJob { name } => {
+            allowed(principal, Capability::RunJob, "running jobs")?;
+            let record = app
+                .jobs
+                .run_now(&name, principal, &actor(principal))
+                .await
+                .map_err(|e| ErrorBody::new(e.code(), e.to_string()))?;
+            Ok(AdminResponse::Done {
+                message: format!(
+                    "{} ran: {:?} in {} ms{}",
+                    record.job,
+                    record.outcome,
+                    record.duration.as_millis(),
+                    record.error.map(|e| format!(" ({e})")).unwrap_or_default()
+                ),
+            })
+        }
+        AdminRequest::RequeueDeadLetter { id } => {
+            allowed(principal, Capability::RunJob, "requeueing dead letters")?;
+            let Ok(number) = id.parse::<i64>() else {
+                return Err(ErrorBody::new(
+                    ErrorCode::InvalidArgument,
+                    format!("dead letter id {id:?} is not a number"),
+                ));
+            };
+            let mut client = app.pool.get().await.map_err(db_unavailable)?;
+            if crate::relay::requeue_dead_letter(&mut client, number, &actor(principal))
+                .await
+                .map_err(db_unavailable)?
+            {
+                Ok(AdminResponse::Done {
+                    message: format!("dead letter {id} requeued"),
+                })
+            } else {
+                Err(ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("no dead letter {id}"),
+                ))
+            }
         }
         AdminRequest::Settings => Ok(AdminResponse::Settings {
             settings: app.settings.list().into_iter().map(setting_entry).collect(),
@@ -112,6 +144,56 @@ fn allowed(principal: &Principal, capability: Capability, what: &str) -> Result<
             format!("{what}: {}", reason.explain()),
         )),
     }
+}
+
+/// Jobs with their schedules, the newest runs and the newest dead letters.
+async fn jobs(app: &App) -> Result<AdminResponse, ErrorBody> {
+    let client = app.pool.get().await.map_err(db_unavailable)?;
+    let runs = crate::jobs::recent_runs(&client, None, 50)
+        .await
+        .map_err(db_unavailable)?;
+    let schedules = app.jobs.schedules();
+    let jobs = app
+        .jobs
+        .jobs()
+        .into_iter()
+        .map(|name| JobInfo {
+            name: name.to_string(),
+            schedule: schedules
+                .iter()
+                .find(|(j, _)| j == name)
+                .map(|(_, e)| e.clone())
+                .unwrap_or_else(|| "(by hand)".into()),
+            next_run: app.jobs.next_run(name),
+            last_status: runs.iter().find(|r| r.job == name).map(|r| r.outcome.clone()),
+        })
+        .collect();
+    let history = runs
+        .iter()
+        .map(|r| JobRun {
+            job: r.job.clone(),
+            started_at: r.started_at.clone(),
+            duration_ms: Some((r.duration_secs * 1000.0) as u64),
+            status: r.outcome.clone(),
+            message: r.error.clone().unwrap_or_else(|| r.counts.to_string()),
+        })
+        .collect();
+    let dead_letters = crate::relay::dead_letters(&client, 50)
+        .await
+        .map_err(db_unavailable)?
+        .into_iter()
+        .map(|d| DeadLetter {
+            id: d.id.to_string(),
+            source: d.event,
+            reason: d.last_error,
+            at: d.dead_at,
+        })
+        .collect();
+    Ok(AdminResponse::Jobs(JobsReport {
+        jobs,
+        history,
+        dead_letters,
+    }))
 }
 
 /// The latest notifications, newest first, optionally of one tenant or user.

@@ -591,10 +591,30 @@ async fn console_requests_answer_with_data_or_a_clear_error() {
     assert_eq!(items.len(), 1);
     assert_eq!(items[0].title, "third");
 
+    // Jobs: the scheduler's jobs with their next run; unknown jobs and dead letters are
+    // refused with a clear error.
+    let Ok(A::Jobs(report)) = ask(&mut c, "14", R::Jobs).await else {
+        panic!("expected jobs")
+    };
+    assert!(!report.jobs.is_empty(), "{report:?}");
+    let err = ask(
+        &mut c,
+        "15",
+        R::RunJob {
+            name: "no_such_job".into(),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.message.contains(&report.jobs[0].name), "{}", err.message);
+    let err = ask(&mut c, "16", R::RequeueDeadLetter { id: "999".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+
     // Subsystems not in this build answer unavailable and name what is missing.
     for (id, request, missing) in [
         ("9", R::Storage, "file storage"),
-        ("10", R::Jobs, "job scheduler"),
         ("11", R::LiveTables, "state engine"),
     ] {
         let err = ask(&mut c, id, request).await.unwrap_err();
