@@ -12,7 +12,8 @@ use std::time::Duration;
 use pulse_shared::admin::{
     AdminRequest, AdminResponse, ConfigEntry, DeadLetter, JobInfo, JobRun, JobsReport, MetricsSample,
     NotificationItem, PresenceEntry, PresenceReport, ReplicationReport, SenderInfo, SettingEntry,
-    SettingKind, SlotInfo, StatusReport, TableInfo, TableRows, TenantPresence,
+    SettingKind, SlotInfo, StatusReport, StorageReport, StoredFile, TableInfo, TableRows, TenantPresence,
+    TenantStorage,
 };
 use pulse_shared::caps::{Capability, Decision, Principal, Target, authorize};
 use pulse_shared::{ErrorBody, ErrorCode};
@@ -69,7 +70,7 @@ pub async fn answer(
         AdminRequest::Notifications { tenant, user, limit } => {
             with_db(notifications(app, tenant, user, limit.min(MAX_ROWS))).await
         }
-        AdminRequest::Storage => Err(missing("storage usage", "file storage")),
+        AdminRequest::Storage => with_db(storage(app)).await,
         AdminRequest::Jobs => with_db(jobs(app)).await,
         AdminRequest::RunJob { name } => {
             allowed(principal, Capability::RunJob, "running jobs")?;
@@ -144,6 +145,46 @@ fn allowed(principal: &Principal, capability: Capability, what: &str) -> Result<
             format!("{what}: {}", reason.explain()),
         )),
     }
+}
+
+/// Storage per tenant against its quota, and the largest files.
+async fn storage(app: &App) -> Result<AdminResponse, ErrorBody> {
+    let config = app.config();
+    let cx = crate::files::Ctx {
+        files: &app.files,
+        pool: &app.pool,
+        config: &config,
+    };
+    let tenants = crate::files::storage_usage(&cx, None)
+        .await
+        .map_err(|e| ErrorBody::new(e.code(), e.to_string()))?
+        .into_iter()
+        .map(|u| TenantStorage {
+            tenant: u.tenant,
+            used_bytes: u.used_bytes,
+            quota_bytes: u.quota_bytes.unwrap_or(0),
+            files: u.files,
+        })
+        .collect();
+    let client = app.pool.get().await.map_err(db_unavailable)?;
+    let largest = client
+        .query(
+            "SELECT tenant, name, size,
+                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+             FROM pulse.files ORDER BY size DESC, created_at DESC LIMIT 20",
+            &[],
+        )
+        .await
+        .map_err(db_unavailable)?
+        .iter()
+        .map(|r| StoredFile {
+            tenant: r.get(0),
+            name: r.get(1),
+            bytes: r.get::<_, i64>(2).max(0) as u64,
+            uploaded_at: r.get(3),
+        })
+        .collect();
+    Ok(AdminResponse::Storage(StorageReport { tenants, largest }))
 }
 
 /// Jobs with their schedules, the newest runs and the newest dead letters.

@@ -612,11 +612,17 @@ async fn console_requests_answer_with_data_or_a_clear_error() {
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::NotFound);
 
+    // Storage: nothing uploaded in this database yet.
+    let Ok(A::Storage(storage)) = ask(&mut c, "9", R::Storage).await else {
+        panic!("expected storage")
+    };
+    assert!(
+        storage.tenants.is_empty() && storage.largest.is_empty(),
+        "{storage:?}"
+    );
+
     // Subsystems not in this build answer unavailable and name what is missing.
-    for (id, request, missing) in [
-        ("9", R::Storage, "file storage"),
-        ("11", R::LiveTables, "state engine"),
-    ] {
+    for (id, request, missing) in [("11", R::LiveTables, "state engine")] {
         let err = ask(&mut c, id, request).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::Unavailable);
         assert!(err.message.contains(missing), "{}", err.message);
