@@ -10,8 +10,10 @@
 use std::time::Duration;
 
 use pulse_shared::admin::{
-    AdminRequest, AdminResponse, ConfigEntry, MetricsSample, ReplicationReport, SenderInfo, SettingEntry,
-    SettingKind, SlotInfo, StatusReport, TableInfo, TableRows,
+    AdminRequest, AdminResponse, ConfigEntry, DeadLetter, JobInfo, JobRun, JobsReport, MetricsSample,
+    NotificationItem, PresenceEntry, PresenceReport, ReplicationReport, SenderInfo, SettingEntry,
+    SettingKind, SlotInfo, StatusReport, StorageReport, StoredFile, TableInfo, TableRows, TenantPresence,
+    TenantStorage,
 };
 use pulse_shared::caps::{Capability, Decision, Principal, Target, authorize};
 use pulse_shared::{ErrorBody, ErrorCode};
@@ -64,17 +66,51 @@ pub async fn answer(
             "live tables and the change stream",
             "the state engine and the CDC reader",
         )),
-        AdminRequest::Presence { .. } => Err(missing("presence", "the presence tracker")),
-        AdminRequest::Notifications { .. } => Err(missing("notifications", "the notification service")),
-        AdminRequest::Storage => Err(missing("storage usage", "file storage")),
-        AdminRequest::Jobs => Err(missing("jobs", "the job scheduler")),
-        AdminRequest::RunJob { .. } | AdminRequest::RequeueDeadLetter { .. } => {
-            allowed(
-                principal,
-                Capability::RunJob,
-                "running jobs and requeueing dead letters",
-            )?;
-            Err(missing("jobs", "the job scheduler"))
+        AdminRequest::Presence { tenant } => Ok(AdminResponse::Presence(presence(app, tenant.as_deref()))),
+        AdminRequest::Notifications { tenant, user, limit } => {
+            with_db(notifications(app, tenant, user, limit.min(MAX_ROWS))).await
+        }
+        AdminRequest::Storage => with_db(storage(app)).await,
+        AdminRequest::Jobs => with_db(jobs(app)).await,
+        AdminRequest::RunJob { name } => {
+            allowed(principal, Capability::RunJob, "running jobs")?;
+            let record = app
+                .jobs
+                .run_now(&name, principal, &actor(principal))
+                .await
+                .map_err(|e| ErrorBody::new(e.code(), e.to_string()))?;
+            Ok(AdminResponse::Done {
+                message: format!(
+                    "{} ran: {:?} in {} ms{}",
+                    record.job,
+                    record.outcome,
+                    record.duration.as_millis(),
+                    record.error.map(|e| format!(" ({e})")).unwrap_or_default()
+                ),
+            })
+        }
+        AdminRequest::RequeueDeadLetter { id } => {
+            allowed(principal, Capability::RunJob, "requeueing dead letters")?;
+            let Ok(number) = id.parse::<i64>() else {
+                return Err(ErrorBody::new(
+                    ErrorCode::InvalidArgument,
+                    format!("dead letter id {id:?} is not a number"),
+                ));
+            };
+            let mut client = app.pool.get().await.map_err(db_unavailable)?;
+            if crate::relay::requeue_dead_letter(&mut client, number, &actor(principal))
+                .await
+                .map_err(db_unavailable)?
+            {
+                Ok(AdminResponse::Done {
+                    message: format!("dead letter {id} requeued"),
+                })
+            } else {
+                Err(ErrorBody::new(
+                    ErrorCode::NotFound,
+                    format!("no dead letter {id}"),
+                ))
+            }
         }
         AdminRequest::Settings => Ok(AdminResponse::Settings {
             settings: app.settings.list().into_iter().map(setting_entry).collect(),
@@ -109,6 +145,168 @@ fn allowed(principal: &Principal, capability: Capability, what: &str) -> Result<
             format!("{what}: {}", reason.explain()),
         )),
     }
+}
+
+/// Storage per tenant against its quota, and the largest files.
+async fn storage(app: &App) -> Result<AdminResponse, ErrorBody> {
+    let config = app.config();
+    let cx = crate::files::Ctx {
+        files: &app.files,
+        pool: &app.pool,
+        config: &config,
+    };
+    let tenants = crate::files::storage_usage(&cx, None)
+        .await
+        .map_err(|e| ErrorBody::new(e.code(), e.to_string()))?
+        .into_iter()
+        .map(|u| TenantStorage {
+            tenant: u.tenant,
+            used_bytes: u.used_bytes,
+            quota_bytes: u.quota_bytes.unwrap_or(0),
+            files: u.files,
+        })
+        .collect();
+    let client = app.pool.get().await.map_err(db_unavailable)?;
+    let largest = client
+        .query(
+            "SELECT tenant, name, size,
+                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+             FROM pulse.files ORDER BY size DESC, created_at DESC LIMIT 20",
+            &[],
+        )
+        .await
+        .map_err(db_unavailable)?
+        .iter()
+        .map(|r| StoredFile {
+            tenant: r.get(0),
+            name: r.get(1),
+            bytes: r.get::<_, i64>(2).max(0) as u64,
+            uploaded_at: r.get(3),
+        })
+        .collect();
+    Ok(AdminResponse::Storage(StorageReport { tenants, largest }))
+}
+
+/// Jobs with their schedules, the newest runs and the newest dead letters.
+async fn jobs(app: &App) -> Result<AdminResponse, ErrorBody> {
+    let client = app.pool.get().await.map_err(db_unavailable)?;
+    let runs = crate::jobs::recent_runs(&client, None, 50)
+        .await
+        .map_err(db_unavailable)?;
+    let schedules = app.jobs.schedules();
+    let jobs = app
+        .jobs
+        .jobs()
+        .into_iter()
+        .map(|name| JobInfo {
+            name: name.to_string(),
+            schedule: schedules
+                .iter()
+                .find(|(j, _)| j == name)
+                .map(|(_, e)| e.clone())
+                .unwrap_or_else(|| "(by hand)".into()),
+            next_run: app.jobs.next_run(name),
+            last_status: runs.iter().find(|r| r.job == name).map(|r| r.outcome.clone()),
+        })
+        .collect();
+    let history = runs
+        .iter()
+        .map(|r| JobRun {
+            job: r.job.clone(),
+            started_at: r.started_at.clone(),
+            duration_ms: Some((r.duration_secs * 1000.0) as u64),
+            status: r.outcome.clone(),
+            message: r.error.clone().unwrap_or_else(|| r.counts.to_string()),
+        })
+        .collect();
+    let dead_letters = crate::relay::dead_letters(&client, 50)
+        .await
+        .map_err(db_unavailable)?
+        .into_iter()
+        .map(|d| DeadLetter {
+            id: d.id.to_string(),
+            source: d.event,
+            reason: d.last_error,
+            at: d.dead_at,
+        })
+        .collect();
+    Ok(AdminResponse::Jobs(JobsReport {
+        jobs,
+        history,
+        dead_letters,
+    }))
+}
+
+/// The latest notifications, newest first, optionally of one tenant or user.
+async fn notifications(
+    app: &App,
+    tenant: Option<String>,
+    user: Option<String>,
+    limit: u32,
+) -> Result<AdminResponse, ErrorBody> {
+    let client = app.pool.get().await.map_err(db_unavailable)?;
+    let rows = client
+        .query(
+            "SELECT id, tenant, user_id, title,
+                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    read_at IS NOT NULL
+             FROM pulse.notifications
+             WHERE ($1::text IS NULL OR tenant = $1) AND ($2::text IS NULL OR user_id = $2)
+             ORDER BY id DESC LIMIT $3",
+            &[&tenant, &user, &(limit as i64)],
+        )
+        .await
+        .map_err(db_unavailable)?;
+    let items = rows
+        .iter()
+        .map(|r| NotificationItem {
+            id: r.get::<_, i64>(0).to_string(),
+            tenant: r.get(1),
+            user: r.get(2),
+            title: r.get(3),
+            created_at: r.get(4),
+            read: r.get(5),
+        })
+        .collect();
+    Ok(AdminResponse::Notifications { items })
+}
+
+/// Who is online, from the engine's hub (the lock is held only to copy).
+fn presence(app: &App, tenant: Option<&str>) -> PresenceReport {
+    let (online, counts) = {
+        let hub = app.engine.hub.lock().expect("hub lock");
+        (hub.online(tenant, None), hub.online_counts())
+    };
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let users = online["online"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|u| PresenceEntry {
+                    tenant: text(&u["tenant"]),
+                    user: text(&u["user"]),
+                    resource: text(&u["resource"]),
+                    state: text(&u["state"]),
+                    // The hub does not report heartbeat ages.
+                    last_seen_secs: None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut tenants: Vec<TenantPresence> = counts
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(tenant, n)| TenantPresence {
+            tenant,
+            online: n as u64,
+        })
+        .collect();
+    tenants.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+    PresenceReport { tenants, users }
 }
 
 /// The error for a screen whose subsystem is not part of this pulsed.

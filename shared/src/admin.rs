@@ -415,8 +415,9 @@ pub struct PresenceEntry {
     pub resource: String,
     /// Their announced state (`active`, `idle`…).
     pub state: String,
-    /// Seconds since their last heartbeat.
-    pub last_seen_secs: u64,
+    /// Seconds since their last heartbeat, when the tracker reports it.
+    #[serde(default)]
+    pub last_seen_secs: Option<u64>,
 }
 
 /// One notification.

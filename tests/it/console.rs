@@ -253,9 +253,9 @@ async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
     tui.keys(&["j", "Enter"]);
     tui.wait_for(&["pulse.cdc_ledger · latest 0"], WAIT).await;
 
-    // Presence has no tracker in this build yet: the screen says so.
+    // Presence comes from the engine's hub: nobody is online in this test database.
     tui.keys(&["2"]);
-    tui.wait_for(&["Not available", "presence tracker"], WAIT).await;
+    tui.wait_for(&["Online: 0 of 0", "(all tenants)"], WAIT).await;
 
     // Settings: an invalid value is refused before anything is sent…
     tui.keys(&["9"]);
@@ -362,8 +362,17 @@ async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
     refused
         .wait_for(&["○ disconnected", "the deploy key is wrong"], WAIT)
         .await;
-    refused.keys(&["q"]);
-    refused.wait_for(&["pulsetop exited with 0"], WAIT).await;
+    // SIGTERM ends it like q: cleanly, terminal restored.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(refused.command_pid() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    let screen = refused.wait_for(&["pulsetop exited with 0"], WAIT).await;
+    assert!(
+        !screen.contains("disconnected"),
+        "the console was not cleared:\n{screen}"
+    );
 
     // pulsed goes away: the status bar says so and the console keeps running; pulsed
     // comes back on the same socket: the console reconnects by itself.
@@ -537,15 +546,163 @@ async fn console_requests_answer_with_data_or_a_clear_error() {
     let value = rows.columns.iter().position(|c| c == "value").unwrap();
     assert_eq!(rows.rows[0][value], "***");
 
+    let Ok(A::Presence(p)) = ask(&mut c, "8", R::Presence { tenant: None }).await else {
+        panic!("expected presence")
+    };
+    assert!(p.users.is_empty() && p.tenants.is_empty(), "{p:?}");
+
+    // Notifications from pulse.notifications, newest first, by tenant and user.
+    client
+        .batch_execute(
+            "INSERT INTO pulse.notifications (tenant, user_id, title, created_by) VALUES
+             ('t1', 'alice', 'first', 'test'), ('t1', 'bob', 'second', 'test'), ('t2', 'alice', 'third', 'test')",
+        )
+        .await
+        .unwrap();
+    let Ok(A::Notifications { items }) = ask(
+        &mut c,
+        "12",
+        R::Notifications {
+            tenant: Some("t1".into()),
+            user: None,
+            limit: 10,
+        },
+    )
+    .await
+    else {
+        panic!("expected notifications")
+    };
+    let titles: Vec<&str> = items.iter().map(|n| n.title.as_str()).collect();
+    assert_eq!(titles, ["second", "first"]);
+    assert!(items.iter().all(|n| !n.read && n.created_at.ends_with('Z')));
+    let Ok(A::Notifications { items }) = ask(
+        &mut c,
+        "13",
+        R::Notifications {
+            tenant: None,
+            user: Some("alice".into()),
+            limit: 1,
+        },
+    )
+    .await
+    else {
+        panic!("expected notifications")
+    };
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].title, "third");
+
+    // Jobs: the scheduler's jobs with their next run; unknown jobs and dead letters are
+    // refused with a clear error.
+    let Ok(A::Jobs(report)) = ask(&mut c, "14", R::Jobs).await else {
+        panic!("expected jobs")
+    };
+    assert!(!report.jobs.is_empty(), "{report:?}");
+    let err = ask(
+        &mut c,
+        "15",
+        R::RunJob {
+            name: "no_such_job".into(),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.message.contains(&report.jobs[0].name), "{}", err.message);
+    let err = ask(&mut c, "16", R::RequeueDeadLetter { id: "999".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+
+    // Storage: nothing uploaded in this database yet.
+    let Ok(A::Storage(storage)) = ask(&mut c, "9", R::Storage).await else {
+        panic!("expected storage")
+    };
+    assert!(
+        storage.tenants.is_empty() && storage.largest.is_empty(),
+        "{storage:?}"
+    );
+
     // Subsystems not in this build answer unavailable and name what is missing.
-    for (id, request, missing) in [
-        ("8", R::Presence { tenant: None }, "presence tracker"),
-        ("9", R::Storage, "file storage"),
-        ("10", R::Jobs, "job scheduler"),
-        ("11", R::LiveTables, "state engine"),
-    ] {
+    for (id, request, missing) in [("11", R::LiveTables, "state engine")] {
         let err = ask(&mut c, id, request).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::Unavailable);
         assert!(err.message.contains(missing), "{}", err.message);
     }
+}
+
+#[tokio::test]
+async fn a_presence_change_appears_on_the_console() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+
+    let bin = pulsetop_bin();
+    let db = PgCluster::shared().fresh_db("console_presence").await.unwrap();
+    let secret = "console-presence-secret-0123456789abcdef";
+    let mut pulsed = Pulsed::spawn(
+        &pulsed_bin(),
+        &[
+            ("PULSE__SOURCE__URL", db.url()),
+            ("PULSE__AUTH__ISSUER", "https://symfony.test".to_string()),
+            ("PULSE__AUTH__AUDIENCE", "pulse".to_string()),
+            ("PULSE__AUTH__HS256_SECRET", secret.to_string()),
+        ],
+    )
+    .unwrap();
+    pulsed.wait_ready(WAIT).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("pulsetop.log");
+    let tui = Tmux::start(
+        &format!(
+            "{} --socket {} --log-file {}",
+            bin.display(),
+            pulsed.admin_socket.display(),
+            log.display()
+        ),
+        &log,
+    );
+    tui.keys(&["2"]);
+    tui.wait_for(&["Online: 0 of 0"], WAIT).await;
+
+    // A member of tenant t1 opens a page and announces it.
+    let claims = serde_json::json!({
+        "iss": "https://symfony.test", "aud": "pulse", "sub": "alice-console",
+        "tenant_id": "t1", "roles": ["ROLE_USER"],
+        "exp": pulse_daemon::auth::now_secs() + 600,
+    });
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let url = format!("{}/ws", pulsed.http.replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let send = |frame: ClientFrame| Message::Text(serde_json::to_string(&frame).unwrap().into());
+    ws.send(send(ClientFrame::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: Some(token),
+        deploy_key: None,
+    }))
+    .await
+    .unwrap();
+    let welcome = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&welcome, Some(Ok(Message::Text(t))) if t.contains("welcome")),
+        "{welcome:?}"
+    );
+    ws.send(send(ClientFrame::Heartbeat {
+        resource: "/events/42".into(),
+        state: serde_json::json!("active"),
+    }))
+    .await
+    .unwrap();
+    tui.wait_for(&["alice-console", "/events/42", "Online: 1 of 1", "t1"], WAIT)
+        .await;
+
+    // The session ends: the user leaves the console's list.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    tui.wait_gone(&["alice-console"], WAIT).await;
+    tui.keys(&["q"]);
+    tui.wait_for(&["pulsetop exited with 0"], WAIT).await;
 }

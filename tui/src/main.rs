@@ -123,6 +123,11 @@ async fn run(
     events: &mut mpsc::Receiver<Action>,
 ) -> anyhow::Result<()> {
     let mut keys = EventStream::new();
+    // SIGTERM and SIGHUP (the SSH session went away) end the console like `q`, so the
+    // terminal is restored.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     state.now_ms = now_ms();
@@ -138,6 +143,8 @@ async fn run(
             },
             Some(a) = events.recv() => a,
             _ = tick.tick() => Action::Tick { now_ms: now_ms() },
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => return Ok(()),
         };
         for effect in update(state, action) {
             match effect {

@@ -1360,7 +1360,7 @@ mod tests {
                     user: format!("user{i}"),
                     resource: format!("/events/{}", i % 7),
                     state: "active".into(),
-                    last_seen_secs: (i % 30) as u64,
+                    last_seen_secs: Some((i % 30) as u64),
                 })
                 .collect(),
         }

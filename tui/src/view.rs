@@ -500,7 +500,7 @@ fn presence(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 Cell::from(u.tenant.as_str()),
                 Cell::from(u.resource.as_str()),
                 Cell::from(u.state.as_str()),
-                Cell::from(format!("{}s", u.last_seen_secs)),
+                Cell::from(u.last_seen_secs.map_or("-".into(), |s| format!("{s}s"))),
             ]);
             if range.start + k == ucursor && focus == Pane::Second {
                 row.style(theme.selected())

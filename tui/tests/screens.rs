@@ -218,7 +218,7 @@ fn presence(n: usize) -> PresenceReport {
                 user: format!("user-{i:05}"),
                 resource: format!("/events/{}", 100 + i % 17),
                 state: if i % 4 == 0 { "idle" } else { "active" }.into(),
-                last_seen_secs: (i % 29) as u64,
+                last_seen_secs: Some((i % 29) as u64),
             })
             .collect(),
     }
