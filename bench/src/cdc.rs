@@ -8,7 +8,7 @@
 //! end of the backlog.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -31,22 +31,6 @@ impl Workload {
     fn rows(&self) -> u64 {
         self.single + self.batches * self.rows_per_batch
     }
-}
-
-fn run_tool(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
 }
 
 async fn confirmed(client: &tokio_postgres::Client, slot: &str) -> Result<i64> {
@@ -140,7 +124,7 @@ pub async fn run(quick: bool) -> Result<()> {
     )?;
     let port = cluster.port.to_string();
     let pgbench = |script: &Path, total: u64| -> Result<()> {
-        run_tool(
+        pulse_harness::run_checked(
             Command::new(bindir.join("pgbench"))
                 .args(["-n", "-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
                 .arg("-c")
@@ -180,7 +164,7 @@ pub async fn run(quick: bool) -> Result<()> {
     // pg_recvlogical through its own slot.
     let out = dir.path().join("recvlogical.out");
     let t = Instant::now();
-    run_tool(
+    pulse_harness::run_checked(
         Command::new(bindir.join("pg_recvlogical"))
             .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", &db.name])
             .args(["--slot", SLOT_RECV, "--start", "-F", "0", "--no-loop"])

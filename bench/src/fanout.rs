@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
-use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use pulse_harness::{PgCluster, Pulsed};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -28,20 +27,6 @@ struct Plan {
     heartbeats_per_sec: u64,
     notifications_per_sec: u64,
     seconds: u64,
-}
-
-fn token(user: &str, tenant: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-        + 3600;
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({ "iss": ISSUER, "exp": exp, "sub": user, "tenant_id": tenant, "roles": ["ROLE_USER"] }),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("HS256 signing")
 }
 
 /// pulsed's resident memory, in KiB.
@@ -150,7 +135,7 @@ pub async fn run(quick: bool) -> Result<()> {
             let user = format!("u{i}");
             let ws = open(
                 &url,
-                json!({ "type": "hello", "protocol": 1, "token": token(&user, &tenant) }),
+                json!({ "type": "hello", "protocol": 1, "token": crate::jwt::hs256(SECRET, ISSUER, &user, &tenant, "ROLE_USER") }),
                 &[
                     json!({ "type": "subscribe", "id": "p", "query": "presence" }),
                     json!({ "type": "subscribe", "id": "n", "query": "notifications" }),

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use pulse_harness::{PgCluster, Pulsed, wait_for};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -29,20 +28,6 @@ tenant_column = "tenant_id"
 columns = ["id", "tenant_id", "committed_at"]
 roles = ["staff"]
 "#;
-
-fn token(user: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-        + 3600;
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({ "iss": ISSUER, "exp": exp, "sub": user, "tenant_id": "t1", "roles": ["ROLE_STAFF"] }),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("HS256 signing")
-}
 
 fn now_micros() -> i64 {
     std::time::SystemTime::now()
@@ -126,7 +111,7 @@ pub async fn run(quick: bool) -> Result<()> {
     for i in 0..clients {
         let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.context("connect")?;
         ws.send(Message::Text(
-            json!({ "type": "hello", "protocol": 1, "token": token(&format!("u{i}")) })
+            json!({ "type": "hello", "protocol": 1, "token": crate::jwt::hs256(SECRET, ISSUER, &format!("u{i}"), "t1", "ROLE_STAFF") })
                 .to_string()
                 .into(),
         ))

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod cdc;
 mod fanout;
 mod files;
+mod jwt;
 mod latency;
 mod presence_load;
 mod webhooks;

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures_util::{SinkExt, StreamExt};
-use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use rand::Rng;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -40,18 +39,6 @@ const PAGES: [&str; 6] = [
     "/events/3",
     "/members/12",
 ];
-
-fn token(load: &PresenceLoad, user: &str, tenant: &str, role: &str) -> Result<String> {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 3600;
-    Ok(encode(
-        &Header::new(Algorithm::HS256),
-        &json!({ "iss": load.issuer, "exp": exp, "sub": user, "tenant_id": tenant, "roles": [role] }),
-        &EncodingKey::from_secret(load.secret.as_bytes()),
-    )?)
-}
 
 /// Runs until the process is stopped.
 pub async fn run(load: PresenceLoad) -> Result<()> {
@@ -91,7 +78,7 @@ async fn session(load: &PresenceLoad, user: &str, tenant: &str, role: &str) -> R
     let (mut ws, _) = tokio_tungstenite::connect_async(&load.url)
         .await
         .context("connect")?;
-    let hello = json!({ "type": "hello", "protocol": 1, "token": token(load, user, tenant, role)? });
+    let hello = json!({ "type": "hello", "protocol": 1, "token": crate::jwt::hs256(&load.secret, &load.issuer, user, tenant, role) });
     ws.send(Message::Text(hello.to_string().into())).await?;
     ws.send(Message::Text(
         json!({ "type": "subscribe", "id": "p", "query": "presence" })

@@ -1742,14 +1742,7 @@ pub fn reference_markdown() -> String {
 
 /// The admin socket path used when `admin.socket` is empty; pulsetop uses the same rule.
 pub fn default_admin_socket() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("pulse/admin.sock"),
-        _ => {
-            use std::os::unix::fs::MetadataExt;
-            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
-            PathBuf::from(format!("/tmp/pulse-{uid}/admin.sock"))
-        }
-    }
+    pulse_shared::admin::default_admin_socket()
 }
 
 #[cfg(test)]

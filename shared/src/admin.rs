@@ -4,7 +4,23 @@
 //! subsystem is not in the running daemon is answered with an `unavailable` error that
 //! names what is missing; the console shows that state, never made-up data.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
+
+/// The admin socket pulsed binds when `admin.socket` is not set, and where pulsetop looks
+/// by default: `$XDG_RUNTIME_DIR/pulse/admin.sock`, else `/tmp/pulse-UID/admin.sock`.
+/// (Under systemd the unit sets `/run/pulse/admin.sock`.)
+pub fn default_admin_socket() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("pulse/admin.sock"),
+        _ => {
+            use std::os::unix::fs::MetadataExt;
+            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+            PathBuf::from(format!("/tmp/pulse-{uid}/admin.sock"))
+        }
+    }
+}
 
 /// What the console asks of pulsed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

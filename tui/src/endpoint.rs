@@ -54,19 +54,7 @@ impl Endpoint {
     }
 }
 
-/// The admin socket pulsed binds when `admin.socket` is not set: the same rule as the
-/// daemon's `config::default_admin_socket` (kept in step by hand: the console does not
-/// depend on the daemon crate).
-pub fn default_admin_socket() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("pulse/admin.sock"),
-        _ => {
-            use std::os::unix::fs::MetadataExt;
-            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
-            PathBuf::from(format!("/tmp/pulse-{uid}/admin.sock"))
-        }
-    }
-}
+pub use pulse_shared::admin::default_admin_socket;
 
 #[cfg(test)]
 mod tests {

@@ -91,7 +91,8 @@ fn pg_command(bindir: &Path, tool: &str) -> Command {
     }
 }
 
-fn run_checked(mut cmd: Command, what: &str) -> Result<()> {
+/// Runs a command to completion; a failure carries its output.
+pub fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -131,7 +132,7 @@ impl PgCluster {
         let dir = tempfile::Builder::new().prefix("pulse-pg-").tempdir()?;
         if is_root() {
             run_checked(
-                {
+                &mut {
                     let mut c = Command::new("chown");
                     c.args(["-R", "postgres:postgres"]).arg(dir.path());
                     c
@@ -150,7 +151,7 @@ impl PgCluster {
                 "-D",
             ])
             .arg(&data);
-        run_checked(initdb, "initdb")?;
+        run_checked(&mut initdb, "initdb")?;
         let port = free_port();
         let conf = format!(
             "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
@@ -168,7 +169,7 @@ impl PgCluster {
         std::fs::write(data.join("pg_hba.conf"), hba)?;
         if is_root() {
             run_checked(
-                {
+                &mut {
                     let mut c = Command::new("chown");
                     c.args(["postgres:postgres"])
                         .arg(&conf_path)
@@ -199,7 +200,7 @@ impl PgCluster {
             .arg(self.data_dir())
             .arg("-l")
             .arg(self.dir.path().join("postgres.log"));
-        run_checked(c, "pg_ctl start").with_context(|| {
+        run_checked(&mut c, "pg_ctl start").with_context(|| {
             format!(
                 "log:\n{}",
                 std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
@@ -235,7 +236,7 @@ impl PgCluster {
     pub fn stop(&self) -> Result<()> {
         let mut c = pg_command(&self.bindir, "pg_ctl");
         c.args(["stop", "-w", "-m", "fast", "-D"]).arg(self.data_dir());
-        run_checked(c, "pg_ctl stop")
+        run_checked(&mut c, "pg_ctl stop")
     }
 
     /// Starts the server again after [`PgCluster::stop`].
