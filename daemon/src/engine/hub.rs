@@ -220,6 +220,9 @@ pub struct Hub {
     presence: HashMap<String, HashMap<String, UserPresence>>,
     clock: u64,
     epoch: u64,
+    /// Users who came online (true) or went offline (false) in a tenant, kept for the
+    /// outbox's presence events once [`Hub::record_presence`] turned it on.
+    transitions: Option<Vec<(String, String, bool)>>,
 }
 
 /// Why a subscription could not be added.
@@ -709,21 +712,47 @@ impl Hub {
         self.apply_presence_changes(changes);
     }
 
-    /// Removes tabs silent for longer than `ttl`.
-    pub fn expire_presence(&mut self, ttl: std::time::Duration) {
+    /// Removes every tab of one user in a tenant; returns how many there were.
+    pub fn end_user_presence(&mut self, tenant: &str, user: &str) -> usize {
+        let Some(p) = self.presence.get_mut(tenant).and_then(|u| u.get_mut(user)) else {
+            return 0;
+        };
+        let before = p.effective().map(|(r, s)| (r.to_string(), s.clone()));
+        let n = p.tabs.len();
+        p.tabs.clear();
+        self.apply_presence_changes(vec![(tenant.to_string(), user.to_string(), before, None)]);
+        n
+    }
+
+    /// Starts keeping users' online/offline transitions for [`Hub::take_transitions`].
+    pub fn record_presence(&mut self) {
+        self.transitions.get_or_insert_with(Vec::new);
+    }
+
+    /// The transitions since the last call: `(tenant, user, online)`.
+    pub fn take_transitions(&mut self) -> Vec<(String, String, bool)> {
+        self.transitions.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Removes tabs silent for longer than `ttl`; returns how many.
+    pub fn expire_presence(&mut self, ttl: std::time::Duration) -> usize {
         let now = Instant::now();
+        let mut removed = 0;
         let mut changes = Vec::new();
         for (tenant, users) in self.presence.iter_mut() {
             for (user, p) in users.iter_mut() {
                 if p.tabs.values().any(|t| now.duration_since(t.seen) > ttl) {
                     let before = p.effective().map(|(r, s)| (r.to_string(), s.clone()));
+                    let had = p.tabs.len();
                     p.tabs.retain(|_, t| now.duration_since(t.seen) <= ttl);
+                    removed += had - p.tabs.len();
                     let after = p.effective().map(|(r, s)| (r.to_string(), s.clone()));
                     changes.push((tenant.clone(), user.clone(), before, after));
                 }
             }
         }
         self.apply_presence_changes(changes);
+        removed
     }
 
     fn apply_presence_changes(&mut self, changes: Vec<(String, String, Effective, Effective)>) {
@@ -739,6 +768,11 @@ impl Hub {
     fn presence_changed(&mut self, tenant: &str, user: &str, before: Effective, after: Effective) {
         if before == after {
             return;
+        }
+        if before.is_none() != after.is_none()
+            && let Some(t) = self.transitions.as_mut()
+        {
+            t.push((tenant.to_string(), user.to_string(), after.is_some()));
         }
         let mut out = Vec::new();
         for key in [None, Some(tenant.to_string())] {

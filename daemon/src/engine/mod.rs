@@ -74,6 +74,8 @@ pub struct Engine {
     last_values: Mutex<HashMap<(String, String), Json>>,
     next_session: AtomicU64,
     limits: EngineLimits,
+    /// Presence events for the outbox, when a broker is configured.
+    presence_events: Mutex<Option<crate::outbox::PresenceDebounce<(String, String)>>>,
 }
 
 /// Who is asking, as the engine needs it.
@@ -161,6 +163,7 @@ impl Engine {
             last_values: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             limits,
+            presence_events: Mutex::new(None),
         }
     }
 
@@ -179,6 +182,89 @@ impl Engine {
         id
     }
 
+    /// Sends `presence.joined` / `presence.left` to the outbox from now on, debounced by
+    /// `window` (`amqp.presence_debounce_ms`).
+    pub fn enable_presence_events(&self, window: Duration) {
+        self.hub().record_presence();
+        *self.presence_events.lock().expect("presence events lock") =
+            Some(crate::outbox::PresenceDebounce::new(window));
+    }
+
+    /// Writes the presence events that are due to the outbox; returns how many.
+    pub async fn flush_presence_events(&self) -> Result<u64, tokio_postgres::Error> {
+        let transitions = self.hub().take_transitions();
+        let due: Vec<(String, String, bool)> = {
+            let mut guard = self.presence_events.lock().expect("presence events lock");
+            let Some(debounce) = guard.as_mut() else {
+                return Ok(0);
+            };
+            let now = Instant::now();
+            let mut due = Vec::new();
+            for (tenant, user, online) in transitions {
+                let key = (tenant, user);
+                if online {
+                    if debounce.joined(key.clone()) {
+                        due.push((key.0, key.1, true));
+                    }
+                } else {
+                    debounce.left(key, now);
+                }
+            }
+            due.extend(debounce.due(now).into_iter().map(|(t, u)| (t, u, false)));
+            due
+        };
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let db = self.state.get().await.map_err(|e| {
+            tracing::warn!(error = %e, lost = due.len(), "presence events not written: no database connection");
+            e
+        });
+        let Ok(db) = db else { return Ok(0) };
+        let n = events::presence_changed(&**db, &due).await;
+        if let Err(e) = &n {
+            tracing::warn!(error = %e, lost = due.len(), "presence events not written");
+        }
+        n
+    }
+
+    /// Removes presence tabs silent past the presence lifetime; returns how many.
+    pub fn sweep_presence(&self) -> usize {
+        self.hub().expire_presence(self.limits.presence_ttl)
+    }
+
+    /// Ends every presence tab of a user (a command from Symfony); returns how many
+    /// sessions had one. Safe to repeat.
+    pub fn end_presence(&self, tenant: &str, user: &str) -> usize {
+        self.hub().end_user_presence(tenant, user)
+    }
+
+    /// Deletes notifications past the schema's retention on `db`; returns how many.
+    pub async fn enforce_notification_retention<C: tokio_postgres::GenericClient>(
+        &self,
+        db: &C,
+    ) -> Result<u64, tokio_postgres::Error> {
+        notifications::expire(db, self.schema.notification_retention_days).await
+    }
+
+    /// Publishes notifications created by a committed transaction elsewhere (a command)
+    /// to their recipients' inboxes.
+    pub async fn publish_created(&self, ids: &[i64]) -> Result<(), tokio_postgres::Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let db = self.state.get().await.map_err(|e| {
+            tracing::warn!(error = %e, "created notifications not published");
+            e
+        });
+        let Ok(db) = db else { return Ok(()) };
+        for n in notifications::by_ids(&**db, ids).await? {
+            let unread = notifications::unread(&**db, &n.tenant, &n.user).await?;
+            self.publish_notification(&n, unread);
+        }
+        Ok(())
+    }
+
     /// Removes a session and everything it held; its presence leaves.
     pub fn close_session(&self, id: SessionId) {
         self.hub().remove_session(id);
@@ -194,7 +280,10 @@ impl Engine {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = presence.tick() => engine.hub().expire_presence(engine.limits.presence_ttl),
+                    _ = presence.tick() => {
+                        engine.sweep_presence();
+                        let _ = engine.flush_presence_events().await;
+                    }
                     _ = windows.tick() => engine.refresh_metrics(None),
                     _ = retention.tick() => engine.expire_notifications().await,
                 }
@@ -775,9 +864,8 @@ impl Engine {
                     ),
                     "notifications",
                 )?;
-                let db = self.state.get().await.map_err(internal)?;
-                let changed = if name == "mark_read" {
-                    let ids: Vec<i64> = match args.get("ids") {
+                let ids: Option<Vec<i64>> = if name == "mark_read" {
+                    Some(match args.get("ids") {
                         Some(Json::Array(a)) => a
                             .iter()
                             .map(|v| {
@@ -786,15 +874,22 @@ impl Engine {
                             })
                             .collect::<Result<_, _>>()?,
                         _ => return Err(invalid("args.ids", "must be a list of notification ids")),
-                    };
-                    notifications::mark_read(&**db, &tenant, &user, &ids)
-                        .await
-                        .map_err(internal)?
+                    })
                 } else {
-                    notifications::mark_all_read(&**db, &tenant, &user)
-                        .await
-                        .map_err(internal)?
+                    None
                 };
+                let mut db = self.state.get().await.map_err(internal)?;
+                let tx = db.transaction().await.map_err(internal)?;
+                let read = match &ids {
+                    Some(ids) => notifications::mark_read(&*tx, &tenant, &user, ids).await,
+                    None => notifications::mark_all_read(&*tx, &tenant, &user).await,
+                }
+                .map_err(internal)?;
+                events::notifications_read(&*tx, &tenant, &user, &read)
+                    .await
+                    .map_err(internal)?;
+                tx.commit().await.map_err(internal)?;
+                let changed = read.len() as u64;
                 let unread = notifications::unread(&**db, &tenant, &user)
                     .await
                     .map_err(internal)?;
@@ -1133,21 +1228,88 @@ async fn write_deltas<T: tokio_postgres::GenericClient>(
     Ok(())
 }
 
-/// Where events born in the engine leave for Symfony. The outbox (RabbitMQ webhooks) is
-/// another module's; its enqueue call belongs here, inside the same state transaction
-/// that created the notification, so the event is durable exactly when the notification is.
+/// Where events born in the engine leave for Symfony: each is written to the outbox
+/// inside the same state transaction that made the change, so the event is durable
+/// exactly when the change is (the relay publishes it later).
 pub mod events {
     use super::notifications::Notification;
+    use crate::outbox::{self, OutboxEvent};
+    use serde_json::json;
 
-    /// A notification was created (by a mutation or from the change stream), inside `tx`.
-    /// Without an outbox in this build there is nowhere to enqueue it, and that is fine:
-    /// the notification itself is stored and delivered.
+    /// The ordering key of a user's events.
+    pub fn aggregate(tenant: &str, user: &str) -> String {
+        format!("user:{tenant}:{user}")
+    }
+
+    /// A notification was created (by a mutation, a command or from the change stream),
+    /// inside `tx`. The key is the notification id: a replayed stream change creates no
+    /// second notification (its source key conflicts), so it sends no second event.
     pub async fn notification_created<C: tokio_postgres::GenericClient>(
-        _tx: &C,
+        tx: &C,
         n: &Notification,
     ) -> Result<(), tokio_postgres::Error> {
+        let event = OutboxEvent {
+            event: "notification.created",
+            message_id: format!("notification.created:{}", n.id),
+            aggregate: aggregate(&n.tenant, &n.user),
+            payload: json!({
+                "notificationId": n.id,
+                "tenantId": n.tenant,
+                "userId": n.user,
+                "title": n.row["title"],
+                "body": n.row["body"],
+                "data": n.row["data"],
+                "createdAt": n.row["created_at"],
+            }),
+        };
+        outbox::write(tx, &event).await?;
         tracing::debug!(id = n.id, tenant = %n.tenant, "notification created");
         Ok(())
+    }
+
+    /// Notifications `ids` of a user were marked read, inside `tx`. A notification is
+    /// read once, so the smallest id names this set for good: that is the key.
+    pub async fn notifications_read<C: tokio_postgres::GenericClient>(
+        tx: &C,
+        tenant: &str,
+        user: &str,
+        ids: &[i64],
+    ) -> Result<(), tokio_postgres::Error> {
+        let Some(first) = ids.iter().min() else {
+            return Ok(());
+        };
+        let event = OutboxEvent {
+            event: "notification.read",
+            message_id: format!("notification.read:{first}"),
+            aggregate: aggregate(tenant, user),
+            payload: json!({ "tenantId": tenant, "userId": user, "notificationIds": ids }),
+        };
+        outbox::write(tx, &event).await?;
+        Ok(())
+    }
+
+    /// Presence changes of users, after the debounce (see [`crate::outbox::PresenceDebounce`]):
+    /// `(tenant, user, joined)`. Presence lives in memory, so there is no state change to
+    /// share a transaction with; each call writes its events in one transaction of its own.
+    pub async fn presence_changed<C: tokio_postgres::GenericClient>(
+        tx: &C,
+        changes: &[(String, String, bool)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let at = chrono::Utc::now().to_rfc3339();
+        let events: Vec<OutboxEvent> = changes
+            .iter()
+            .map(|(tenant, user, joined)| OutboxEvent {
+                event: if *joined {
+                    "presence.joined"
+                } else {
+                    "presence.left"
+                },
+                message_id: format!("presence:{}", uuid::Uuid::new_v4()),
+                aggregate: aggregate(tenant, user),
+                payload: json!({ "tenantId": tenant, "userId": user, "at": at }),
+            })
+            .collect();
+        outbox::write_all(tx, &events).await
     }
 }
 
