@@ -122,7 +122,7 @@ impl Client {
         Client { ws }
     }
 
-    async fn send(&mut self, frame: &ClientFrame) {
+    pub(crate) async fn send(&mut self, frame: &ClientFrame) {
         self.ws
             .send(Message::Text(serde_json::to_string(frame).unwrap().into()))
             .await
@@ -198,7 +198,7 @@ impl Client {
         self.next().await
     }
 
-    async fn heartbeat(&mut self, resource: &str) {
+    pub(crate) async fn heartbeat(&mut self, resource: &str) {
         self.send(&ClientFrame::Heartbeat {
             resource: resource.into(),
             state: json!({ "typing": false }),

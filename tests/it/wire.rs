@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use pulse_harness::{PgCluster, Pulsed, Rabbit, TestDb, wait_for};
-use pulse_shared::protocol::{ServerFrame, UpdateOp};
+use pulse_shared::protocol::{ClientFrame, ServerFrame, UpdateOp};
 use serde_json::{Value, json};
 
 use crate::amqp::{Names, Seen, collect, command_properties, tap};
@@ -77,6 +77,7 @@ async fn engine_and_file_events_reach_the_broker_and_commands_act_on_them() {
         ("PULSE__AUTH__AUDIENCE", AUDIENCE.to_string()),
         ("PULSE__AUTH__HS256_SECRET", SECRET.to_string()),
         ("PULSE__PLATFORM__DEPLOY_KEY", DEPLOY_KEY.to_string()),
+        ("PULSE__AMQP__PRESENCE_DEBOUNCE_MS", "300".to_string()),
     ]);
     let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
     pulsed.wait_ready(Duration::from_secs(30)).await.unwrap();
@@ -169,6 +170,31 @@ async fn engine_and_file_events_reach_the_broker_and_commands_act_on_them() {
     .await;
     assert!(by_command.message_id.starts_with("notification.created:"));
 
+    // Reading them is announced once, keyed by the first id read.
+    alice
+        .send(&ClientFrame::Mutate {
+            id: "r".into(),
+            name: "mark_all_read".into(),
+            args: json!({}),
+        })
+        .await;
+    let read = event(&seen, pulsed, "notification.read", |b| b["userId"] == "alice").await;
+    let mut ids: Vec<i64> = read.body["notificationIds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids.len(), 2, "{read:?}");
+    assert_eq!(read.message_id, format!("notification.read:{}", ids[0]));
+
+    // Presence: alice comes online.
+    alice.heartbeat("doc").await;
+    let joined = event(&seen, pulsed, "presence.joined", |b| b["userId"] == "alice").await;
+    assert!(joined.message_id.starts_with("presence:"), "{joined:?}");
+    assert_eq!(joined.body["tenantId"], "t1");
+
     // 3. A file alice owns: its upload is announced.
     let http = reqwest::Client::new();
     let ticket: Value = http
@@ -258,6 +284,17 @@ async fn engine_and_file_events_reach_the_broker_and_commands_act_on_them() {
     );
     let deleted = event(&seen, pulsed, "file.deleted", |b| b["fileId"] == json!(file_id)).await;
     assert_eq!(deleted.message_id, format!("file.deleted:{file_id}"));
+    // The erasure ended alice's presence: after the debounce, presence.left.
+    event(&seen, pulsed, "presence.left", |b| b["userId"] == "alice").await;
+    assert_eq!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.routing_key == "presence.joined")
+            .count(),
+        1,
+        "one join only"
+    );
 
     // Every command was applied, none dead-lettered.
     let outcomes: Vec<(String, String)> = state
