@@ -34,6 +34,8 @@ use metrics::{Deltas, MetricStore};
 
 /// Rows an initial live-table result carries at most.
 const MAX_RESULT_ROWS: i64 = 10_000;
+/// Presence events kept while the database is unreachable.
+const PRESENCE_UNSENT_MAX: usize = 10_000;
 /// Notifications an inbox result carries.
 const INBOX_ROWS: i64 = 50;
 
@@ -76,6 +78,8 @@ pub struct Engine {
     limits: EngineLimits,
     /// Presence events for the outbox, when a broker is configured.
     presence_events: Mutex<Option<crate::outbox::PresenceDebounce<(String, String)>>>,
+    /// Presence events the database refused, retried at the next flush (bounded).
+    presence_unsent: Mutex<Vec<(String, String, bool)>>,
 }
 
 /// Who is asking, as the engine needs it.
@@ -164,6 +168,7 @@ impl Engine {
             next_session: AtomicU64::new(1),
             limits,
             presence_events: Mutex::new(None),
+            presence_unsent: Mutex::new(Vec::new()),
         }
     }
 
@@ -193,13 +198,14 @@ impl Engine {
     /// Writes the presence events that are due to the outbox; returns how many.
     pub async fn flush_presence_events(&self) -> Result<u64, tokio_postgres::Error> {
         let transitions = self.hub().take_transitions();
-        let due: Vec<(String, String, bool)> = {
+        let mut due: Vec<(String, String, bool)> =
+            std::mem::take(&mut *self.presence_unsent.lock().expect("presence unsent lock"));
+        {
             let mut guard = self.presence_events.lock().expect("presence events lock");
             let Some(debounce) = guard.as_mut() else {
                 return Ok(0);
             };
             let now = Instant::now();
-            let mut due = Vec::new();
             for (tenant, user, online) in transitions {
                 let key = (tenant, user);
                 if online {
@@ -211,21 +217,36 @@ impl Engine {
                 }
             }
             due.extend(debounce.due(now).into_iter().map(|(t, u)| (t, u, false)));
-            due
-        };
+        }
         if due.is_empty() {
             return Ok(0);
         }
-        let db = self.state.get().await.map_err(|e| {
-            tracing::warn!(error = %e, lost = due.len(), "presence events not written: no database connection");
-            e
-        });
-        let Ok(db) = db else { return Ok(0) };
-        let n = events::presence_changed(&**db, &due).await;
-        if let Err(e) = &n {
-            tracing::warn!(error = %e, lost = due.len(), "presence events not written");
+        let written = match self.state.get().await {
+            Ok(db) => events::presence_changed(&**db, &due).await,
+            Err(e) => {
+                tracing::warn!(error = %e, pending = due.len(), "presence events wait: no database connection");
+                Ok(0)
+            }
+        };
+        match written {
+            Ok(n) if n > 0 || due.is_empty() => Ok(n),
+            other => {
+                // Kept for the next flush, in order; a long outage keeps only the newest.
+                let mut unsent = self.presence_unsent.lock().expect("presence unsent lock");
+                let excess = due.len().saturating_sub(PRESENCE_UNSENT_MAX);
+                if excess > 0 {
+                    tracing::warn!(
+                        dropped = excess,
+                        "presence events dropped during a database outage"
+                    );
+                }
+                unsent.extend(due.into_iter().skip(excess));
+                if let Err(e) = &other {
+                    tracing::warn!(error = %e, pending = unsent.len(), "presence events not written yet");
+                }
+                other.map(|_| 0)
+            }
         }
-        n
     }
 
     /// Removes presence tabs silent past the presence lifetime; returns how many.
