@@ -1020,6 +1020,25 @@ mod tests {
     }
 
     #[test]
+    fn online_transitions_are_recorded_once_per_user_and_ended_on_demand() {
+        let mut hub = Hub::new(0, 1);
+        hub.heartbeat(1, "t1", "alice", "/a", Json::Null);
+        assert!(hub.take_transitions().is_empty(), "nothing kept until asked");
+        hub.record_presence();
+        hub.heartbeat(2, "t1", "bob", "/a", Json::Null);
+        hub.heartbeat(3, "t1", "bob", "/b", Json::Null);
+        assert_eq!(hub.take_transitions(), vec![("t1".into(), "bob".into(), true)]);
+        hub.leave_session(2);
+        assert!(hub.take_transitions().is_empty(), "bob is still online in a tab");
+        assert_eq!(hub.end_user_presence("t1", "bob"), 1);
+        assert_eq!(hub.end_user_presence("t1", "bob"), 0, "safe to repeat");
+        assert_eq!(hub.take_transitions(), vec![("t1".into(), "bob".into(), false)]);
+        assert_eq!(hub.online(Some("t1"), None)["count"], 1);
+        assert_eq!(hub.expire_presence(std::time::Duration::ZERO), 1);
+        assert_eq!(hub.take_transitions(), vec![("t1".into(), "alice".into(), false)]);
+    }
+
+    #[test]
     fn presence_counts_tabs_once_and_moves_are_updates() {
         let mut hub = Hub::new(0, 1);
         let mut watcher = session(&mut hub, 9);
