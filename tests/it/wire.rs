@@ -246,6 +246,30 @@ async fn engine_and_file_events_reach_the_broker_and_commands_act_on_them() {
         .get(0);
     assert_eq!(export["files"][0]["id"], json!(file_id));
     assert_eq!(export["notifications"].as_array().unwrap().len(), 2);
+    // Symfony fetches it with the deploy key; a member of another tenant may not.
+    let export_url = format!(
+        "{}/exports/{}",
+        pulsed.http,
+        ready.body["exportId"].as_str().unwrap()
+    );
+    let fetched: Value = http
+        .get(&export_url)
+        .bearer_auth(DEPLOY_KEY)
+        .header("X-Pulse-Tenant", "t1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fetched, export);
+    let r = http
+        .get(&export_url)
+        .bearer_auth(token("mallory", Some("t2"), &["ROLE_USER"]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
 
     // 5. EraseUserData: alice's notifications, files and exports are gone; the file's
     // deletion is announced.
