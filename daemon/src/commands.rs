@@ -353,6 +353,12 @@ pub trait CommandEffects: Send + Sync {
     ) -> BoxFuture<'a, Result<Applied, EffectError>> {
         Box::pin(async { Err(EffectError::NotSupported) })
     }
+
+    /// Called once the command's transaction has committed, before the ack: what may only
+    /// be shown once durable (publishing to connected clients). Must not fail the command.
+    fn committed<'a>(&'a self, _command: &'a Command, _applied: &'a Applied) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// The effects the core daemon carries out itself: platform settings. The engine's
@@ -486,6 +492,7 @@ pub async fn execute(
     .await
     .map_err(db)?;
     tx.commit().await.map_err(db)?;
+    effects.committed(command, &applied).await;
     Ok(Outcome::Applied)
 }
 

@@ -503,6 +503,30 @@ pub const KEYS: &[KeySpec] = &[
         "Cron schedule (5 or 6 fields, UTC) of the job deleting delivered outbox rows; empty turns it off.",
     ),
     key(
+        "jobs.sweep_presence",
+        "0 * * * * *",
+        KeyKind::Text,
+        "Cron schedule of the job removing presence tabs silent past limits.presence_ttl_secs; empty turns it off.",
+    ),
+    key(
+        "jobs.notification_retention",
+        "0 17 * * * *",
+        KeyKind::Text,
+        "Cron schedule of the job deleting notifications past the schema's notification_retention_days; empty turns it off.",
+    ),
+    key(
+        "jobs.expire_upload_tickets",
+        "0 */15 * * * *",
+        KeyKind::Text,
+        "Cron schedule of the file cleanup run for expired upload tickets and stale reservations; empty turns it off.",
+    ),
+    key(
+        "jobs.delete_orphaned_files",
+        "0 37 3 * * *",
+        KeyKind::Text,
+        "Cron schedule of the file cleanup run for files whose Symfony row is gone and unreferenced objects; empty turns it off.",
+    ),
+    key(
         "jobs.outbox_retention_hours",
         "24",
         KeyKind::Integer,

@@ -552,3 +552,117 @@ pub fn builtin(config: &crate::Config) -> Registry {
     }));
     registry
 }
+
+/// Sweeps presence tabs silent past `limits.presence_ttl_secs` (the engine also does it
+/// every half second; the job makes the sweep visible and recorded).
+pub struct SweepPresence {
+    /// The engine holding presence.
+    pub engine: Arc<crate::engine::Engine>,
+}
+
+impl Job for SweepPresence {
+    fn name(&self) -> &'static str {
+        "sweep_presence"
+    }
+
+    fn run<'a>(&'a self, _ctx: &'a mut JobContext) -> BoxFuture<'a, Result<Value, String>> {
+        Box::pin(async move {
+            let removed = self.engine.sweep_presence();
+            let events = self
+                .engine
+                .flush_presence_events()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(json!({ "removed": removed, "events": events }))
+        })
+    }
+}
+
+/// Deletes notifications past the schema's `notification_retention_days`.
+pub struct NotificationRetention {
+    /// The engine (which knows the retention).
+    pub engine: Arc<crate::engine::Engine>,
+}
+
+impl Job for NotificationRetention {
+    fn name(&self) -> &'static str {
+        "notification_retention"
+    }
+
+    fn run<'a>(&'a self, ctx: &'a mut JobContext) -> BoxFuture<'a, Result<Value, String>> {
+        Box::pin(async move {
+            let deleted = self
+                .engine
+                .enforce_notification_retention(&**ctx.client)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(json!({ "deleted": deleted }))
+        })
+    }
+}
+
+/// The file storage's cleanup, in two jobs with their own schedules:
+/// `expire_upload_tickets` (expired tickets, stale reservations) and
+/// `delete_orphaned_files` (files whose Symfony row is gone, objects no row names,
+/// staged leftovers).
+pub struct FileCleanup {
+    /// The job's name.
+    pub name: &'static str,
+    /// Storage.
+    pub files: Arc<crate::files::Files>,
+    /// The state database.
+    pub pool: deadpool_postgres::Pool,
+    /// The configuration at start.
+    pub config: Arc<crate::Config>,
+    /// How old unfinished uploads must be ([`crate::files::STALE_UPLOAD`]).
+    pub stale: Duration,
+}
+
+impl Job for FileCleanup {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn run<'a>(&'a self, _ctx: &'a mut JobContext) -> BoxFuture<'a, Result<Value, String>> {
+        Box::pin(async move {
+            let cx = crate::files::Ctx {
+                files: &self.files,
+                pool: &self.pool,
+                config: &self.config,
+            };
+            let report = if self.name == "expire_upload_tickets" {
+                crate::files::expire_upload_tickets(&cx, self.stale).await
+            } else {
+                crate::files::delete_orphaned_files(&cx, self.stale).await
+            }
+            .map_err(|e| e.to_string())?;
+            serde_json::to_value(report).map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Registers the jobs of the engine and the file storage.
+pub fn register_wired(
+    registry: &mut Registry,
+    config: &crate::Config,
+    engine: &Arc<crate::engine::Engine>,
+    files: &Arc<crate::files::Files>,
+    pool: &deadpool_postgres::Pool,
+) {
+    registry.register(Arc::new(SweepPresence {
+        engine: engine.clone(),
+    }));
+    registry.register(Arc::new(NotificationRetention {
+        engine: engine.clone(),
+    }));
+    let config = Arc::new(config.clone());
+    for name in ["expire_upload_tickets", "delete_orphaned_files"] {
+        registry.register(Arc::new(FileCleanup {
+            name,
+            files: files.clone(),
+            pool: pool.clone(),
+            config: config.clone(),
+            stale: crate::files::STALE_UPLOAD,
+        }));
+    }
+}

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod commands;
 pub mod config;
 pub mod db;
+pub mod effects;
 pub mod engine;
 pub mod files;
 pub mod health;
@@ -193,7 +194,7 @@ pub struct App {
     /// Scheduled jobs, and "run now" for the console.
     pub jobs: Arc<jobs::Scheduler>,
     /// File storage: backend, encryption keys, URL signing.
-    pub files: files::Files,
+    pub files: Arc<files::Files>,
 }
 
 impl App {
@@ -309,7 +310,8 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
     if settings.current().deploy_key_sha256.is_empty() {
         tracing::warn!("no deploy key is set (platform.deploy_key): service access is off until one is set");
     }
-    let files = files::Files::open(&config).map_err(|e| StartError::Other(format!("file storage: {e}")))?;
+    let files =
+        Arc::new(files::Files::open(&config).map_err(|e| StartError::Other(format!("file storage: {e}")))?);
     let source_pool = db::pool(&config.source_db, 8)
         .map_err(|e| StartError::Other(format!("source database pool: {e}")))?;
     let schema = match &config.schema_path {
@@ -352,7 +354,11 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
     let limits = Arc::new(api::limits::EdgeLimits::new(&config.limits));
     let scheduler = jobs::Scheduler::new(
         pool.clone(),
-        jobs::builtin(&config),
+        {
+            let mut registry = jobs::builtin(&config);
+            jobs::register_wired(&mut registry, &config, &engine, &files, &pool);
+            registry
+        },
         &config.jobs.schedules,
         config.limits.job_timeout,
     )
@@ -459,6 +465,7 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
 
     // The broker: webhooks out, commands in. Without amqp.url pulsed runs without it.
     if let Some(amqp) = app.config().amqp.clone() {
+        app.engine.enable_presence_events(amqp.presence_debounce);
         app.health.set(
             "broker",
             HealthState::Degraded,
@@ -471,9 +478,12 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
             pool: app.pool.clone(),
             state_db: app.config().state_db.clone(),
             health: app.health.clone(),
-            effects: Arc::new(commands::CoreEffects {
-                settings: app.settings.clone(),
-                pool: app.pool.clone(),
+            effects: Arc::new(effects::AppEffects {
+                core: commands::CoreEffects {
+                    settings: app.settings.clone(),
+                    pool: app.pool.clone(),
+                },
+                app: app.clone(),
             }),
         });
         tasks.spawn(relay::supervise(broker, shutdown.clone()));

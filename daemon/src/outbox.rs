@@ -113,6 +113,12 @@ pub fn message_id_from_command(command_id: &str, position: u32) -> String {
 /// [`GenericClient`] is accepted so that code generic over it can call this, but a plain
 /// client gives up the atomicity the durability rule needs.
 pub async fn enqueue<C: GenericClient>(tx: &C, event: &OutboxEvent) -> Result<bool, OutboxError> {
+    Ok(write(tx, event).await?)
+}
+
+/// [`enqueue`] for callers whose errors are database errors: the event was checked when it
+/// was built, so the database is the only thing that can fail here.
+pub async fn write<C: GenericClient>(tx: &C, event: &OutboxEvent) -> Result<bool, tokio_postgres::Error> {
     let rows = tx
         .query(
             "WITH ins AS (
@@ -136,6 +142,14 @@ pub async fn enqueue<C: GenericClient>(tx: &C, event: &OutboxEvent) -> Result<bo
 /// Writes many events in one statement (in slice order, so per-aggregate order is the
 /// slice order). Returns how many were new.
 pub async fn enqueue_all<C: GenericClient>(tx: &C, events: &[OutboxEvent]) -> Result<u64, OutboxError> {
+    Ok(write_all(tx, events).await?)
+}
+
+/// [`enqueue_all`] for callers whose errors are database errors (see [`write`]).
+pub async fn write_all<C: GenericClient>(
+    tx: &C,
+    events: &[OutboxEvent],
+) -> Result<u64, tokio_postgres::Error> {
     if events.is_empty() {
         return Ok(0);
     }

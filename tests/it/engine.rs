@@ -16,9 +16,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::pulsed_bin;
 
-const SECRET: &str = "test-secret-test-secret-test-secret-0123";
-const ISSUER: &str = "https://symfony.test";
-const AUDIENCE: &str = "pulse";
+pub(crate) const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+pub(crate) const ISSUER: &str = "https://symfony.test";
+pub(crate) const AUDIENCE: &str = "pulse";
 
 const SCHEMA: &str = r#"
 [roles]
@@ -65,10 +65,10 @@ async fn members_db(label: &str) -> TestDb {
     db
 }
 
-struct Daemon {
-    pulsed: Pulsed,
-    _dir: tempfile::TempDir,
-    ws: String,
+pub(crate) struct Daemon {
+    pub(crate) pulsed: Pulsed,
+    pub(crate) _dir: tempfile::TempDir,
+    pub(crate) ws: String,
 }
 
 async fn start(db: &TestDb, extra: &[(&str, String)]) -> Daemon {
@@ -109,7 +109,7 @@ fn now() -> u64 {
 }
 
 /// A valid token for a user of a tenant with Symfony roles.
-fn token(user: &str, tenant: Option<&str>, roles: &[&str]) -> String {
+pub(crate) fn token(user: &str, tenant: Option<&str>, roles: &[&str]) -> String {
     let mut claims =
         json!({ "iss": ISSUER, "aud": AUDIENCE, "exp": now() + 600, "sub": user, "roles": roles });
     if let Some(t) = tenant {
@@ -118,7 +118,7 @@ fn token(user: &str, tenant: Option<&str>, roles: &[&str]) -> String {
     token_with(claims, SECRET)
 }
 
-struct Client {
+pub(crate) struct Client {
     ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
 }
 
@@ -128,7 +128,7 @@ impl Client {
         Client { ws }
     }
 
-    async fn send(&mut self, frame: &ClientFrame) {
+    pub(crate) async fn send(&mut self, frame: &ClientFrame) {
         self.ws
             .send(Message::Text(serde_json::to_string(frame).unwrap().into()))
             .await
@@ -143,7 +143,7 @@ impl Client {
     }
 
     /// The next frame within `secs`, or None when the connection closed or nothing came.
-    async fn next_within(&mut self, secs: u64) -> Option<ServerFrame> {
+    pub(crate) async fn next_within(&mut self, secs: u64) -> Option<ServerFrame> {
         loop {
             match tokio::time::timeout(Duration::from_secs(secs), self.ws.next()).await {
                 Ok(Some(Ok(Message::Text(t)))) => return Some(serde_json::from_str(&t).unwrap()),
@@ -153,12 +153,12 @@ impl Client {
         }
     }
 
-    async fn next(&mut self) -> ServerFrame {
+    pub(crate) async fn next(&mut self) -> ServerFrame {
         self.next_within(5).await.expect("a frame within 5 s")
     }
 
     /// Connects and says hello with a token; returns the client after `welcome`.
-    async fn open(url: &str, token: &str) -> Client {
+    pub(crate) async fn open(url: &str, token: &str) -> Client {
         let mut c = Client::connect(url).await;
         c.send(&ClientFrame::Hello {
             protocol: PROTOCOL_VERSION,
@@ -194,7 +194,7 @@ impl Client {
         }
     }
 
-    async fn subscribe(&mut self, id: &str, query: &str, args: Value) -> ServerFrame {
+    pub(crate) async fn subscribe(&mut self, id: &str, query: &str, args: Value) -> ServerFrame {
         self.send(&ClientFrame::Subscribe {
             id: id.into(),
             query: query.into(),
@@ -204,7 +204,7 @@ impl Client {
         self.next().await
     }
 
-    async fn heartbeat(&mut self, resource: &str) {
+    pub(crate) async fn heartbeat(&mut self, resource: &str) {
         self.send(&ClientFrame::Heartbeat {
             resource: resource.into(),
             state: json!({ "typing": false }),
@@ -930,7 +930,7 @@ async fn platform_settings_take_effect_live() {
 }
 
 /// Waits until the change stream is up (the snapshot is loaded and streaming runs).
-async fn wait_streaming(d: &Daemon) {
+pub(crate) async fn wait_streaming(d: &Daemon) {
     let url = format!("{}/readyz", d.pulsed.http);
     pulse_harness::wait_for("replication up", Duration::from_secs(30), || {
         let url = url.clone();

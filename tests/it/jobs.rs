@@ -372,3 +372,153 @@ async fn prune_outbox_deletes_only_old_delivered_rows() {
         .collect();
     assert_eq!(left, vec!["old-pending", "recent"]);
 }
+
+/// The jobs of the engine and the file storage, registered as the daemon registers them:
+/// each runs through the scheduler and leaves its record with what it counted.
+#[tokio::test]
+async fn engine_and_file_jobs_run_and_record_their_counts() {
+    use pulse_daemon::config::{Config, ConfigSource};
+    use pulse_daemon::engine::{Engine, EngineLimits};
+
+    let db = PgCluster::shared().fresh_db("jobs_wired").await.unwrap();
+    let mut client = db.connect().await.unwrap();
+    pulse_daemon::migrate::migrate(&mut client).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::load(&ConfigSource {
+        file: None,
+        env: vec![
+            ("PULSE__SOURCE__URL".into(), db.url()),
+            (
+                "PULSE__STORAGE__PATH".into(),
+                dir.path().join("files").display().to_string(),
+            ),
+        ],
+    })
+    .unwrap();
+    let pool = pulse_daemon::db::pool(&DbUrl::parse(&db.url()).unwrap(), 4).unwrap();
+    let engine = Arc::new(Engine::new(
+        Arc::new(pulse_daemon::schema::Schema::default()),
+        pool.clone(),
+        pool.clone(),
+        EngineLimits {
+            subscriptions: 10,
+            // Every tab is stale at once.
+            presence_ttl: Duration::ZERO,
+            history: 100,
+        },
+    ));
+    let files = Arc::new(pulse_daemon::files::Files::open(&config).unwrap());
+    let mut registry = Registry::default();
+    pulse_daemon::jobs::register_wired(&mut registry, &config, &engine, &files, &pool);
+    for name in [
+        "sweep_presence",
+        "notification_retention",
+        "expire_upload_tickets",
+        "delete_orphaned_files",
+    ] {
+        assert!(registry.get(name).is_some(), "{name} is not registered");
+    }
+    // The file jobs with no grace period, so that the test's leftovers count as stale.
+    for name in ["expire_upload_tickets", "delete_orphaned_files"] {
+        registry.register(Arc::new(pulse_daemon::jobs::FileCleanup {
+            name,
+            files: files.clone(),
+            pool: pool.clone(),
+            config: Arc::new(config.clone()),
+            stale: Duration::ZERO,
+        }));
+    }
+    let s = Scheduler::new(pool.clone(), registry, &[], Duration::from_secs(10)).unwrap();
+
+    // Presence: two tabs of two users, both silent past the (zero) lifetime.
+    {
+        let mut hub = engine.hub.lock().unwrap();
+        hub.heartbeat(1, "t1", "alice", "doc", json!({}));
+        hub.heartbeat(2, "t1", "bob", "doc", json!({}));
+    }
+    let run = s.run_once("sweep_presence", "manual", "test").await.unwrap();
+    assert_eq!(run.outcome, JobOutcome::Ok, "{:?}", run.error);
+    assert_eq!(run.counts["removed"], 2, "{}", run.counts);
+    assert_eq!(engine.hub.lock().unwrap().online(None, None)["count"], 0);
+
+    // Notifications: one past the default retention (90 days), one recent.
+    client
+        .batch_execute(
+            "INSERT INTO pulse.notifications (tenant, user_id, title, created_by, created_at)
+             VALUES ('t1', 'alice', 'old', 'test', now() - interval '400 days'),
+                    ('t1', 'alice', 'new', 'test', now())",
+        )
+        .await
+        .unwrap();
+    let run = s
+        .run_once("notification_retention", "manual", "test")
+        .await
+        .unwrap();
+    assert_eq!(run.outcome, JobOutcome::Ok, "{:?}", run.error);
+    assert_eq!(run.counts, json!({"deleted": 1}));
+    let left: Vec<String> = client
+        .query("SELECT title FROM pulse.notifications", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, vec!["new"]);
+
+    // Upload tickets: one expired and never used, one still valid.
+    client
+        .batch_execute(
+            "INSERT INTO pulse.upload_tickets (id, tenant, name, max_bytes, content_types, expires_at)
+             VALUES (gen_random_uuid(), 't1', 'a.txt', 10, '{text/plain}', now() - interval '1 hour'),
+                    (gen_random_uuid(), 't1', 'b.txt', 10, '{text/plain}', now() + interval '1 hour')",
+        )
+        .await
+        .unwrap();
+    let run = s
+        .run_once("expire_upload_tickets", "manual", "test")
+        .await
+        .unwrap();
+    assert_eq!(run.outcome, JobOutcome::Ok, "{:?}", run.error);
+    assert_eq!(run.counts["expired_tickets"], 1, "{}", run.counts);
+    let tickets: Vec<String> = client
+        .query("SELECT name FROM pulse.upload_tickets", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tickets, vec!["b.txt"]);
+
+    // A staged upload left behind by a crash.
+    let staged = files.backend().staging_path();
+    std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
+    std::fs::write(&staged, b"half an upload").unwrap();
+    let run = s
+        .run_once("delete_orphaned_files", "manual", "test")
+        .await
+        .unwrap();
+    assert_eq!(run.outcome, JobOutcome::Ok, "{:?}", run.error);
+    assert_eq!(run.counts["staged_files"], 1, "{}", run.counts);
+    assert!(!staged.exists());
+
+    let recorded: Vec<(String, String)> = client
+        .query(
+            "SELECT job, outcome FROM pulse.job_runs WHERE ended_at IS NOT NULL ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        recorded,
+        [
+            "sweep_presence",
+            "notification_retention",
+            "expire_upload_tickets",
+            "delete_orphaned_files"
+        ]
+        .map(|j| (j.to_string(), "ok".to_string()))
+    );
+}

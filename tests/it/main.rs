@@ -10,3 +10,4 @@ mod files;
 mod foundation;
 mod jobs;
 mod support;
+mod wire;

@@ -62,6 +62,7 @@ pub fn files_router(app: Arc<App>) -> Router {
         .route("/files/usage", get(usage))
         .route("/files/{id}", get(download).delete(delete))
         .route("/files/{id}/signed-url", post(signed_url))
+        .route("/exports/{id}", get(export))
         .with_state(app);
     if origins.is_empty() {
         return router;
@@ -102,6 +103,49 @@ pub fn files_router(app: Arc<App>) -> Router {
 fn require_principal(app: &App, headers: &HeaderMap) -> Result<pulse_shared::caps::Principal, ApiError> {
     files::principal_from_headers(app, headers)?
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "send Authorization: Bearer <token>"))
+}
+
+/// A user's data export (made by an `ExportUserData` command and announced by the
+/// `data_export.ready` event, whose `exportId` names it), for those who may export that
+/// user's data.
+async fn export(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let principal = require_principal(&app, &headers)?;
+    let not_found = || ApiError::new(ErrorCode::NotFound, format!("no export {id:?}"));
+    let id: Uuid = id.parse().map_err(|_| not_found())?;
+    let client = app.pool.get().await.map_err(FileError::from)?;
+    let row = client
+        .query_opt(
+            "SELECT tenant, user_id, data FROM pulse.data_exports WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(FileError::from)?
+        .ok_or_else(not_found)?;
+    let (tenant, user): (String, String) = (row.get(0), row.get(1));
+    let target = Target {
+        tenant: Some(&tenant),
+        owner: Some(&user),
+        public: false,
+    };
+    if let Decision::Denied(reason) = authorize(&principal, Capability::ExportUserData, &target) {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!("not allowed to read this export: {}", reason.explain()),
+        ));
+    }
+    let data: serde_json::Value = row.get(2);
+    Ok((
+        [(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("private, no-store"),
+        )],
+        axum::Json(data),
+    )
+        .into_response())
 }
 
 async fn upload_url(

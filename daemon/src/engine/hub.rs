@@ -228,6 +228,9 @@ pub struct Hub {
     presence: HashMap<String, HashMap<String, UserPresence>>,
     clock: u64,
     epoch: u64,
+    /// Users who came online (true) or went offline (false) in a tenant, kept for the
+    /// outbox's presence events once [`Hub::record_presence`] turned it on.
+    transitions: Option<Vec<(String, String, bool)>>,
 }
 
 /// Why a subscription could not be added.
@@ -732,21 +735,47 @@ impl Hub {
         self.apply_presence_changes(changes);
     }
 
-    /// Removes tabs silent for longer than `ttl`.
-    pub fn expire_presence(&mut self, ttl: std::time::Duration) {
+    /// Removes every tab of one user in a tenant; returns how many there were.
+    pub fn end_user_presence(&mut self, tenant: &str, user: &str) -> usize {
+        let Some(p) = self.presence.get_mut(tenant).and_then(|u| u.get_mut(user)) else {
+            return 0;
+        };
+        let before = p.effective().map(|(r, s)| (r.to_string(), s.clone()));
+        let n = p.tabs.len();
+        p.tabs.clear();
+        self.apply_presence_changes(vec![(tenant.to_string(), user.to_string(), before, None)]);
+        n
+    }
+
+    /// Starts keeping users' online/offline transitions for [`Hub::take_transitions`].
+    pub fn record_presence(&mut self) {
+        self.transitions.get_or_insert_with(Vec::new);
+    }
+
+    /// The transitions since the last call: `(tenant, user, online)`.
+    pub fn take_transitions(&mut self) -> Vec<(String, String, bool)> {
+        self.transitions.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Removes tabs silent for longer than `ttl`; returns how many.
+    pub fn expire_presence(&mut self, ttl: std::time::Duration) -> usize {
         let now = Instant::now();
+        let mut removed = 0;
         let mut changes = Vec::new();
         for (tenant, users) in self.presence.iter_mut() {
             for (user, p) in users.iter_mut() {
                 if p.tabs.values().any(|t| now.duration_since(t.seen) > ttl) {
                     let before = p.effective().map(|(r, s)| (r.to_string(), s.clone()));
+                    let had = p.tabs.len();
                     p.tabs.retain(|_, t| now.duration_since(t.seen) <= ttl);
+                    removed += had - p.tabs.len();
                     let after = p.effective().map(|(r, s)| (r.to_string(), s.clone()));
                     changes.push((tenant.clone(), user.clone(), before, after));
                 }
             }
         }
         self.apply_presence_changes(changes);
+        removed
     }
 
     fn apply_presence_changes(&mut self, changes: Vec<(String, String, Effective, Effective)>) {
@@ -762,6 +791,11 @@ impl Hub {
     fn presence_changed(&mut self, tenant: &str, user: &str, before: Effective, after: Effective) {
         if before == after {
             return;
+        }
+        if before.is_none() != after.is_none()
+            && let Some(t) = self.transitions.as_mut()
+        {
+            t.push((tenant.to_string(), user.to_string(), after.is_some()));
         }
         let mut out = Vec::new();
         for key in [None, Some(tenant.to_string())] {
@@ -1019,6 +1053,25 @@ mod tests {
             !hub.resume_live(4, "s", "m", filter("t1", None), "ff-1", 10)
                 .unwrap()
         );
+    }
+
+    #[test]
+    fn online_transitions_are_recorded_once_per_user_and_ended_on_demand() {
+        let mut hub = Hub::new(0, 1);
+        hub.heartbeat(1, "t1", "alice", "/a", Json::Null);
+        assert!(hub.take_transitions().is_empty(), "nothing kept until asked");
+        hub.record_presence();
+        hub.heartbeat(2, "t1", "bob", "/a", Json::Null);
+        hub.heartbeat(3, "t1", "bob", "/b", Json::Null);
+        assert_eq!(hub.take_transitions(), vec![("t1".into(), "bob".into(), true)]);
+        hub.leave_session(2);
+        assert!(hub.take_transitions().is_empty(), "bob is still online in a tab");
+        assert_eq!(hub.end_user_presence("t1", "bob"), 1);
+        assert_eq!(hub.end_user_presence("t1", "bob"), 0, "safe to repeat");
+        assert_eq!(hub.take_transitions(), vec![("t1".into(), "bob".into(), false)]);
+        assert_eq!(hub.online(Some("t1"), None)["count"], 1);
+        assert_eq!(hub.expire_presence(std::time::Duration::ZERO), 1);
+        assert_eq!(hub.take_transitions(), vec![("t1".into(), "alice".into(), false)]);
     }
 
     #[test]

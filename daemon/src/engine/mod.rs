@@ -34,6 +34,8 @@ use metrics::{Deltas, MetricStore};
 
 /// Rows an initial live-table result carries at most.
 const MAX_RESULT_ROWS: i64 = 10_000;
+/// Presence events kept while the database is unreachable.
+const PRESENCE_UNSENT_MAX: usize = 10_000;
 /// Notifications an inbox result carries.
 const INBOX_ROWS: i64 = 50;
 
@@ -74,6 +76,10 @@ pub struct Engine {
     last_values: Mutex<HashMap<(String, String), Json>>,
     next_session: AtomicU64,
     limits: EngineLimits,
+    /// Presence events for the outbox, when a broker is configured.
+    presence_events: Mutex<Option<crate::outbox::PresenceDebounce<(String, String)>>>,
+    /// Presence events the database refused, retried at the next flush (bounded).
+    presence_unsent: Mutex<Vec<(String, String, bool)>>,
 }
 
 /// Who is asking, as the engine needs it.
@@ -161,6 +167,8 @@ impl Engine {
             last_values: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             limits,
+            presence_events: Mutex::new(None),
+            presence_unsent: Mutex::new(Vec::new()),
         }
     }
 
@@ -179,6 +187,105 @@ impl Engine {
         id
     }
 
+    /// Sends `presence.joined` / `presence.left` to the outbox from now on, debounced by
+    /// `window` (`amqp.presence_debounce_ms`).
+    pub fn enable_presence_events(&self, window: Duration) {
+        self.hub().record_presence();
+        *self.presence_events.lock().expect("presence events lock") =
+            Some(crate::outbox::PresenceDebounce::new(window));
+    }
+
+    /// Writes the presence events that are due to the outbox; returns how many.
+    pub async fn flush_presence_events(&self) -> Result<u64, tokio_postgres::Error> {
+        let transitions = self.hub().take_transitions();
+        let mut due: Vec<(String, String, bool)> =
+            std::mem::take(&mut *self.presence_unsent.lock().expect("presence unsent lock"));
+        {
+            let mut guard = self.presence_events.lock().expect("presence events lock");
+            let Some(debounce) = guard.as_mut() else {
+                return Ok(0);
+            };
+            let now = Instant::now();
+            for (tenant, user, online) in transitions {
+                let key = (tenant, user);
+                if online {
+                    if debounce.joined(key.clone()) {
+                        due.push((key.0, key.1, true));
+                    }
+                } else {
+                    debounce.left(key, now);
+                }
+            }
+            due.extend(debounce.due(now).into_iter().map(|(t, u)| (t, u, false)));
+        }
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let written = match self.state.get().await {
+            Ok(db) => events::presence_changed(&**db, &due).await,
+            Err(e) => {
+                tracing::warn!(error = %e, pending = due.len(), "presence events wait: no database connection");
+                Ok(0)
+            }
+        };
+        match written {
+            Ok(n) if n > 0 || due.is_empty() => Ok(n),
+            other => {
+                // Kept for the next flush, in order; a long outage keeps only the newest.
+                let mut unsent = self.presence_unsent.lock().expect("presence unsent lock");
+                let excess = due.len().saturating_sub(PRESENCE_UNSENT_MAX);
+                if excess > 0 {
+                    tracing::warn!(
+                        dropped = excess,
+                        "presence events dropped during a database outage"
+                    );
+                }
+                unsent.extend(due.into_iter().skip(excess));
+                if let Err(e) = &other {
+                    tracing::warn!(error = %e, pending = unsent.len(), "presence events not written yet");
+                }
+                other.map(|_| 0)
+            }
+        }
+    }
+
+    /// Removes presence tabs silent past the presence lifetime; returns how many.
+    pub fn sweep_presence(&self) -> usize {
+        self.hub().expire_presence(self.limits.presence_ttl)
+    }
+
+    /// Ends every presence tab of a user (a command from Symfony); returns how many
+    /// sessions had one. Safe to repeat.
+    pub fn end_presence(&self, tenant: &str, user: &str) -> usize {
+        self.hub().end_user_presence(tenant, user)
+    }
+
+    /// Deletes notifications past the schema's retention on `db`; returns how many.
+    pub async fn enforce_notification_retention<C: tokio_postgres::GenericClient>(
+        &self,
+        db: &C,
+    ) -> Result<u64, tokio_postgres::Error> {
+        notifications::expire(db, self.schema.notification_retention_days).await
+    }
+
+    /// Publishes notifications created by a committed transaction elsewhere (a command)
+    /// to their recipients' inboxes.
+    pub async fn publish_created(&self, ids: &[i64]) -> Result<(), tokio_postgres::Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let db = self.state.get().await.map_err(|e| {
+            tracing::warn!(error = %e, "created notifications not published");
+            e
+        });
+        let Ok(db) = db else { return Ok(()) };
+        for n in notifications::by_ids(&**db, ids).await? {
+            let unread = notifications::unread(&**db, &n.tenant, &n.user).await?;
+            self.publish_notification(&n, unread);
+        }
+        Ok(())
+    }
+
     /// Removes a session and everything it held; its presence leaves.
     pub fn close_session(&self, id: SessionId) {
         self.hub().remove_session(id);
@@ -194,7 +301,10 @@ impl Engine {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = presence.tick() => engine.hub().expire_presence(engine.limits.presence_ttl),
+                    _ = presence.tick() => {
+                        engine.sweep_presence();
+                        let _ = engine.flush_presence_events().await;
+                    }
                     _ = windows.tick() => engine.refresh_metrics(None),
                     _ = retention.tick() => engine.expire_notifications().await,
                 }
@@ -819,9 +929,8 @@ impl Engine {
                     ),
                     "notifications",
                 )?;
-                let db = self.state.get().await.map_err(internal)?;
-                let changed = if name == "mark_read" {
-                    let ids: Vec<i64> = match args.get("ids") {
+                let ids: Option<Vec<i64>> = if name == "mark_read" {
+                    Some(match args.get("ids") {
                         Some(Json::Array(a)) => a
                             .iter()
                             .map(|v| {
@@ -830,15 +939,22 @@ impl Engine {
                             })
                             .collect::<Result<_, _>>()?,
                         _ => return Err(invalid("args.ids", "must be a list of notification ids")),
-                    };
-                    notifications::mark_read(&**db, &tenant, &user, &ids)
-                        .await
-                        .map_err(internal)?
+                    })
                 } else {
-                    notifications::mark_all_read(&**db, &tenant, &user)
-                        .await
-                        .map_err(internal)?
+                    None
                 };
+                let mut db = self.state.get().await.map_err(internal)?;
+                let tx = db.transaction().await.map_err(internal)?;
+                let read = match &ids {
+                    Some(ids) => notifications::mark_read(&*tx, &tenant, &user, ids).await,
+                    None => notifications::mark_all_read(&*tx, &tenant, &user).await,
+                }
+                .map_err(internal)?;
+                events::notifications_read(&*tx, &tenant, &user, &read)
+                    .await
+                    .map_err(internal)?;
+                tx.commit().await.map_err(internal)?;
+                let changed = read.len() as u64;
                 let unread = notifications::unread(&**db, &tenant, &user)
                     .await
                     .map_err(internal)?;
@@ -1177,21 +1293,88 @@ async fn write_deltas<T: tokio_postgres::GenericClient>(
     Ok(())
 }
 
-/// Where events born in the engine leave for Symfony. The outbox (RabbitMQ webhooks) is
-/// another module's; its enqueue call belongs here, inside the same state transaction
-/// that created the notification, so the event is durable exactly when the notification is.
+/// Where events born in the engine leave for Symfony: each is written to the outbox
+/// inside the same state transaction that made the change, so the event is durable
+/// exactly when the change is (the relay publishes it later).
 pub mod events {
     use super::notifications::Notification;
+    use crate::outbox::{self, OutboxEvent};
+    use serde_json::json;
 
-    /// A notification was created (by a mutation or from the change stream), inside `tx`.
-    /// Without an outbox in this build there is nowhere to enqueue it, and that is fine:
-    /// the notification itself is stored and delivered.
+    /// The ordering key of a user's events.
+    pub fn aggregate(tenant: &str, user: &str) -> String {
+        format!("user:{tenant}:{user}")
+    }
+
+    /// A notification was created (by a mutation, a command or from the change stream),
+    /// inside `tx`. The key is the notification id: a replayed stream change creates no
+    /// second notification (its source key conflicts), so it sends no second event.
     pub async fn notification_created<C: tokio_postgres::GenericClient>(
-        _tx: &C,
+        tx: &C,
         n: &Notification,
     ) -> Result<(), tokio_postgres::Error> {
+        let event = OutboxEvent {
+            event: "notification.created",
+            message_id: format!("notification.created:{}", n.id),
+            aggregate: aggregate(&n.tenant, &n.user),
+            payload: json!({
+                "notificationId": n.id,
+                "tenantId": n.tenant,
+                "userId": n.user,
+                "title": n.row["title"],
+                "body": n.row["body"],
+                "data": n.row["data"],
+                "createdAt": n.row["created_at"],
+            }),
+        };
+        outbox::write(tx, &event).await?;
         tracing::debug!(id = n.id, tenant = %n.tenant, "notification created");
         Ok(())
+    }
+
+    /// Notifications `ids` of a user were marked read, inside `tx`. A notification is
+    /// read once, so the smallest id names this set for good: that is the key.
+    pub async fn notifications_read<C: tokio_postgres::GenericClient>(
+        tx: &C,
+        tenant: &str,
+        user: &str,
+        ids: &[i64],
+    ) -> Result<(), tokio_postgres::Error> {
+        let Some(first) = ids.iter().min() else {
+            return Ok(());
+        };
+        let event = OutboxEvent {
+            event: "notification.read",
+            message_id: format!("notification.read:{first}"),
+            aggregate: aggregate(tenant, user),
+            payload: json!({ "tenantId": tenant, "userId": user, "notificationIds": ids }),
+        };
+        outbox::write(tx, &event).await?;
+        Ok(())
+    }
+
+    /// Presence changes of users, after the debounce (see [`crate::outbox::PresenceDebounce`]):
+    /// `(tenant, user, joined)`. Presence lives in memory, so there is no state change to
+    /// share a transaction with; each call writes its events in one transaction of its own.
+    pub async fn presence_changed<C: tokio_postgres::GenericClient>(
+        tx: &C,
+        changes: &[(String, String, bool)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let at = chrono::Utc::now().to_rfc3339();
+        let events: Vec<OutboxEvent> = changes
+            .iter()
+            .map(|(tenant, user, joined)| OutboxEvent {
+                event: if *joined {
+                    "presence.joined"
+                } else {
+                    "presence.left"
+                },
+                message_id: format!("presence:{}", uuid::Uuid::new_v4()),
+                aggregate: aggregate(tenant, user),
+                payload: json!({ "tenantId": tenant, "userId": user, "at": at }),
+            })
+            .collect();
+        outbox::write_all(tx, &events).await
     }
 }
 

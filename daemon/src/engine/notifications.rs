@@ -105,31 +105,76 @@ pub async fn unread<C: GenericClient>(
     .map(|r| r.get(0))
 }
 
-/// Marks some of a user's notifications read (others' ids are ignored); returns how many.
+/// Marks some of a user's notifications read (others' ids are ignored); returns the ids
+/// that were unread.
 pub async fn mark_read<C: GenericClient>(
     db: &C,
     tenant: &str,
     user: &str,
     ids: &[i64],
-) -> Result<u64, tokio_postgres::Error> {
-    db.execute(
-        "UPDATE pulse.notifications SET read_at = now() WHERE tenant = $1 AND user_id = $2 AND id = ANY($3) AND read_at IS NULL",
-        &[&tenant, &user, &ids],
-    )
-    .await
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            "UPDATE pulse.notifications SET read_at = now() WHERE tenant = $1 AND user_id = $2 AND id = ANY($3) AND read_at IS NULL RETURNING id",
+            &[&tenant, &user, &ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Marks all of a user's notifications read.
+/// Marks all of a user's notifications read; returns the ids that were unread.
 pub async fn mark_all_read<C: GenericClient>(
     db: &C,
     tenant: &str,
     user: &str,
-) -> Result<u64, tokio_postgres::Error> {
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            "UPDATE pulse.notifications SET read_at = now() WHERE tenant = $1 AND user_id = $2 AND read_at IS NULL RETURNING id",
+            &[&tenant, &user],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Every notification of a user, oldest first (GDPR export).
+pub async fn all_of<C: GenericClient>(
+    db: &C,
+    tenant: &str,
+    user: &str,
+) -> Result<Vec<Json>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM pulse.notifications WHERE tenant = $1 AND user_id = $2 ORDER BY id"
+            ),
+            &[&tenant, &user],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| to_row(r).row).collect())
+}
+
+/// Deletes every notification of a user (GDPR erasure); returns how many.
+pub async fn erase<C: GenericClient>(db: &C, tenant: &str, user: &str) -> Result<u64, tokio_postgres::Error> {
     db.execute(
-        "UPDATE pulse.notifications SET read_at = now() WHERE tenant = $1 AND user_id = $2 AND read_at IS NULL",
+        "DELETE FROM pulse.notifications WHERE tenant = $1 AND user_id = $2",
         &[&tenant, &user],
     )
     .await
+}
+
+/// Loads notifications by id (to publish those a command created, after its commit).
+pub async fn by_ids<C: GenericClient>(
+    db: &C,
+    ids: &[i64],
+) -> Result<Vec<Notification>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            &format!("SELECT {COLUMNS} FROM pulse.notifications WHERE id = ANY($1) ORDER BY id"),
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(to_row).collect())
 }
 
 /// Deletes notifications older than the retention.

@@ -882,6 +882,21 @@ where
             &[&id, &tenant, &owner, &name, &content_type, &(total as i64), &sha, &public, &att_table, &att_id],
         )
         .await?;
+    let created_at: String = row.get(0);
+    crate::outbox::write(
+        &*tx,
+        &file_event(
+            "file.uploaded",
+            id,
+            &tenant,
+            owner.as_deref(),
+            serde_json::json!({
+                "name": name, "contentType": content_type, "size": total, "sha256": sha,
+                "public": public, "createdAt": created_at,
+            }),
+        ),
+    )
+    .await?;
     tx.commit().await?;
     let after = before + added;
     usage_changed(&app.config(), &tenant, before as u64, after as u64);
@@ -895,7 +910,7 @@ where
         size: total,
         sha256: sha,
         public,
-        created_at: row.get(0),
+        created_at,
         storage_key: key,
         key_id,
     })
@@ -1128,6 +1143,30 @@ pub async fn delete(app: &App, principal: &Principal, id: Uuid) -> Result<(), Fi
     delete_unchecked(&Ctx::new(app, &config), id).await.map(|_| ())
 }
 
+/// A file event for the outbox, keyed by the file id (a file is uploaded and deleted once)
+/// and ordered per owner.
+fn file_event(
+    event: &'static str,
+    id: Uuid,
+    tenant: &str,
+    owner: Option<&str>,
+    extra: serde_json::Value,
+) -> crate::outbox::OutboxEvent {
+    let mut payload = serde_json::json!({ "fileId": id.to_string(), "tenantId": tenant, "ownerId": owner });
+    if let (Some(p), serde_json::Value::Object(more)) = (payload.as_object_mut(), extra) {
+        p.extend(more);
+    }
+    crate::outbox::OutboxEvent {
+        event,
+        message_id: format!("{event}:{id}"),
+        aggregate: match owner {
+            Some(o) => crate::engine::events::aggregate(tenant, o),
+            None => format!("tenant:{tenant}"),
+        },
+        payload,
+    }
+}
+
 /// Deletes a file without a permission check (cleanup, erasure); returns whether it was
 /// there.
 async fn delete_unchecked(cx: &Ctx<'_>, id: Uuid) -> Result<bool, FileError> {
@@ -1135,7 +1174,7 @@ async fn delete_unchecked(cx: &Ctx<'_>, id: Uuid) -> Result<bool, FileError> {
     let tx = client.transaction().await?;
     let Some(row) = tx
         .query_opt(
-            "DELETE FROM pulse.files WHERE id = $1 RETURNING tenant, sha256",
+            "DELETE FROM pulse.files WHERE id = $1 RETURNING tenant, sha256, owner, name",
             &[&id],
         )
         .await?
@@ -1144,6 +1183,19 @@ async fn delete_unchecked(cx: &Ctx<'_>, id: Uuid) -> Result<bool, FileError> {
     };
     let tenant: String = row.get(0);
     let sha: String = row.get(1);
+    let owner: Option<String> = row.get(2);
+    let name: String = row.get(3);
+    crate::outbox::write(
+        &*tx,
+        &file_event(
+            "file.deleted",
+            id,
+            &tenant,
+            owner.as_deref(),
+            serde_json::json!({ "name": name }),
+        ),
+    )
+    .await?;
     let before: i64 = tx
         .query_opt(
             "SELECT used_bytes FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE",
@@ -1269,6 +1321,15 @@ pub const STALE_UPLOAD: Duration = Duration::from_secs(6 * 3600);
 /// objects in storage no row names, and staged files left by a crash. `stale` is how old
 /// unfinished work must be before it is removed ([`STALE_UPLOAD`] in production).
 pub async fn cleanup_orphans(cx: &Ctx<'_>, stale: Duration) -> Result<CleanupReport, FileError> {
+    let mut report = expire_upload_tickets(cx, stale).await?;
+    detached_and_orphans(cx, stale, &mut report).await?;
+    tracing::info!(?report, "file cleanup done");
+    Ok(report)
+}
+
+/// The upload-ticket part of [`cleanup_orphans`]: tickets expired unused (and used ones
+/// a week old) are removed, reservations of uploads unfinished for `stale` released.
+pub async fn expire_upload_tickets(cx: &Ctx<'_>, stale: Duration) -> Result<CleanupReport, FileError> {
     let mut report = CleanupReport::default();
     let stale_secs = stale.as_secs_f64();
     let client = cx.pool.get().await?;
@@ -1292,7 +1353,22 @@ pub async fn cleanup_orphans(cx: &Ctx<'_>, stale: Duration) -> Result<CleanupRep
         release_reservation(cx, &r.get::<_, String>(1), r.get::<_, i64>(2) as u64, r.get(0)).await?;
         report.stale_reservations += 1;
     }
+    Ok(report)
+}
 
+/// The file part of [`cleanup_orphans`]: files whose Symfony row is gone, objects no row
+/// names, staged leftovers, all older than `stale`.
+pub async fn delete_orphaned_files(cx: &Ctx<'_>, stale: Duration) -> Result<CleanupReport, FileError> {
+    let mut report = CleanupReport::default();
+    detached_and_orphans(cx, stale, &mut report).await?;
+    Ok(report)
+}
+
+async fn detached_and_orphans(
+    cx: &Ctx<'_>,
+    stale: Duration,
+    report: &mut CleanupReport,
+) -> Result<(), FileError> {
     report.detached_files = delete_detached(cx).await?;
 
     // Objects without a blob row (a crash between storing and recording), old enough not
@@ -1331,8 +1407,7 @@ pub async fn cleanup_orphans(cx: &Ctx<'_>, stale: Duration) -> Result<CleanupRep
     })
     .await
     .unwrap_or(0);
-    tracing::info!(?report, "file cleanup done");
-    Ok(report)
+    Ok(())
 }
 
 async fn delete_detached(cx: &Ctx<'_>) -> Result<u64, FileError> {
