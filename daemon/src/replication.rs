@@ -430,8 +430,13 @@ async fn pipeline<S: ChangeSink>(
     let result = consumer
         .run_with_progress(sink, &mut events, checkpoint, &progress)
         .await;
-    drop(events);
+    // Stop the reader while the channel is still open: it then sends its last status
+    // update (the durable position) and closes the session cleanly. Dropping the channel
+    // first would make a reader with a transaction in hand end on "consumer gone",
+    // skipping that last confirmation. The reader never blocks on the channel (it waits
+    // for room inside its select, beside the stop signal), so this cannot hang.
     handle.stop().await;
+    drop(events);
     watcher_stop.cancel();
     let _ = watcher.await;
     result.map(|_| ())
