@@ -357,6 +357,52 @@ fn setting_entry(view: crate::settings::SettingView) -> SettingEntry {
     }
 }
 
+/// The median of a Prometheus histogram from its cumulative buckets, per label set (the
+/// `le` label removed), the worst over all sets; `None` when nothing was observed.
+fn bucket_median(samples: &[(&str, &str, f64)], bucket: &str) -> Option<f64> {
+    let mut sets: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
+    for (_, labels, count) in samples.iter().filter(|(n, _, _)| *n == bucket) {
+        let mut le = None;
+        let mut rest = Vec::new();
+        for pair in labels.split(',') {
+            match pair.strip_prefix("le=") {
+                Some(v) => le = v.trim_matches('"').parse::<f64>().ok(),
+                None => rest.push(pair),
+            }
+        }
+        if let Some(le) = le {
+            sets.entry(rest.join(",")).or_default().push((le, *count));
+        }
+    }
+    sets.into_values()
+        .filter_map(|mut buckets| {
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let total = buckets.last()?.1;
+            if total <= 0.0 {
+                return None;
+            }
+            let half = total / 2.0;
+            let (mut lower, mut below) = (0.0, 0.0);
+            for (le, count) in buckets {
+                if count >= half {
+                    if le.is_infinite() {
+                        return Some(lower);
+                    }
+                    let within = count - below;
+                    let frac = if within > 0.0 {
+                        (half - below) / within
+                    } else {
+                        1.0
+                    };
+                    return Some(lower + (le - lower) * frac);
+                }
+                (lower, below) = (le, count);
+            }
+            None
+        })
+        .reduce(f64::max)
+}
+
 /// Reads the figures the overview needs from the Prometheus rendering, by metric name,
 /// so the console picks up what subsystems record without depending on them. Whatever
 /// this build does not record stays `None`.
@@ -382,13 +428,17 @@ pub fn metrics_sample(rendered: &str) -> MetricsSample {
             .map(|(_, _, v)| *v)
             .reduce(|a, b| a + b)
     };
-    // Histograms render as summaries; the worst median over all label sets.
+    // A histogram renders as a summary (quantile lines) or, when buckets are configured,
+    // as cumulative `_bucket{le=…}` lines: take the quantile when there is one, else the
+    // median estimated from the buckets (linear within the bucket that holds it). Over
+    // several label sets, the worst median.
     let p50_ms = |name: &str| -> Option<f64> {
-        samples
+        let quantile = samples
             .iter()
             .filter(|(n, l, _)| *n == name && l.contains("quantile=\"0.5\""))
             .map(|(_, _, v)| v * 1000.0)
-            .reduce(f64::max)
+            .reduce(f64::max);
+        quantile.or_else(|| bucket_median(&samples, &format!("{name}_bucket")).map(|s| s * 1000.0))
     };
     let requests = match (
         sum("pulse_query_latency_seconds_count"),
@@ -611,6 +661,13 @@ mod tests {
         assert_eq!(m.query_p50_ms, None);
         assert_eq!(m.requests_total, None);
 
+        let buckets = "pulse_mutation_latency_seconds_bucket{name=\"notify\",le=\"0.001\"} 0\n\
+                       pulse_mutation_latency_seconds_bucket{name=\"notify\",le=\"0.01\"} 10\n\
+                       pulse_mutation_latency_seconds_bucket{name=\"notify\",le=\"+Inf\"} 10\n";
+        let m = metrics_sample(buckets);
+        let p50 = m.mutation_p50_ms.expect("a median from buckets");
+        assert!((p50 - 5.5).abs() < 1e-9, "{p50}");
+        assert_eq!(metrics_sample("").mutation_p50_ms, None);
         let text = "pulse_query_latency_seconds{table=\"a\",quantile=\"0.5\"} 0.002\n\
                     pulse_query_latency_seconds{table=\"b\",quantile=\"0.5\"} 0.004\n\
                     pulse_query_latency_seconds{table=\"b\",quantile=\"0.99\"} 0.9\n\
