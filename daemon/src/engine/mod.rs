@@ -108,6 +108,27 @@ fn internal(e: impl std::fmt::Display) -> ErrorBody {
     )
 }
 
+/// The (tenant, user) whose inbox the principal may read and mark: its own, and only
+/// when the principal is a user with a tenant.
+fn own_inbox(p: &Principal) -> Result<(String, String), ErrorBody> {
+    let (Some(tenant), Some(user)) = (p.tenant.clone(), p.user.clone()) else {
+        return Err(err(
+            ErrorCode::Forbidden,
+            "notifications: only users with a tenant have an inbox",
+        ));
+    };
+    let target = Target {
+        tenant: Some(&tenant),
+        owner: Some(&user),
+        public: false,
+    };
+    check(
+        authorize(p, Capability::ReadOwnNotifications, &target),
+        "notifications",
+    )?;
+    Ok((tenant, user))
+}
+
 fn check(d: Decision, what: &str) -> Result<Scope, ErrorBody> {
     match d {
         Decision::Allowed(s) => Ok(s),
@@ -404,24 +425,7 @@ impl Engine {
                 Ok(())
             }
             "notifications" => {
-                let (Some(tenant), Some(user)) = (p.tenant.clone(), p.user.clone()) else {
-                    return Err(err(
-                        ErrorCode::Forbidden,
-                        "notifications: only users with a tenant have an inbox",
-                    ));
-                };
-                check(
-                    authorize(
-                        p,
-                        Capability::ReadOwnNotifications,
-                        &Target {
-                            tenant: Some(&tenant),
-                            owner: Some(&user),
-                            public: false,
-                        },
-                    ),
-                    "notifications",
-                )?;
+                let (tenant, user) = own_inbox(p)?;
                 self.hub()
                     .subscribe_inbox(c.session, id, &tenant, &user, max)
                     .map_err(|e| sub_error(e, id))?;
@@ -732,24 +736,7 @@ impl Engine {
                 Ok(self.hub().online(tenant.as_deref(), resource.as_deref()))
             }
             "notifications" => {
-                let (Some(tenant), Some(user)) = (p.tenant.clone(), p.user.clone()) else {
-                    return Err(err(
-                        ErrorCode::Forbidden,
-                        "notifications: only users with a tenant have an inbox",
-                    ));
-                };
-                check(
-                    authorize(
-                        p,
-                        Capability::ReadOwnNotifications,
-                        &Target {
-                            tenant: Some(&tenant),
-                            owner: Some(&user),
-                            public: false,
-                        },
-                    ),
-                    "notifications",
-                )?;
+                let (tenant, user) = own_inbox(p)?;
                 let db = self.state.get().await.map_err(internal)?;
                 let items = notifications::inbox(&**db, &tenant, &user, INBOX_ROWS)
                     .await
@@ -911,24 +898,7 @@ impl Engine {
                 Ok(json!({ "id": n.id }))
             }
             "mark_read" | "mark_all_read" => {
-                let (Some(tenant), Some(user)) = (p.tenant.clone(), p.user.clone()) else {
-                    return Err(err(
-                        ErrorCode::Forbidden,
-                        "notifications: only users with a tenant have an inbox",
-                    ));
-                };
-                check(
-                    authorize(
-                        p,
-                        Capability::ReadOwnNotifications,
-                        &Target {
-                            tenant: Some(&tenant),
-                            owner: Some(&user),
-                            public: false,
-                        },
-                    ),
-                    "notifications",
-                )?;
+                let (tenant, user) = own_inbox(p)?;
                 let ids: Option<Vec<i64>> = if name == "mark_read" {
                     Some(match args.get("ids") {
                         Some(Json::Array(a)) => a
