@@ -370,6 +370,21 @@ impl Engine {
     }
 
     /// The tenant a request is about: `args.tenant` when given, else the caller's.
+    /// The tenant whose presence `p` asks to see (`None`: every tenant, for those who
+    /// may see them all), checked against the matrix.
+    fn presence_tenant(p: &Principal, args: &Json) -> Result<Option<String>, ErrorBody> {
+        let tenant = Self::tenant_of(p, args)?;
+        let target = Target {
+            tenant: tenant.as_deref(),
+            ..Target::default()
+        };
+        let scope = check(authorize(p, Capability::SeePresence, &target), "presence")?;
+        if tenant.is_none() && scope != Scope::Any {
+            return Err(invalid("args.tenant", "name the tenant"));
+        }
+        Ok(tenant)
+    }
+
     fn tenant_of(p: &Principal, args: &Json) -> Result<Option<String>, ErrorBody> {
         Ok(arg_text(args, "tenant")?.or_else(|| p.tenant.clone()))
     }
@@ -394,21 +409,7 @@ impl Engine {
         }
         let r = match query {
             "presence" => {
-                let tenant = Self::tenant_of(p, args)?;
-                let scope = check(
-                    authorize(
-                        p,
-                        Capability::SeePresence,
-                        &Target {
-                            tenant: tenant.as_deref(),
-                            ..Target::default()
-                        },
-                    ),
-                    "presence",
-                )?;
-                if tenant.is_none() && scope != Scope::Any {
-                    return Err(invalid("args.tenant", "name the tenant"));
-                }
+                let tenant = Self::presence_tenant(p, args)?;
                 let resource = arg_text(args, "resource")?;
                 let mut hub = self.hub();
                 let online = hub
@@ -717,21 +718,7 @@ impl Engine {
         }
         match query {
             "presence" => {
-                let tenant = Self::tenant_of(p, args)?;
-                let scope = check(
-                    authorize(
-                        p,
-                        Capability::SeePresence,
-                        &Target {
-                            tenant: tenant.as_deref(),
-                            ..Target::default()
-                        },
-                    ),
-                    "presence",
-                )?;
-                if tenant.is_none() && scope != Scope::Any {
-                    return Err(invalid("args.tenant", "name the tenant"));
-                }
+                let tenant = Self::presence_tenant(p, args)?;
                 let resource = arg_text(args, "resource")?;
                 Ok(self.hub().online(tenant.as_deref(), resource.as_deref()))
             }
