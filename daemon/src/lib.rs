@@ -27,6 +27,7 @@ pub mod schema;
 pub mod settings;
 pub mod systemd;
 pub mod telemetry;
+pub mod users;
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -330,6 +331,8 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
             s
         }
     };
+    // Events the schema file does not send are never written to the outbox.
+    outbox::install(schema.events.clone());
     let authenticator = auth::Authenticator::from_config(&config.auth)?;
     let engine = Arc::new(engine::Engine::new(
         Arc::new(schema),
@@ -466,6 +469,7 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
     // The broker: webhooks out, commands in. Without amqp.url pulsed runs without it.
     if let Some(amqp) = app.config().amqp.clone() {
         app.engine.enable_presence_events(amqp.presence_debounce);
+        app.engine.enable_mutation_forwarding();
         app.health.set(
             "broker",
             HealthState::Degraded,
@@ -473,7 +477,7 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
             false,
         );
         let broker = Arc::new(relay::Broker {
-            catalog: outbox::EventCatalog::new(&amqp.class_namespace, &amqp.events),
+            catalog: app.engine.schema.events.clone(),
             config: amqp,
             pool: app.pool.clone(),
             state_db: app.config().state_db.clone(),
