@@ -1800,6 +1800,10 @@ mod tests {
         assert_eq!(err.0[0].key, "http.listn");
         let err = load(&[], Some("[htp]\nlisten = 1\n")).unwrap_err();
         assert_eq!(err.0[0].key, "htp.listen");
+        // Keys that moved to the schema file say where they went.
+        let err = load(&[("PULSE__AMQP__EVENTS", "presence.joined")], None).unwrap_err();
+        assert_eq!(err.0[0].key, "amqp.events");
+        assert!(err.0[0].message.contains("[events]"), "{}", err.0[0].message);
     }
 
     #[test]
