@@ -105,10 +105,14 @@ impl CommandEffects for AppEffects {
 
     fn end_presence<'a>(
         &'a self,
-        _tx: &'a Transaction<'a>,
+        tx: &'a Transaction<'a>,
         c: &'a EndPresence,
     ) -> BoxFuture<'a, Result<Applied, EffectError>> {
         Box::pin(async move {
+            // Other instances end their tabs of the user when this commits.
+            crate::instances::end_presence_everywhere(tx, &c.tenant_id.0, &c.user_id.0)
+                .await
+                .map_err(transient)?;
             let tabs = self.app.engine.end_presence(&c.tenant_id.0, &c.user_id.0);
             Ok(Applied {
                 detail: json!({ "sessions": tabs }),
@@ -123,6 +127,9 @@ impl CommandEffects for AppEffects {
     ) -> BoxFuture<'a, Result<Applied, EffectError>> {
         Box::pin(async move {
             let (tenant, user) = (&c.tenant_id.0, &c.user_id.0);
+            crate::instances::end_presence_everywhere(tx, tenant, user)
+                .await
+                .map_err(transient)?;
             let tabs = self.app.engine.end_presence(tenant, user);
             let config = self.app.config();
             let files =

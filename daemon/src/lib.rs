@@ -17,6 +17,7 @@ pub mod effects;
 pub mod engine;
 pub mod files;
 pub mod health;
+pub mod instances;
 pub mod jobs;
 pub mod logbuf;
 pub mod migrate;
@@ -413,6 +414,12 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         });
     }
     engine.spawn_tasks(&tasks, shutdown.clone());
+    // Presence ended by a command on another instance ends here too.
+    tasks.spawn(instances::listen(
+        engine.clone(),
+        app.config().state_db.clone(),
+        shutdown.clone(),
+    ));
     {
         let limits = app.limits.clone();
         let token = shutdown.clone();

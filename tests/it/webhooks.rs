@@ -603,3 +603,58 @@ async fn declared_mutations_are_checked_and_handed_to_symfony() {
     assert_eq!(outbox_rows(&db, "mutation.invite_member").await.len(), 1);
     names.cleanup(&channel).await;
 }
+
+#[tokio::test]
+async fn end_presence_reaches_the_instance_that_holds_the_session() {
+    let db = PgCluster::shared().fresh_db("hooks_instances").await.unwrap();
+    let rabbit = Rabbit::from_env();
+    let conn = rabbit.connect().await.unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let names = Names::new("instances");
+    let (dir_a, schema_a) = schema_file("");
+    let (dir_b, schema_b) = schema_file("");
+    // A consumes the commands; B has no broker at all and holds alice's session.
+    let a = start(&env(&db, &names, &rabbit, &schema_a), dir_a).await;
+    let mut env_b: Vec<(&'static str, String)> = env(&db, &names, &rabbit, &schema_b)
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("PULSE__AMQP__"))
+        .collect();
+    // Long enough that only the command can end the presence within the test.
+    env_b.push(("PULSE__LIMITS__PRESENCE_TTL_SECS", "600".into()));
+    let b = start(&env_b, dir_b).await;
+    let mut alice = Client::open(&b.ws, &token("alice", Some("t1"), &["ROLE_USER"])).await;
+    alice.heartbeat("doc").await;
+    let online = || async {
+        let mut probe = Client::open(&b.ws, &token("wendy", Some("t1"), &["ROLE_STAFF"])).await;
+        match probe.subscribe("p", "presence", json!({})).await {
+            ServerFrame::Result { data, .. } => data["count"].as_i64().unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+    wait_for("alice online on B", Duration::from_secs(10), || async {
+        (online().await == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    wait_queue(&conn, &names.commands).await;
+    channel
+        .basic_publish(
+            "".into(),
+            names.commands.as_str().into(),
+            BasicPublishOptions::default(),
+            json!({"commandId": "end-b", "tenantId": "t1", "userId": "alice"})
+                .to_string()
+                .as_bytes(),
+            command_properties(Some("App\\Message\\Pulse\\Command\\EndPresence")),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_for("alice's presence ended on B", Duration::from_secs(20), || async {
+        (online().await == 0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; A:\n{}\nB:\n{}", a.pulsed.log(), b.pulsed.log()));
+    names.cleanup(&channel).await;
+}
