@@ -224,18 +224,6 @@ pub const KEYS: &[KeySpec] = &[
         "Cap of the publish retry delay and of the reconnect delay.",
     ),
     key(
-        "amqp.class_namespace",
-        "App\\Message\\Pulse",
-        KeyKind::Text,
-        "PHP namespace of event classes: presence.joined is sent as <namespace>\\PresenceJoined.",
-    ),
-    key(
-        "amqp.events",
-        "",
-        KeyKind::List,
-        "Events sent to Symfony; empty means all of them.",
-    ),
-    key(
         "amqp.presence_debounce_ms",
         "5000",
         KeyKind::Integer,
@@ -446,7 +434,7 @@ pub const KEYS: &[KeySpec] = &[
         "schema.path",
         "",
         KeyKind::Path,
-        "The declarative schema (TOML): live tables, metrics, notifications, mutations, role mapping; empty: none.",
+        "The declarative schema (TOML): live tables, metrics and thresholds, notifications, mutations, role mapping, webhook events and their PHP classes, the users table; empty: none.",
     ),
     key(
         "limits.max_connections",
@@ -854,10 +842,6 @@ pub struct AmqpConfig {
     pub retry_base: Duration,
     /// Cap of retry and reconnect delays.
     pub retry_max: Duration,
-    /// PHP namespace of event classes.
-    pub class_namespace: String,
-    /// Events sent; empty means all.
-    pub events: Vec<String>,
     /// Presence flap window.
     pub presence_debounce: Duration,
 }
@@ -1111,6 +1095,9 @@ impl Config {
     }
 }
 
+/// Keys of earlier versions that now live in the schema file; refused with a pointer there.
+const MOVED_TO_SCHEMA: &[&str] = &["amqp.events", "amqp.class_namespace"];
+
 /// Lays one source's pairs over the values so far; unknown keys become problems.
 fn layer(
     raw: &mut BTreeMap<&'static str, Raw>,
@@ -1121,6 +1108,11 @@ fn layer(
     for (k, v) in pairs {
         let origin = origin_of(&k);
         match KEYS.iter().find(|spec| spec.key == k) {
+            None if MOVED_TO_SCHEMA.contains(&k.as_str()) => problems.push(ConfigProblem {
+                key: k.clone(),
+                origin,
+                message: "moved to the schema file: which events are sent and their PHP classes are its [events] section (class_namespace, send); see docs/symfony.md".into(),
+            }),
             None => problems.push(ConfigProblem {
                 key: k.clone(),
                 origin,
@@ -1311,37 +1303,6 @@ impl Validator<'_> {
         let max_attempts = self.int("amqp.max_attempts", 1, 1_000_000);
         let retry_base = self.int("amqp.retry_base_ms", 1, 3_600_000);
         let retry_max = self.int("amqp.retry_max_ms", 1, 86_400_000);
-        let class_namespace = {
-            let t = self.text("amqp.class_namespace");
-            let ok = !t.is_empty()
-                && t.split('\\').all(|part| {
-                    part.chars()
-                        .next()
-                        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                        && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                });
-            if ok {
-                Some(t)
-            } else {
-                self.fail(
-                    "amqp.class_namespace",
-                    "expected a PHP namespace such as App\\Message\\Pulse",
-                );
-                None
-            }
-        };
-        let events = self.list("amqp.events");
-        for e in &events {
-            if !crate::outbox::EVENTS.contains(&e.as_str()) {
-                self.fail(
-                    "amqp.events",
-                    format!(
-                        "unknown event {e:?}; the events are {}",
-                        crate::outbox::EVENTS.join(", ")
-                    ),
-                );
-            }
-        }
         let debounce = self.int("amqp.presence_debounce_ms", 0, 3_600_000);
         let url = url?;
         let Some(url) = url else {
@@ -1358,8 +1319,6 @@ impl Validator<'_> {
             max_attempts: max_attempts? as u32,
             retry_base: Duration::from_millis(retry_base?),
             retry_max: Duration::from_millis(retry_max?),
-            class_namespace: class_namespace?,
-            events,
             presence_debounce: Duration::from_millis(debounce?),
         }))
     }
@@ -1841,6 +1800,10 @@ mod tests {
         assert_eq!(err.0[0].key, "http.listn");
         let err = load(&[], Some("[htp]\nlisten = 1\n")).unwrap_err();
         assert_eq!(err.0[0].key, "htp.listen");
+        // Keys that moved to the schema file say where they went.
+        let err = load(&[("PULSE__AMQP__EVENTS", "presence.joined")], None).unwrap_err();
+        assert_eq!(err.0[0].key, "amqp.events");
+        assert!(err.0[0].message.contains("[events]"), "{}", err.0[0].message);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The commands from Symfony that need the realtime engine and file storage: send a
-//! notification, end a user's presence, erase or export a user's realtime data. Settings
-//! changes are delegated to [`CoreEffects`].
+//! notification (to a user, or to every user of a tenant or a role, read from Symfony's
+//! user table as the schema file's `[users]` declares it), end a user's presence, erase or
+//! export a user's realtime data. Settings changes are delegated to [`CoreEffects`].
 //!
 //! Every database write (notifications, export rows, outbox events) happens in the
 //! command's transaction, so it commits together with the command's record and the
@@ -41,49 +42,77 @@ impl CommandEffects for AppEffects {
         c: &'a SendNotification,
     ) -> BoxFuture<'a, Result<Applied, EffectError>> {
         Box::pin(async move {
-            // Pulse keeps no user directory: it cannot expand a tenant or a role into users.
-            let Some(user) = &c.user_id else {
-                return Err(EffectError::Refused(
-                    "SendNotification to a whole tenant or a role needs a user directory, which Pulse does not keep; send one command per user (userId)".into(),
-                ));
+            let tenant = &c.tenant_id.0;
+            // One user, or every user of the tenant (of a role) from Symfony's user table.
+            let (recipients, fan_out) = match &c.user_id {
+                Some(user) => (vec![user.0.clone()], false),
+                None => {
+                    let schema = &self.app.engine.schema;
+                    let Some(users) = &schema.users else {
+                        return Err(EffectError::Refused(
+                            "SendNotification to a whole tenant or a role needs Symfony's user table: declare [users] (source, id_column, tenant_column, roles_column) in the schema file, or send userId".into(),
+                        ));
+                    };
+                    let role = c.role.as_deref().and_then(pulse_shared::Role::parse);
+                    let source = self
+                        .app
+                        .engine
+                        .source_pool()
+                        .get()
+                        .await
+                        .map_err(|e| EffectError::Transient(format!("source database: {e}")))?;
+                    let ids = crate::users::recipients(&**source, schema, users, tenant, role)
+                        .await
+                        .map_err(|e| EffectError::Transient(format!("source database: {e}")))?;
+                    (ids, true)
+                }
             };
             let data = c.data.clone().unwrap_or_else(|| json!({}));
-            // The command id is the source key: a redelivery after a lost commit creates
-            // the same notification again, never a second one.
-            let key = format!("cmd:{}", c.command_id);
-            let created = notifications::create(
-                tx,
-                &notifications::NewNotification {
-                    tenant: &c.tenant_id.0,
-                    user: &user.0,
-                    title: c.title.trim(),
-                    body: &c.body,
-                    data: &data,
-                    source_key: Some(&key),
-                    created_by: "symfony",
-                },
-            )
-            .await
-            .map_err(transient)?;
-            let ids: Vec<i64> = match created {
-                Some(n) => {
+            let mut ids = Vec::with_capacity(recipients.len());
+            for user in &recipients {
+                // The command id (and the user, when fanned out) is the source key: a
+                // redelivery after a lost commit creates the same notifications again,
+                // never second ones.
+                let key = if fan_out {
+                    format!("cmd:{}:{user}", c.command_id)
+                } else {
+                    format!("cmd:{}", c.command_id)
+                };
+                let created = notifications::create(
+                    tx,
+                    &notifications::NewNotification {
+                        tenant,
+                        user,
+                        title: c.title.trim(),
+                        body: &c.body,
+                        data: &data,
+                        source_key: Some(&key),
+                        created_by: "symfony",
+                    },
+                )
+                .await
+                .map_err(transient)?;
+                if let Some(n) = created {
                     events::notification_created(tx, &n).await.map_err(transient)?;
-                    vec![n.id]
+                    ids.push(n.id);
                 }
-                None => Vec::new(),
-            };
+            }
             Ok(Applied {
-                detail: json!({ "notifications": ids }),
+                detail: json!({ "notifications": ids, "recipients": recipients.len() }),
             })
         })
     }
 
     fn end_presence<'a>(
         &'a self,
-        _tx: &'a Transaction<'a>,
+        tx: &'a Transaction<'a>,
         c: &'a EndPresence,
     ) -> BoxFuture<'a, Result<Applied, EffectError>> {
         Box::pin(async move {
+            // Other instances end their tabs of the user when this commits.
+            crate::instances::end_presence_everywhere(tx, &c.tenant_id.0, &c.user_id.0)
+                .await
+                .map_err(transient)?;
             let tabs = self.app.engine.end_presence(&c.tenant_id.0, &c.user_id.0);
             Ok(Applied {
                 detail: json!({ "sessions": tabs }),
@@ -98,6 +127,9 @@ impl CommandEffects for AppEffects {
     ) -> BoxFuture<'a, Result<Applied, EffectError>> {
         Box::pin(async move {
             let (tenant, user) = (&c.tenant_id.0, &c.user_id.0);
+            crate::instances::end_presence_everywhere(tx, tenant, user)
+                .await
+                .map_err(transient)?;
             let tabs = self.app.engine.end_presence(tenant, user);
             let config = self.app.config();
             let files =

@@ -17,6 +17,7 @@ pub mod effects;
 pub mod engine;
 pub mod files;
 pub mod health;
+pub mod instances;
 pub mod jobs;
 pub mod logbuf;
 pub mod migrate;
@@ -27,6 +28,7 @@ pub mod schema;
 pub mod settings;
 pub mod systemd;
 pub mod telemetry;
+pub mod users;
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -330,6 +332,8 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
             s
         }
     };
+    // Events the schema file does not send are never written to the outbox.
+    outbox::install(schema.events.clone());
     let authenticator = auth::Authenticator::from_config(&config.auth)?;
     let engine = Arc::new(engine::Engine::new(
         Arc::new(schema),
@@ -410,6 +414,12 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         });
     }
     engine.spawn_tasks(&tasks, shutdown.clone());
+    // Presence ended by a command on another instance ends here too.
+    tasks.spawn(instances::listen(
+        engine.clone(),
+        app.config().state_db.clone(),
+        shutdown.clone(),
+    ));
     {
         let limits = app.limits.clone();
         let token = shutdown.clone();
@@ -466,6 +476,7 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
     // The broker: webhooks out, commands in. Without amqp.url pulsed runs without it.
     if let Some(amqp) = app.config().amqp.clone() {
         app.engine.enable_presence_events(amqp.presence_debounce);
+        app.engine.enable_mutation_forwarding();
         app.health.set(
             "broker",
             HealthState::Degraded,
@@ -473,7 +484,7 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
             false,
         );
         let broker = Arc::new(relay::Broker {
-            catalog: outbox::EventCatalog::new(&amqp.class_namespace, &amqp.events),
+            catalog: app.engine.schema.events.clone(),
             config: amqp,
             pool: app.pool.clone(),
             state_db: app.config().state_db.clone(),

@@ -367,7 +367,8 @@ struct Pending {
 /// What became of one publish.
 enum Outcome {
     Delivered,
-    /// Not published: the event is switched off by `amqp.events`.
+    /// Not published: the schema file does not send this event (a row written before it
+    /// was switched off).
     Skipped,
     /// Returned or nacked: retried later, dead-lettered after max_attempts.
     Failed(String),
@@ -773,8 +774,6 @@ mod tests {
             max_attempts: 5,
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(60),
-            class_namespace: "App".into(),
-            events: vec![],
             presence_debounce: Duration::ZERO,
         }
     }

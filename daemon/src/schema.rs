@@ -46,6 +46,8 @@ struct RawSchema {
     notifications: Option<RawNotifications>,
     #[serde(default)]
     mutations: BTreeMap<String, RawMutation>,
+    events: Option<RawEvents>,
+    users: Option<RawUsers>,
 }
 
 fn utc() -> String {
@@ -74,6 +76,12 @@ struct RawMetric {
     filter: Option<String>,
     window: Option<String>,
     time_column: Option<String>,
+    #[serde(default)]
+    thresholds: Vec<f64>,
+    #[serde(default)]
+    above: Vec<f64>,
+    #[serde(default)]
+    below: Vec<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,6 +117,39 @@ fn retention() -> u32 {
 struct RawMutation {
     #[serde(default)]
     args: BTreeMap<String, String>,
+    roles: Option<Vec<String>>,
+    class: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvents {
+    class_namespace: Option<String>,
+    send: Option<BTreeMap<String, RawSend>>,
+}
+
+/// An entry of `[events.send]`: `true` (the namespace rule), `false` (not sent) or a class.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSend {
+    On(bool),
+    Class(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUsers {
+    source: String,
+    #[serde(default = "id")]
+    id_column: String,
+    #[serde(default = "tenant_id")]
+    tenant_column: String,
+    roles_column: Option<String>,
+    role_column: Option<String>,
+}
+
+fn id() -> String {
+    "id".into()
 }
 
 /// A table's name, schema-qualified.
@@ -236,7 +277,34 @@ pub struct Metric {
     pub window: Option<(Window, String)>,
     /// Catalog type name of every column of the table (filled by [`Schema::check`]).
     pub types: HashMap<String, String>,
+    /// Values whose crossing sends `metric.threshold_crossed`, in ascending order.
+    pub thresholds: Vec<Threshold>,
     filter_src: Option<String>,
+}
+
+/// A metric value whose crossing is announced to Symfony (`metric.threshold_crossed`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Threshold {
+    /// The value.
+    pub value: f64,
+    /// Announce a rise from below it to it or above (`thresholds` and `above`).
+    pub up: bool,
+    /// Announce a fall from it or above to below it (`thresholds` and `below`).
+    pub down: bool,
+}
+
+impl Threshold {
+    /// The direction in which going from `before` to `after` crosses this threshold, when
+    /// it does and that direction is announced: `"up"` or `"down"`.
+    pub fn crossed(&self, before: f64, after: f64) -> Option<&'static str> {
+        if self.up && before < self.value && after >= self.value {
+            Some("up")
+        } else if self.down && before >= self.value && after < self.value {
+            Some("down")
+        } else {
+            None
+        }
+    }
 }
 
 /// Where notifications come from through the change stream.
@@ -295,13 +363,41 @@ impl ArgType {
     }
 }
 
-/// A mutation's declared argument types.
+/// A mutation declared in the schema: Pulse validates it and hands it to Symfony as the
+/// outbox event `mutation.<name>`.
 #[derive(Debug, Clone)]
 pub struct Mutation {
     /// Name.
     pub name: String,
     /// Argument name to type.
     pub args: BTreeMap<String, ArgType>,
+    /// Roles that may call it (services always may); default every user role.
+    pub roles: Vec<Role>,
+    /// Its outbox event and routing key, `mutation.<name>`.
+    pub event: &'static str,
+}
+
+/// Where the users of a tenant and their roles are read (Symfony's user table), for
+/// notifications sent to a tenant or a role.
+#[derive(Debug, Clone)]
+pub struct UsersSource {
+    /// The Symfony table.
+    pub source: TableName,
+    /// The user id column.
+    pub id_column: String,
+    /// The tenant column.
+    pub tenant_column: String,
+    /// The column holding the user's Symfony role names.
+    pub roles: RolesColumn,
+}
+
+/// How a user's Symfony roles are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RolesColumn {
+    /// A list of role names: json/jsonb array (Symfony's `roles` column) or a text array.
+    List(String),
+    /// One role name per user.
+    Single(String),
 }
 
 impl Mutation {
@@ -367,6 +463,10 @@ pub struct Schema {
     pub notification_retention_days: u32,
     /// Mutations by name.
     pub mutations: BTreeMap<String, Mutation>,
+    /// Which events are sent to Symfony and the PHP class of each (`[events]`).
+    pub events: crate::outbox::EventCatalog,
+    /// Symfony's user table, when declared (`[users]`).
+    pub users: Option<UsersSource>,
 }
 
 impl Default for Schema {
@@ -381,6 +481,8 @@ impl Default for Schema {
             notifications: None,
             notification_retention_days: 90,
             mutations: BTreeMap::new(),
+            events: crate::outbox::EventCatalog::default(),
+            users: None,
         }
     }
 }
@@ -532,6 +634,26 @@ impl Schema {
             if let Some(f) = &m.filter {
                 filter::parse(f).map_err(|e| err(at("filter"), e))?;
             }
+            let mut thresholds: Vec<Threshold> = Vec::new();
+            for (key, list, up, down) in [
+                ("thresholds", &m.thresholds, true, true),
+                ("above", &m.above, true, false),
+                ("below", &m.below, false, true),
+            ] {
+                for &value in list {
+                    if !value.is_finite() {
+                        return Err(err(at(key), format!("{value} is not a number")));
+                    }
+                    match thresholds.iter_mut().find(|t| t.value == value) {
+                        Some(t) => {
+                            t.up |= up;
+                            t.down |= down;
+                        }
+                        None => thresholds.push(Threshold { value, up, down }),
+                    }
+                }
+            }
+            thresholds.sort_by(|a, b| a.value.total_cmp(&b.value));
             metrics.insert(
                 name.clone(),
                 Metric {
@@ -542,6 +664,7 @@ impl Schema {
                     filter: None,
                     window,
                     types: HashMap::new(),
+                    thresholds,
                     filter_src: m.filter,
                 },
             );
@@ -569,6 +692,7 @@ impl Schema {
             }
         };
         let mut mutations = BTreeMap::new();
+        let mut mutation_classes = Vec::new();
         for (name, m) in raw.mutations {
             let mut args = BTreeMap::new();
             for (arg, ty) in m.args {
@@ -583,8 +707,124 @@ impl Schema {
                 })?;
                 args.insert(arg, parsed);
             }
-            mutations.insert(name.clone(), Mutation { name, args });
+            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || name.is_empty() {
+                return Err(err(
+                    format!("mutations.{name}"),
+                    "a mutation name is letters, digits and _ (it becomes the routing key mutation.<name>)"
+                        .into(),
+                ));
+            }
+            let roles = match &m.roles {
+                None => vec![Role::PlatformAdmin, Role::TenantAdmin, Role::Staff, Role::Member],
+                Some(list) => list
+                    .iter()
+                    .map(|r| role(format!("mutations.{name}.roles"), r))
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            let event = crate::outbox::intern(&format!("mutation.{name}"));
+            if let Some(class) = &m.class {
+                if !crate::outbox::is_php_class(class) {
+                    return Err(err(
+                        format!("mutations.{name}.class"),
+                        format!("{class:?} is not a PHP class name such as App\\Message\\InviteMember"),
+                    ));
+                }
+                mutation_classes.push((event, class.clone()));
+            }
+            mutations.insert(
+                name.clone(),
+                Mutation {
+                    name,
+                    args,
+                    roles,
+                    event,
+                },
+            );
         }
+        let events = {
+            let raw = raw.events.unwrap_or(RawEvents {
+                class_namespace: None,
+                send: None,
+            });
+            let namespace = raw
+                .class_namespace
+                .unwrap_or_else(|| crate::outbox::DEFAULT_NAMESPACE.to_string());
+            if !crate::outbox::is_php_class(&namespace) {
+                return Err(err(
+                    "events.class_namespace".into(),
+                    format!("{namespace:?} is not a PHP namespace such as App\\Message\\Pulse"),
+                ));
+            }
+            let mut enabled = None;
+            let mut classes = Vec::new();
+            if let Some(send) = raw.send {
+                let mut on = Vec::new();
+                for (event, what) in send {
+                    let at = format!("events.send.{event:?}");
+                    if event.starts_with("mutation.") {
+                        return Err(err(
+                            at,
+                            "mutation events are sent for every declared mutation; set the class in [mutations.<name>] class".into(),
+                        ));
+                    }
+                    let Some(known) = crate::outbox::EVENTS.iter().find(|e| **e == event) else {
+                        return Err(err(
+                            at,
+                            format!(
+                                "unknown event; the events are {} (write the name in quotes: \"presence.joined\" = true)",
+                                crate::outbox::EVENTS.join(", ")
+                            ),
+                        ));
+                    };
+                    match what {
+                        RawSend::On(false) => {}
+                        RawSend::On(true) => on.push(*known),
+                        RawSend::Class(class) => {
+                            if !crate::outbox::is_php_class(&class) {
+                                return Err(err(
+                                    at,
+                                    format!(
+                                        "{class:?} is not a PHP class name such as App\\Message\\PresenceJoined"
+                                    ),
+                                ));
+                            }
+                            on.push(*known);
+                            classes.push((*known, class));
+                        }
+                    }
+                }
+                enabled = Some(on);
+            }
+            let mut catalog = crate::outbox::EventCatalog::new(&namespace, enabled.as_deref());
+            for (event, class) in classes.into_iter().chain(mutation_classes) {
+                catalog = catalog.with_class(event, &class);
+            }
+            for m in mutations.values() {
+                catalog = catalog.with_event(m.event);
+            }
+            catalog
+        };
+        let users = match raw.users {
+            None => None,
+            Some(u) => {
+                let roles = match (u.roles_column, u.role_column) {
+                    (Some(c), None) => RolesColumn::List(c),
+                    (None, Some(c)) => RolesColumn::Single(c),
+                    _ => {
+                        return Err(err(
+                            "users.roles_column".into(),
+                            "give roles_column (a JSON array of Symfony role names, as Symfony stores them) or role_column (one role name), not both".into(),
+                        ));
+                    }
+                };
+                Some(UsersSource {
+                    source: table_name("users.source".into(), &u.source)?,
+                    id_column: u.id_column,
+                    tenant_column: u.tenant_column,
+                    roles,
+                })
+            }
+        };
         Ok(Schema {
             file: file.to_string(),
             roles,
@@ -595,6 +835,8 @@ impl Schema {
             notifications,
             notification_retention_days,
             mutations,
+            events,
+            users,
         })
     }
 
@@ -644,7 +886,9 @@ impl Schema {
             message,
         };
         let mut catalog: HashMap<TableName, TableInfo> = HashMap::new();
-        for t in self.source_tables() {
+        // The users table is read at command time, not streamed: it is checked here only.
+        let users_table = self.users.as_ref().map(|u| u.source.clone());
+        for t in self.source_tables().into_iter().chain(users_table) {
             let info = table_info(db, &t)
                 .await
                 .map_err(|e| err("(catalog)".into(), format!("cannot read the catalog: {e}")))?;
@@ -774,6 +1018,23 @@ impl Schema {
             )?;
             if let Some(b) = &n.body_column {
                 need_col("notifications.body_column".into(), info, &n.source, b)?;
+            }
+        }
+        if let Some(u) = &self.users {
+            let info = lookup("users.source".into(), &u.source)?;
+            need_col("users.id_column".into(), info, &u.source, &u.id_column)?;
+            need_col("users.tenant_column".into(), info, &u.source, &u.tenant_column)?;
+            let (entry, col, fits): (&str, &str, &[&str]) = match &u.roles {
+                RolesColumn::List(c) => ("users.roles_column", c, &["json", "jsonb", "_text", "_varchar"]),
+                RolesColumn::Single(c) => ("users.role_column", c, &["text", "varchar", "bpchar"]),
+            };
+            need_col(entry.into(), info, &u.source, col)?;
+            let ty = &info.types[col];
+            if !fits.contains(&ty.as_str()) {
+                return Err(err(
+                    entry.into(),
+                    format!("{col:?} is {ty}; {entry} needs one of {}", fits.join(", ")),
+                ));
             }
         }
         Ok(())
@@ -928,6 +1189,114 @@ args = { email = "text", days = "int?" }
             assert_eq!(e.entry, entry, "{e}");
         }
         let e = Schema::parse("s.toml", "[tables.x]\nsource = 1\n").unwrap_err();
+        assert!(e.entry.starts_with("line"), "{e}");
+    }
+
+    #[test]
+    fn events_thresholds_users_and_mutation_roles_parse() {
+        let text = format!(
+            "{GOOD}{}",
+            r#"roles = ["tenant_admin"]
+class = "App\\Message\\InviteMember"
+[metrics.active2]
+source = "public.members"
+tenant_column = "tenant_id"
+aggregate = "count"
+thresholds = [100, 500]
+above = [1000]
+below = [10, 100]
+[events]
+class_namespace = "Club\\Events"
+[events.send]
+"presence.joined" = true
+"notification.created" = "Club\\Inbox\\Created"
+"file.deleted" = false
+[users]
+source = "public.app_user"
+tenant_column = "organisation_id"
+roles_column = "roles"
+"#
+        );
+        let s = Schema::parse("s.toml", &text).unwrap();
+        let t = &s.metrics["active2"].thresholds;
+        let got: Vec<(f64, bool, bool)> = t.iter().map(|t| (t.value, t.up, t.down)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (10.0, false, true),
+                (100.0, true, true),
+                (500.0, true, true),
+                (1000.0, true, false)
+            ]
+        );
+        assert_eq!(t[1].crossed(99.0, 100.0), Some("up"));
+        assert_eq!(t[1].crossed(100.0, 99.5), Some("down"));
+        assert_eq!(t[1].crossed(100.0, 150.0), None);
+        assert_eq!(t[3].crossed(1001.0, 2.0), None, "above only");
+        let e = &s.events;
+        assert!(e.is_enabled("presence.joined"));
+        assert!(!e.is_enabled("presence.left"), "not listed");
+        assert!(!e.is_enabled("file.deleted"), "listed as false");
+        assert!(e.is_enabled("mutation.invite"), "declared mutations are sent");
+        assert_eq!(e.class_of("presence.joined"), "Club\\Events\\PresenceJoined");
+        assert_eq!(e.class_of("notification.created"), "Club\\Inbox\\Created");
+        assert_eq!(e.class_of("mutation.invite"), "App\\Message\\InviteMember");
+        let m = &s.mutations["invite"];
+        assert_eq!(
+            (m.roles.clone(), m.event),
+            (vec![Role::TenantAdmin], "mutation.invite")
+        );
+        let u = s.users.as_ref().unwrap();
+        assert_eq!(
+            (u.id_column.as_str(), u.tenant_column.as_str(), &u.roles),
+            ("id", "organisation_id", &RolesColumn::List("roles".into()))
+        );
+        // Without [events]: every event, the default namespace.
+        let plain = Schema::parse("s.toml", GOOD).unwrap();
+        assert!(plain.events.is_enabled("file.deleted"));
+        assert_eq!(
+            plain.events.class_of("file.deleted"),
+            "App\\Message\\Pulse\\FileDeleted"
+        );
+        assert_eq!(plain.mutations["invite"].roles.len(), 4);
+    }
+
+    #[test]
+    fn event_and_user_errors_name_the_entry() {
+        let cases = [
+            (
+                "[events.send]\n\"presence.jumped\" = true\n",
+                "events.send.\"presence.jumped\"",
+            ),
+            (
+                "[events.send]\n\"presence.joined\" = \"Not A Class\"\n",
+                "events.send.\"presence.joined\"",
+            ),
+            (
+                "[events.send]\n\"mutation.invite\" = true\n",
+                "events.send.\"mutation.invite\"",
+            ),
+            (
+                "[events]\nclass_namespace = \"9lives\"\n",
+                "events.class_namespace",
+            ),
+            (
+                "[users]\nsource = \"public.u\"\nroles_column = \"r\"\nrole_column = \"x\"\n",
+                "users.roles_column",
+            ),
+            ("[mutations.go]\nroles = [\"wizard\"]\n", "mutations.go.roles"),
+            ("[mutations.go]\nclass = \"a b\"\n", "mutations.go.class"),
+            (
+                "[metrics.m]\nsource = \"m\"\ntenant_column = \"t\"\naggregate = \"count\"\nthresholds = [nan]\n",
+                "metrics.m.thresholds",
+            ),
+        ];
+        for (text, entry) in cases {
+            let e = Schema::parse("s.toml", text).unwrap_err();
+            assert_eq!(e.entry, entry, "{e}");
+        }
+        // An unquoted dotted name is a nested table in TOML: the error names the line.
+        let e = Schema::parse("s.toml", "[events.send]\npresence.joined = true\n").unwrap_err();
         assert!(e.entry.starts_with("line"), "{e}");
     }
 

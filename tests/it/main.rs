@@ -10,4 +10,5 @@ mod files;
 mod foundation;
 mod jobs;
 mod support;
+mod webhooks;
 mod wire;

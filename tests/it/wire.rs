@@ -192,7 +192,11 @@ async fn engine_and_file_events_reach_the_broker_and_commands_act_on_them() {
     // Presence: alice comes online.
     alice.heartbeat("doc").await;
     let joined = event(&seen, pulsed, "presence.joined", |b| b["userId"] == "alice").await;
-    assert!(joined.message_id.starts_with("presence:"), "{joined:?}");
+    // Keyed by the user and the debounce window of the join (see outbox::presence_message_id).
+    assert!(
+        joined.message_id.starts_with("presence.joined:t1:alice:"),
+        "{joined:?}"
+    );
     assert_eq!(joined.body["tenantId"], "t1");
 
     // 3. A file alice owns: its upload is announced.

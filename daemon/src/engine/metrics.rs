@@ -187,49 +187,67 @@ impl MetricStore {
 
     /// The metric's value for a tenant now.
     pub fn value(&self, schema: &Schema, m: &Metric, tenant: &str) -> Json {
-        let start = m.window.as_ref().map(|(w, _)| {
-            let today = Utc::now().with_timezone(&schema.time_zone(tenant)).date_naive();
-            (w.start(today).to_string(), today.to_string())
-        });
+        value_over(schema, m, tenant, self.cells_of(&m.name, tenant))
+    }
+
+    /// The cells of one (metric, tenant).
+    pub fn cells_of<'a>(
+        &'a self,
+        metric: &'a str,
+        tenant: &'a str,
+    ) -> impl Iterator<Item = (&'a CellKey, &'a Cell)> + 'a {
         let lo = CellKey {
-            metric: m.name.clone(),
+            metric: metric.to_string(),
             tenant: tenant.to_string(),
             bucket: String::new(),
             dkey: String::new(),
         };
-        let cells = self
-            .cells
+        self.cells
             .range(lo..)
-            .take_while(|(k, _)| k.metric == m.name && k.tenant == tenant)
-            .filter(|(k, _)| match &start {
-                None => true,
-                Some((from, to)) => k.bucket.as_str() >= from.as_str() && k.bucket.as_str() <= to.as_str(),
-            });
-        match &m.aggregate {
-            Aggregate::Count => Json::from(cells.map(|(_, c)| c.n).sum::<i64>()),
-            Aggregate::Sum(_) => {
-                let total: i64 = cells.map(|(_, c)| c.micros).sum();
-                if total % 1_000_000 == 0 {
-                    Json::from(total / 1_000_000)
-                } else {
-                    serde_json::Number::from_f64(total as f64 / 1e6).map_or(Json::Null, Json::Number)
-                }
-            }
-            Aggregate::CountDistinct(_) => {
-                let mut keys: Vec<&str> = cells
-                    .filter(|(_, c)| c.n > 0)
-                    .map(|(k, _)| k.dkey.as_str())
-                    .collect();
-                keys.sort();
-                keys.dedup();
-                Json::from(keys.len())
-            }
-        }
+            .take_while(move |(k, _)| k.metric == metric && k.tenant == tenant)
     }
 
     /// Every cell, for comparisons in tests and the console.
     pub fn cells(&self) -> &BTreeMap<CellKey, Cell> {
         &self.cells
+    }
+}
+
+/// A metric's value for a tenant now, over its cells (from the store, or a copy that a
+/// batch is changing).
+pub fn value_over<'a>(
+    schema: &Schema,
+    m: &Metric,
+    tenant: &str,
+    cells: impl Iterator<Item = (&'a CellKey, &'a Cell)>,
+) -> Json {
+    let start = m.window.as_ref().map(|(w, _)| {
+        let today = Utc::now().with_timezone(&schema.time_zone(tenant)).date_naive();
+        (w.start(today).to_string(), today.to_string())
+    });
+    let cells = cells.filter(|(k, _)| match &start {
+        None => true,
+        Some((from, to)) => k.bucket.as_str() >= from.as_str() && k.bucket.as_str() <= to.as_str(),
+    });
+    match &m.aggregate {
+        Aggregate::Count => Json::from(cells.map(|(_, c)| c.n).sum::<i64>()),
+        Aggregate::Sum(_) => {
+            let total: i64 = cells.map(|(_, c)| c.micros).sum();
+            if total % 1_000_000 == 0 {
+                Json::from(total / 1_000_000)
+            } else {
+                serde_json::Number::from_f64(total as f64 / 1e6).map_or(Json::Null, Json::Number)
+            }
+        }
+        Aggregate::CountDistinct(_) => {
+            let mut keys: Vec<&str> = cells
+                .filter(|(_, c)| c.n > 0)
+                .map(|(k, _)| k.dkey.as_str())
+                .collect();
+            keys.sort();
+            keys.dedup();
+            Json::from(keys.len())
+        }
     }
 }
 

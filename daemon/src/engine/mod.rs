@@ -9,9 +9,11 @@
 //! `pulse_shared::caps::authorize`, and never blocks on a client (see [`hub`]).
 
 pub mod filter;
+pub mod forward;
 pub mod hub;
 pub mod metrics;
 pub mod notifications;
+pub mod thresholds;
 pub mod value;
 
 use std::collections::HashMap;
@@ -79,7 +81,9 @@ pub struct Engine {
     /// Presence events for the outbox, when a broker is configured.
     presence_events: Mutex<Option<crate::outbox::PresenceDebounce<(String, String)>>>,
     /// Presence events the database refused, retried at the next flush (bounded).
-    presence_unsent: Mutex<Vec<(String, String, bool)>>,
+    presence_unsent: Mutex<Vec<events::PresenceChange>>,
+    /// Whether schema mutations are handed to Symfony (a broker is configured).
+    forwarding: std::sync::atomic::AtomicBool,
 }
 
 /// Who is asking, as the engine needs it.
@@ -190,6 +194,7 @@ impl Engine {
             limits,
             presence_events: Mutex::new(None),
             presence_unsent: Mutex::new(Vec::new()),
+            forwarding: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -219,40 +224,55 @@ impl Engine {
     /// Writes the presence events that are due to the outbox; returns how many.
     pub async fn flush_presence_events(&self) -> Result<u64, tokio_postgres::Error> {
         let transitions = self.hub().take_transitions();
-        let mut due: Vec<(String, String, bool)> =
+        let mut due: Vec<events::PresenceChange> =
             std::mem::take(&mut *self.presence_unsent.lock().expect("presence unsent lock"));
         {
             let mut guard = self.presence_events.lock().expect("presence events lock");
             let Some(debounce) = guard.as_mut() else {
                 return Ok(0);
             };
-            let now = Instant::now();
+            let now = crate::outbox::now_ms();
+            let window_ms = debounce.window_ms();
+            let change = |tenant, user, joined, at_ms| events::PresenceChange {
+                tenant,
+                user,
+                joined,
+                at_ms,
+                window_ms,
+            };
             for (tenant, user, online) in transitions {
                 let key = (tenant, user);
                 if online {
                     if debounce.joined(key.clone()) {
-                        due.push((key.0, key.1, true));
+                        due.push(change(key.0, key.1, true, now));
                     }
                 } else {
                     debounce.left(key, now);
                 }
             }
-            due.extend(debounce.due(now).into_iter().map(|(t, u)| (t, u, false)));
+            due.extend(
+                debounce
+                    .due(now)
+                    .into_iter()
+                    .map(|((t, u), at)| change(t, u, false, at)),
+            );
         }
         if due.is_empty() {
             return Ok(0);
         }
         let written = match self.state.get().await {
-            Ok(db) => events::presence_changed(&**db, &due).await,
+            Ok(db) => events::presence_changed(&**db, &due).await.map_err(Some),
             Err(e) => {
                 tracing::warn!(error = %e, pending = due.len(), "presence events wait: no database connection");
-                Ok(0)
+                Err(None)
             }
         };
         match written {
-            Ok(n) if n > 0 || due.is_empty() => Ok(n),
-            other => {
-                // Kept for the next flush, in order; a long outage keeps only the newest.
+            // Fewer written than due is fine: the rest were there already (same keys).
+            Ok(n) => Ok(n),
+            Err(e) => {
+                // Kept for the next flush, in order, with their keys' times; a long outage
+                // keeps only the newest.
                 let mut unsent = self.presence_unsent.lock().expect("presence unsent lock");
                 let excess = due.len().saturating_sub(PRESENCE_UNSENT_MAX);
                 if excess > 0 {
@@ -262,10 +282,13 @@ impl Engine {
                     );
                 }
                 unsent.extend(due.into_iter().skip(excess));
-                if let Err(e) = &other {
-                    tracing::warn!(error = %e, pending = unsent.len(), "presence events not written yet");
+                match e {
+                    Some(e) => {
+                        tracing::warn!(error = %e, pending = unsent.len(), "presence events not written yet");
+                        Err(e)
+                    }
+                    None => Ok(0),
                 }
-                other.map(|_| 0)
             }
         }
     }
@@ -930,13 +953,7 @@ impl Engine {
                     .mutations
                     .get(other)
                     .ok_or_else(|| err(ErrorCode::NotFound, format!("no mutation {other:?}")))?;
-                m.validate(args).map_err(|(field, msg)| invalid(&field, msg))?;
-                Err(err(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "{other}: schema mutations are forwarded to Symfony through the outbox, which this pulsed does not run"
-                    ),
-                ))
+                self.forward_mutation(p, m, args).await
             }
         }
     }
@@ -1031,7 +1048,12 @@ impl Engine {
         state: &T,
     ) -> Result<(), tokio_postgres::Error> {
         let mut stash = Stash::default();
+        let mut crossings = thresholds::Tracker::wanted(&self.schema).then(thresholds::Tracker::default);
+        let mut crossed = Vec::new();
         for tx in batch {
+            // This transaction's own metric deltas, so thresholds are judged per transaction.
+            let mut deltas = Deltas::new();
+            let mut truncated = Vec::new();
             for (pos, change) in tx.changes.iter().enumerate() {
                 let rel = &change.relation;
                 for m in self.schema.metrics.values() {
@@ -1040,36 +1062,38 @@ impl Engine {
                     }
                     match &change.kind {
                         ChangeKind::Insert { new } => metrics::add(
-                            &mut stash.deltas,
+                            &mut deltas,
                             metrics::contribution(&self.schema, m, &getter(rel, new, None)),
                             1,
                         ),
                         ChangeKind::Update { old, new } => {
                             if let Some(old) = old {
                                 metrics::add(
-                                    &mut stash.deltas,
+                                    &mut deltas,
                                     metrics::contribution(&self.schema, m, &getter(rel, old, None)),
                                     -1,
                                 );
                             }
                             metrics::add(
-                                &mut stash.deltas,
+                                &mut deltas,
                                 metrics::contribution(&self.schema, m, &getter(rel, new, old.as_deref())),
                                 1,
                             );
                         }
                         ChangeKind::Delete { old } => metrics::add(
-                            &mut stash.deltas,
+                            &mut deltas,
                             metrics::contribution(&self.schema, m, &getter(rel, old, None)),
                             -1,
                         ),
                         ChangeKind::Truncate => {
                             // Everything of the metric goes, including deltas of this batch.
+                            deltas.retain(|k, _| k.metric != m.name);
                             stash.deltas.retain(|k, _| k.metric != m.name);
                             state
                                 .execute("DELETE FROM pulse.metric_cells WHERE metric = $1", &[&m.name])
                                 .await?;
                             stash.truncated.push(m.name.clone());
+                            truncated.push(m.name.clone());
                         }
                     }
                 }
@@ -1109,7 +1133,18 @@ impl Engine {
                     }
                 }
             }
+            if let Some(tracker) = crossings.as_mut() {
+                let store = self.store.lock().expect("store lock");
+                crossed.extend(tracker.observe(&self.schema, &store, tx, &deltas, &truncated));
+            }
+            for (k, d) in deltas {
+                let e = stash.deltas.entry(k).or_default();
+                e.n += d.n;
+                e.micros += d.micros;
+            }
         }
+        // Beside the cells and the checkpoint: durable exactly when the values are.
+        crate::outbox::write_all(state, &crossed).await?;
         write_deltas(state, &stash.deltas).await?;
         *self.stash.lock().expect("stash lock") = stash;
         Ok(())
@@ -1310,25 +1345,49 @@ pub mod events {
         Ok(())
     }
 
-    /// Presence changes of users, after the debounce (see [`crate::outbox::PresenceDebounce`]):
-    /// `(tenant, user, joined)`. Presence lives in memory, so there is no state change to
-    /// share a transaction with; each call writes its events in one transaction of its own.
+    /// A presence change of a user, after the debounce, with when it happened (wall
+    /// clock, ms) and the debounce window its key is derived from.
+    #[derive(Debug, Clone)]
+    pub struct PresenceChange {
+        /// Tenant.
+        pub tenant: String,
+        /// User.
+        pub user: String,
+        /// Joined (true) or left.
+        pub joined: bool,
+        /// When the join, or the leave that is now due, was seen.
+        pub at_ms: u64,
+        /// The debounce window (`amqp.presence_debounce_ms`).
+        pub window_ms: u64,
+    }
+
+    /// Presence changes of users, after the debounce (see [`crate::outbox::PresenceDebounce`]).
+    /// Presence lives in memory, so there is no state change to share a transaction with;
+    /// each call writes its events in one transaction of its own. Keys are derived from
+    /// the user and the debounce window of the change
+    /// ([`crate::outbox::presence_message_id`]): a retried write, or the same join seen
+    /// again after a restart within the window, keeps one event.
     pub async fn presence_changed<C: tokio_postgres::GenericClient>(
         tx: &C,
-        changes: &[(String, String, bool)],
+        changes: &[PresenceChange],
     ) -> Result<u64, tokio_postgres::Error> {
-        let at = chrono::Utc::now().to_rfc3339();
         let events: Vec<OutboxEvent> = changes
             .iter()
-            .map(|(tenant, user, joined)| OutboxEvent {
-                event: if *joined {
+            .map(|c| {
+                let event = if c.joined {
                     "presence.joined"
                 } else {
                     "presence.left"
-                },
-                message_id: format!("presence:{}", uuid::Uuid::new_v4()),
-                aggregate: aggregate(tenant, user),
-                payload: json!({ "tenantId": tenant, "userId": user, "at": at }),
+                };
+                let at = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(c.at_ms as i64)
+                    .unwrap_or_default()
+                    .to_rfc3339();
+                OutboxEvent {
+                    event,
+                    message_id: outbox::presence_message_id(event, &c.tenant, &c.user, c.at_ms, c.window_ms),
+                    aggregate: aggregate(&c.tenant, &c.user),
+                    payload: json!({ "tenantId": c.tenant, "userId": c.user, "at": at }),
+                }
             })
             .collect();
         outbox::write_all(tx, &events).await
