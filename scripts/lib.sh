@@ -2,7 +2,7 @@
 # against are installed and running. Installs with apt-get only when run as root;
 # otherwise says what to install.
 
-PULSE_APT_PACKAGES="systemd postgresql postgresql-client rabbitmq-server tmux php-cli php-amqp php-symfony-messenger php-symfony-amqp-messenger php-symfony-serializer php-symfony-property-access"
+PULSE_APT_PACKAGES="systemd postgresql postgresql-client openssl rabbitmq-server tmux php-cli php-amqp php-symfony-messenger php-symfony-amqp-messenger php-symfony-serializer php-symfony-property-access"
 
 log() { printf '==> %s\n' "$*" >&2; }
 

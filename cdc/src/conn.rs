@@ -10,16 +10,68 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::Host;
 
 use crate::error::{CdcError, DbError};
+use crate::tls::{MakeTls, SslMode, TlsSettings, TlsStream};
 
 /// Largest backend message accepted (a row of the snapshot or a huge change); beyond it
 /// the stream is treated as corrupt rather than allocating without bound.
 const MAX_MESSAGE: usize = 1 << 30;
 
-trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {
+    /// `tls-server-end-point` data when the socket is a TLS session.
+    fn channel_binding(&self) -> Option<&[u8]> {
+        None
+    }
+}
+impl Socket for tokio::net::TcpStream {}
+impl Socket for tokio::net::UnixStream {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Socket for TlsStream<S> {}
+
+/// A socket and what the authentication needs to know about it.
+struct Stream {
+    socket: Box<dyn Socket>,
+    binding: Option<Vec<u8>>,
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.socket).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.socket).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.socket).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.socket).poll_shutdown(cx)
+    }
+}
+
+impl Socket for Stream {
+    fn channel_binding(&self) -> Option<&[u8]> {
+        self.binding.as_deref()
+    }
+}
 
 /// One backend message: its tag and body.
 #[derive(Debug)]
@@ -84,26 +136,29 @@ pub fn parse_error(mut body: &[u8]) -> DbError {
 }
 
 impl ReplConn {
-    /// Connects with the settings of `config` plus `replication=database`; tries each
-    /// host in turn.
-    pub async fn connect(config: &tokio_postgres::Config) -> Result<ReplConn, CdcError> {
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(CdcError::TlsUnsupported);
-        }
+    /// Connects with the settings of `config` plus `replication=database`, with TLS as
+    /// `tls` asks (never over a Unix socket); tries each host in turn.
+    pub async fn connect(config: &tokio_postgres::Config, tls: &TlsSettings) -> Result<ReplConn, CdcError> {
+        let make = tls.connector().map_err(|e| CdcError::Tls(e.0))?;
         let hosts = config.get_hosts();
         let ports = config.get_ports();
         let mut last = None;
         for (i, host) in hosts.iter().enumerate() {
             let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-            let socket: Result<Box<dyn Socket>, std::io::Error> = match host {
-                Host::Tcp(h) => tokio::net::TcpStream::connect((h.as_str(), port)).await.map(|s| {
-                    let _ = s.set_nodelay(true);
-                    Box::new(s) as Box<dyn Socket>
-                }),
+            let socket: Result<Box<dyn Socket>, CdcError> = match host {
+                Host::Tcp(h) => match tokio::net::TcpStream::connect((h.as_str(), port)).await {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        Self::negotiate_tls(s, &make, h).await
+                    }
+                    Err(e) => Err(e.into()),
+                },
                 Host::Unix(dir) => tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
                     .await
-                    .map(|s| Box::new(s) as Box<dyn Socket>),
-            };
+                    .map(|s| (Box::new(s) as Box<dyn Socket>, None))
+                    .map_err(CdcError::from),
+            }
+            .map(|(socket, binding)| Box::new(Stream { socket, binding }) as Box<dyn Socket>);
             match socket {
                 Ok(socket) => {
                     let mut conn = ReplConn {
@@ -113,20 +168,69 @@ impl ReplConn {
                         pid: 0,
                     };
                     let connect = conn.startup(config);
-                    match config.get_connect_timeout() {
+                    let started = match config.get_connect_timeout() {
                         Some(t) => tokio::time::timeout(*t, connect).await.map_err(|_| {
                             std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
-                        })??,
-                        None => connect.await?,
-                    }
-                    return Ok(conn);
+                        })?,
+                        None => connect.await,
+                    };
+                    return match started {
+                        Err(CdcError::Server(e))
+                            if tls.mode == SslMode::Disable
+                                && e.code == "28000"
+                                && e.message.contains("no encryption") =>
+                        {
+                            Err(CdcError::Tls(format!(
+                                "PostgreSQL refused a connection without TLS ({e}); the server accepts only TLS from this host: set sslmode=verify-full with sslrootcert (or sslmode=require) in the connection string"
+                            )))
+                        }
+                        Err(e) => Err(e),
+                        Ok(()) => Ok(conn),
+                    };
                 }
+                // A TLS refusal is an answer, not an unreachable host.
+                Err(e @ CdcError::Tls(_)) => return Err(e),
                 Err(e) => last = Some(e),
             }
         }
-        Err(CdcError::Io(last.unwrap_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "no host to connect to")
-        })))
+        Err(last.unwrap_or_else(|| {
+            CdcError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no host to connect to",
+            ))
+        }))
+    }
+
+    /// SSLRequest and handshake on a fresh TCP connection, as the mode asks; returns the
+    /// socket to speak on and the channel binding data of a TLS session.
+    async fn negotiate_tls(
+        mut tcp: tokio::net::TcpStream,
+        make: &MakeTls,
+        host: &str,
+    ) -> Result<(Box<dyn Socket>, Option<Vec<u8>>), CdcError> {
+        if !make.enabled() {
+            return Ok((Box::new(tcp), None));
+        }
+        let mut request = BytesMut::new();
+        frontend::ssl_request(&mut request);
+        tcp.write_all(&request).await?;
+        let answer = tcp.read_u8().await?;
+        match answer {
+            b'S' => {
+                let tls = make.handshake(tcp, host).await.map_err(|e| CdcError::Tls(e.0))?;
+                let binding = tls.server_end_point();
+                Ok((Box::new(tls), binding))
+            }
+            b'N' if make.mode() == SslMode::Prefer => Ok((Box::new(tcp), None)),
+            b'N' => Err(CdcError::Tls(format!(
+                "the server at {host:?} does not accept TLS connections, and sslmode={} requires TLS; turn ssl on in postgresql.conf, or use sslmode=prefer or disable",
+                make.mode().as_str()
+            ))),
+            other => Err(CdcError::Protocol(format!(
+                "unexpected answer {:?} to the TLS request",
+                other as char
+            ))),
+        }
     }
 
     async fn startup(&mut self, config: &tokio_postgres::Config) -> Result<(), CdcError> {
@@ -194,12 +298,28 @@ impl ReplConn {
                             let pw = need_password()?;
                             let mechanisms: Vec<&[u8]> =
                                 body.split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
-                            if !mechanisms.contains(&sasl::SCRAM_SHA_256.as_bytes()) {
-                                return Err(CdcError::Auth(
-                                    "the server offers no SASL mechanism this client supports (SCRAM-SHA-256 without channel binding)".into(),
-                                ));
+                            let binding = self.socket.channel_binding().map(|b| b.to_vec());
+                            match binding {
+                                Some(b) if mechanisms.contains(&sasl::SCRAM_SHA_256_PLUS.as_bytes()) => {
+                                    self.scram(
+                                        &pw,
+                                        sasl::SCRAM_SHA_256_PLUS,
+                                        sasl::ChannelBinding::tls_server_end_point(b),
+                                    )
+                                    .await?
+                                }
+                                _ if mechanisms.contains(&sasl::SCRAM_SHA_256.as_bytes()) => {
+                                    // Over TLS, "n" (no binding) rather than "y": a server that
+                                    // could bind would take "y" for a downgrade.
+                                    self.scram(&pw, sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported())
+                                        .await?
+                                }
+                                _ => {
+                                    return Err(CdcError::Auth(
+                                        "the server offers no SASL mechanism this client supports (SCRAM-SHA-256, SCRAM-SHA-256-PLUS)".into(),
+                                    ));
+                                }
                             }
-                            self.scram(&pw).await?;
                         }
                         other => {
                             return Err(CdcError::Auth(format!(
@@ -226,9 +346,14 @@ impl ReplConn {
         }
     }
 
-    async fn scram(&mut self, password: &[u8]) -> Result<(), CdcError> {
-        let mut scram = sasl::ScramSha256::new(password, sasl::ChannelBinding::unsupported());
-        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), &mut self.write)?;
+    async fn scram(
+        &mut self,
+        password: &[u8],
+        mechanism: &str,
+        binding: sasl::ChannelBinding,
+    ) -> Result<(), CdcError> {
+        let mut scram = sasl::ScramSha256::new(password, binding);
+        frontend::sasl_initial_response(mechanism, scram.message(), &mut self.write)?;
         self.flush().await?;
         let step = |msg: BackendMessage, want: i32| -> Result<Bytes, CdcError> {
             match msg.tag {

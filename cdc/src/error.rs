@@ -44,11 +44,9 @@ pub enum CdcError {
     /// Authentication failed or is not supported.
     #[error("authentication: {0}")]
     Auth(String),
-    /// The connection asks for TLS, which this client does not speak yet.
-    #[error(
-        "sslmode=require is not supported by the replication connection yet; use sslmode=disable or prefer on a trusted network (or a local socket)"
-    )]
-    TlsUnsupported,
+    /// TLS could not be set up as the connection string asks; the message says what to do.
+    #[error("{0}")]
+    Tls(String),
     /// `wal_level` is not `logical`.
     #[error(
         "wal_level is {0:?} on the source database; logical replication needs wal_level = logical: set it in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL"

@@ -15,6 +15,8 @@
 //!   reconnects.
 //! - [`slot`]: slot status and drop, for operators.
 //! - [`stream`]: the hand-over to the consumer.
+//! - [`tls`]: libpq's `sslmode`/`sslrootcert`/`sslcert`/`sslkey` for the replication
+//!   connection and for tokio-postgres connections (rustls, aws-lc-rs).
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +28,7 @@ pub mod model;
 pub mod reader;
 pub mod slot;
 pub mod stream;
+pub mod tls;
 pub mod value;
 
 pub use error::CdcError;

@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::assemble::{Assembler, Output};
@@ -30,6 +29,7 @@ use crate::decode::{PgOutput, ReplMessage, parse_copy, parse_pgoutput};
 use crate::error::{CdcError, DbError};
 use crate::model::Lsn;
 use crate::stream::{Durable, Event, SnapshotRequest};
+use crate::tls::TlsSettings;
 use crate::value::{Kind, TypeInfo};
 
 /// What the reader needs to know.
@@ -37,6 +37,8 @@ use crate::value::{Kind, TypeInfo};
 pub struct CdcConfig {
     /// The source database (the same settings serve the replication connection).
     pub source: tokio_postgres::Config,
+    /// TLS for both connections (see [`crate::tls::parse_url`]).
+    pub tls: TlsSettings,
     /// Slot name.
     pub slot: String,
     /// Publication name.
@@ -63,6 +65,7 @@ impl CdcConfig {
     /// Settings with the defaults for everything but the names.
     pub fn new(source: tokio_postgres::Config, slot: &str, publication: &str) -> CdcConfig {
         CdcConfig {
+            tls: TlsSettings::from_config(&source),
             source,
             slot: slot.to_string(),
             publication: publication.to_string(),
@@ -266,7 +269,13 @@ impl Reader {
     }
 
     async fn catalog(&self) -> Result<tokio_postgres::Client, CdcError> {
-        let (client, conn) = self.config.source.connect(NoTls).await?;
+        let tls = self.config.tls.connector().map_err(|e| CdcError::Tls(e.0))?;
+        let (client, conn) = self
+            .config
+            .source
+            .connect(tls)
+            .await
+            .map_err(|e| crate::tls::explain_connect_error(e, &self.config.tls))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "catalog connection ended");
@@ -416,7 +425,7 @@ impl Reader {
             return Err(CdcError::SlotMissing(slot));
         }
 
-        let mut repl = ReplConn::connect(&self.config.source).await?;
+        let mut repl = ReplConn::connect(&self.config.source, &self.config.tls).await?;
         if existing.is_none() {
             let export = if self.config.needs_snapshot {
                 "export"

@@ -595,28 +595,42 @@ impl fmt::Display for Secret {
     }
 }
 
-/// A PostgreSQL connection string, kept whole (it may hold a password) and parsed.
+/// A PostgreSQL connection string, kept whole (it may hold a password) and parsed, with
+/// its TLS settings (libpq's `sslmode`, `sslrootcert`, `sslcert`, `sslkey`).
 #[derive(Clone)]
 pub struct DbUrl {
     raw: Secret,
     parsed: tokio_postgres::Config,
+    tls: pulse_cdc::tls::TlsSettings,
+    connector: pulse_cdc::tls::MakeTls,
 }
 
 impl DbUrl {
-    /// Parses a URL or key=value connection string.
+    /// Parses a URL or key=value connection string; reads the certificate files it names.
     pub fn parse(raw: &str) -> Result<DbUrl, String> {
-        let parsed: tokio_postgres::Config = raw.parse().map_err(|e| format!("{e}"))?;
+        let (parsed, tls) = pulse_cdc::tls::parse_url(raw)?;
         if parsed.get_hosts().is_empty() {
             return Err("no host given".into());
         }
+        let connector = tls.connector().map_err(|e| e.0)?;
         Ok(DbUrl {
             raw: Secret::new(raw),
             parsed,
+            tls,
+            connector,
         })
     }
-    /// The parsed connection settings.
+    /// The parsed connection settings (tokio-postgres's; TLS is [`DbUrl::tls`]'s).
     pub fn config(&self) -> &tokio_postgres::Config {
         &self.parsed
+    }
+    /// The TLS settings.
+    pub fn tls(&self) -> &pulse_cdc::tls::TlsSettings {
+        &self.tls
+    }
+    /// The TLS connector for tokio-postgres connections and pools to this database.
+    pub fn connector(&self) -> pulse_cdc::tls::MakeTls {
+        self.connector.clone()
     }
     /// The connection string itself (contains the password, if any).
     pub fn expose(&self) -> &str {

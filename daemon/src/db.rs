@@ -1,15 +1,14 @@
-//! Connections to the state database (the `pulse` schema).
-
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+//! Connections to the state database (the `pulse` schema) and the source database, with
+//! TLS as their connection strings ask.
 
 use crate::config::DbUrl;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 /// A pool over the state database.
 pub fn pool(url: &DbUrl, size: usize) -> Result<Pool, deadpool_postgres::BuildError> {
     let manager = Manager::from_config(
         url.config().clone(),
-        NoTls,
+        url.connector(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -19,11 +18,31 @@ pub fn pool(url: &DbUrl, size: usize) -> Result<Pool, deadpool_postgres::BuildEr
 
 /// One plain connection (for migrations, which hold an advisory lock for their session).
 pub async fn connect(url: &DbUrl) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = url.config().connect(NoTls).await?;
+    let (client, connection) = url.config().connect(url.connector()).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "database connection ended");
         }
     });
     Ok(client)
+}
+
+/// A failed connection in words: what TLS needs, or the server's message (tokio-postgres
+/// shows only "db error" by itself).
+pub fn explain(e: &tokio_postgres::Error, url: &DbUrl) -> String {
+    if let Some(hint) = pulse_cdc::tls::tls_hint(e, url.tls()) {
+        return hint;
+    }
+    match e.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
+    }
 }

@@ -149,11 +149,13 @@ pub enum StartError {
     },
     /// The state database is unreachable.
     #[error(
-        "cannot connect to the state database {url}: {source}; check state.url (or source.url) and that PostgreSQL is running"
+        "cannot connect to the state database {url}: {why}; check state.url (or source.url) and that PostgreSQL is running"
     )]
     StateDb {
         /// The URL, password masked.
         url: String,
+        /// Why, in words ([`db::explain`]).
+        why: String,
         /// Why.
         source: tokio_postgres::Error,
     },
@@ -295,6 +297,7 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         .await
         .map_err(|source| StartError::StateDb {
             url: config.state_db.masked(),
+            why: db::explain(&source, &config.state_db),
             source,
         })?;
     systemd::status("applying migrations");
@@ -325,6 +328,7 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
                 .await
                 .map_err(|source| StartError::StateDb {
                     url: config.source_db.masked(),
+                    why: db::explain(&source, &config.source_db),
                     source,
                 })?;
             s.check(&catalog).await?;

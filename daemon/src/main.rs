@@ -150,8 +150,9 @@ async fn migrate(source: ConfigSource) -> anyhow::Result<()> {
     let _log = telemetry::init_logging(&config.log_level, config.log_format)?;
     let mut client = pulse_daemon::db::connect(&config.state_db).await.map_err(|e| {
         anyhow::anyhow!(
-            "cannot connect to the state database {}: {e}",
-            config.state_db.masked()
+            "cannot connect to the state database {}: {}",
+            config.state_db.masked(),
+            pulse_daemon::db::explain(&e, &config.state_db)
         )
     })?;
     let report = pulse_daemon::migrate::migrate(&mut client).await?;
@@ -170,8 +171,9 @@ async fn slot(source: ConfigSource, command: SlotCommand) -> anyhow::Result<()> 
     let config = load(&source)?;
     let client = pulse_daemon::db::connect(&config.source_db).await.map_err(|e| {
         anyhow::anyhow!(
-            "cannot connect to the source database {}: {e}",
-            config.source_db.masked()
+            "cannot connect to the source database {}: {}",
+            config.source_db.masked(),
+            pulse_daemon::db::explain(&e, &config.source_db)
         )
     })?;
     let mib = |b: Option<i64>| {

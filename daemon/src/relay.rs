@@ -36,7 +36,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use pulse_shared::admin::HealthState;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::commands::{self, CommandEffects};
@@ -321,7 +321,7 @@ struct Leader {
 impl Leader {
     /// Tries once to become the relay.
     async fn acquire(url: &DbUrl) -> Result<Option<Leader>, tokio_postgres::Error> {
-        let (client, mut connection) = url.config().connect(NoTls).await?;
+        let (client, mut connection) = url.config().connect(url.connector()).await?;
         let wake = Arc::new(Notify::new());
         let lost = CancellationToken::new();
         {

@@ -193,7 +193,7 @@ pub struct Consumer<'a> {
     /// The state database (a connection of its own: it holds the loop's transactions).
     pub state: &'a mut tokio_postgres::Client,
     /// The source database, for snapshot loads.
-    pub source: &'a tokio_postgres::Config,
+    pub source: &'a crate::config::DbUrl,
     /// Checkpoint row name (the slot name).
     pub name: &'a str,
     /// Where durable positions are reported to the reader.
@@ -314,7 +314,7 @@ impl Consumer<'_> {
     ) -> Result<(), SinkError> {
         tracing::info!(snapshot = %req.name, lsn = %req.lsn, "loading the initial state through the slot's snapshot");
         let started = std::time::Instant::now();
-        let (mut source, conn) = self.source.connect(tokio_postgres::NoTls).await?;
+        let (mut source, conn) = self.source.config().connect(self.source.connector()).await?;
         let conn = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "snapshot connection ended");
@@ -405,6 +405,7 @@ async fn pipeline<S: ChangeSink>(
     let checkpoint = sink.checkpoint(&state).await?;
     tracing::info!(slot = %r.slot, checkpoint = ?checkpoint.map(|l| l.to_string()), "starting the change stream");
     let mut cdc = CdcConfig::new(config.source_db.config().clone(), &r.slot, &r.publication);
+    cdc.tls = config.source_db.tls().clone();
     cdc.create = r.create;
     cdc.tables = r.tables.clone();
     cdc.schema = r.schema.clone();
@@ -421,7 +422,7 @@ async fn pipeline<S: ChangeSink>(
     ));
     let mut consumer = Consumer {
         state: &mut state,
-        source: config.source_db.config(),
+        source: &config.source_db,
         name: &r.slot,
         durable: &handle.durable,
         limits: BatchLimits::default(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use pulse_cdc::reader::{CdcConfig, CdcHandle, CdcStatus};
 use pulse_cdc::{ChangeKind, Event, Lsn, Transaction, Value};
-use pulse_harness::{PgCluster, Pulsed, TestDb, unique_slot, wait_for};
+use pulse_harness::{ClusterOptions, PgCluster, Pulsed, TestDb, unique_slot, wait_for};
 use tokio::sync::mpsc;
 
 use crate::support::pulsed_bin;
@@ -29,7 +29,9 @@ impl Reader {
     }
 
     fn start_on(url: &str, slot: &str, tables: &[&str], tweak: impl FnOnce(&mut CdcConfig)) -> Reader {
-        let mut config = CdcConfig::new(url.parse().unwrap(), slot, "pulse_test");
+        let (source, tls) = pulse_cdc::tls::parse_url(url).unwrap();
+        let mut config = CdcConfig::new(source, slot, "pulse_test");
+        config.tls = tls;
         config.tables = tables.iter().map(|t| t.to_string()).collect();
         config.needs_snapshot = false;
         config.backoff_min = Duration::from_millis(50);
@@ -1257,4 +1259,360 @@ async fn a_slow_consumer_holds_the_walsender_back_without_timing_out() {
         "no reconnect was needed"
     );
     r.stop().await;
+}
+
+/// The cluster of the TLS tests: `ssl = on`, TCP only over TLS, a certificate for
+/// `localhost` only.
+fn tls_cluster() -> &'static PgCluster {
+    static CLUSTER: std::sync::OnceLock<PgCluster> = std::sync::OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        PgCluster::start_with(ClusterOptions {
+            ssl: true,
+            ssl_only: true,
+        })
+        .expect("start the TLS test cluster")
+    })
+}
+
+/// Whether the backend `pid` speaks TLS (`pg_stat_ssl`).
+async fn uses_tls(admin: &tokio_postgres::Client, pid: i32) -> bool {
+    admin
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = $1", &[&pid])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// An ordinary connection through pulsed's own path (DbUrl, db::connect): whether it
+/// is TLS, or the error.
+async fn ordinary_connection(url: &str) -> Result<bool, String> {
+    let url = pulse_daemon::config::DbUrl::parse(url)?;
+    let c = pulse_daemon::db::connect(&url)
+        .await
+        .map_err(|e| pulse_daemon::db::explain(&e, &url))?;
+    Ok(
+        c.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .await
+            .map_err(|e| e.to_string())?
+            .get(0),
+    )
+}
+
+/// A replication connection: whether it is TLS, or the error.
+async fn replication_connection(admin: &tokio_postgres::Client, url: &str) -> Result<bool, String> {
+    let (config, tls) = pulse_cdc::tls::parse_url(url)?;
+    let conn = pulse_cdc::conn::ReplConn::connect(&config, &tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ssl = uses_tls(admin, conn.pid).await;
+    conn.close().await;
+    Ok(ssl)
+}
+
+#[tokio::test]
+async fn tls_modes_for_replication_and_ordinary_connections() {
+    let cluster = tls_cluster();
+    let db = cluster.fresh_db("cdc_tls").await.unwrap();
+    let admin = db.connect().await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, note text);
+             DO $$ BEGIN
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pulse_cert') THEN
+                 CREATE ROLE pulse_cert LOGIN SUPERUSER;
+               END IF;
+               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pulse_scram') THEN
+                 SET password_encryption = 'scram-sha-256';
+                 CREATE ROLE pulse_scram LOGIN SUPERUSER PASSWORD 'scram-secret';
+               END IF;
+             END $$;",
+        )
+        .await
+        .unwrap();
+    let ca = cluster.tls_file("ca.crt").display().to_string();
+    let other_ca = cluster.tls_file("other-ca.crt").display().to_string();
+    let client_crt = cluster.tls_file("client.crt").display().to_string();
+    let client_key = cluster.tls_file("client.key").display().to_string();
+    let url = |user: &str, host: &str, params: String| {
+        format!("postgres://{user}@{host}:{}/{}?{params}", cluster.port, db.name)
+    };
+    let both = |u: String| {
+        let admin = &admin;
+        async move {
+            let ordinary = ordinary_connection(&u).await;
+            let replication = replication_connection(admin, &u).await;
+            (ordinary, replication)
+        }
+    };
+
+    // require: TLS, no verification.
+    let (o, r) = both(url("postgres", "127.0.0.1", "sslmode=require".into())).await;
+    assert_eq!(o, Ok(true));
+    assert_eq!(r, Ok(true));
+    // The default (prefer) takes TLS when offered.
+    let (o, r) = both(url("postgres", "127.0.0.1", String::new())).await;
+    assert_eq!(o, Ok(true));
+    assert_eq!(r, Ok(true));
+
+    // verify-full with the right authority and the certificate's host name.
+    let (o, r) = both(url(
+        "postgres",
+        "localhost",
+        format!("sslmode=verify-full&sslrootcert={ca}"),
+    ))
+    .await;
+    assert_eq!(o, Ok(true));
+    assert_eq!(r, Ok(true));
+
+    // verify-full with a host the certificate does not name: refused, saying what to do.
+    let (o, r) = both(url(
+        "postgres",
+        "127.0.0.1",
+        format!("sslmode=verify-full&sslrootcert={ca}"),
+    ))
+    .await;
+    for e in [o.unwrap_err(), r.unwrap_err()] {
+        assert!(
+            e.contains("not valid for host \"127.0.0.1\"") && e.contains("verify-ca"),
+            "{e}"
+        );
+    }
+    // verify-ca checks the chain only.
+    let (o, r) = both(url(
+        "postgres",
+        "127.0.0.1",
+        format!("sslmode=verify-ca&sslrootcert={ca}"),
+    ))
+    .await;
+    assert_eq!(o, Ok(true));
+    assert_eq!(r, Ok(true));
+
+    // The wrong authority: refused, saying what to do.
+    let (o, r) = both(url(
+        "postgres",
+        "localhost",
+        format!("sslmode=verify-full&sslrootcert={other_ca}"),
+    ))
+    .await;
+    for e in [o.unwrap_err(), r.unwrap_err()] {
+        assert!(
+            e.contains("not signed by a trusted authority") && e.contains("sslrootcert"),
+            "{e}"
+        );
+    }
+    // require with a root certificate verifies the chain, as libpq does.
+    let (o, r) = both(url(
+        "postgres",
+        "127.0.0.1",
+        format!("sslmode=require&sslrootcert={other_ca}"),
+    ))
+    .await;
+    assert!(o.unwrap_err().contains("not signed by a trusted authority"));
+    assert!(r.unwrap_err().contains("not signed by a trusted authority"));
+
+    // A missing root certificate file is refused before connecting.
+    let e = ordinary_connection(&url(
+        "postgres",
+        "localhost",
+        "sslmode=verify-full&sslrootcert=/nonexistent/ca.pem".into(),
+    ))
+    .await
+    .unwrap_err();
+    assert!(e.contains("sslrootcert /nonexistent/ca.pem"), "{e}");
+
+    // disable against a server that accepts TCP only over TLS.
+    let (o, r) = both(url("postgres", "127.0.0.1", "sslmode=disable".into())).await;
+    for e in [o.unwrap_err(), r.unwrap_err()] {
+        assert!(
+            e.contains("no encryption")
+                && e.contains("accepts only TLS")
+                && e.contains("sslmode=verify-full"),
+            "{e}"
+        );
+    }
+
+    // A client certificate (cert authentication).
+    let (o, r) = both(url(
+        "pulse_cert",
+        "localhost",
+        format!("sslmode=verify-full&sslrootcert={ca}&sslcert={client_crt}&sslkey={client_key}"),
+    ))
+    .await;
+    assert_eq!(o, Ok(true));
+    assert_eq!(r, Ok(true));
+    let (o, r) = both(url(
+        "pulse_cert",
+        "localhost",
+        format!("sslmode=verify-full&sslrootcert={ca}"),
+    ))
+    .await;
+    let (o, r) = (o.unwrap_err(), r.unwrap_err());
+    assert!(o.contains("certificate"), "{o}");
+    assert!(r.contains("certificate"), "{r}");
+
+    // SCRAM over TLS (the server offers SCRAM-SHA-256-PLUS: channel binding).
+    let (o, r) = both(url(
+        "pulse_scram:scram-secret",
+        "localhost",
+        format!("sslmode=verify-full&sslrootcert={ca}"),
+    ))
+    .await;
+    assert_eq!(o, Ok(true));
+    assert_eq!(r, Ok(true));
+    let (o, r) = both(url(
+        "pulse_scram:wrong",
+        "localhost",
+        format!("sslmode=verify-full&sslrootcert={ca}"),
+    ))
+    .await;
+    assert!(o.unwrap_err().contains("password authentication failed"));
+    assert!(r.unwrap_err().contains("password authentication failed"));
+
+    // The whole stream over verify-full: catalog, slot, changes.
+    let r = Reader::start(
+        &url(
+            "postgres",
+            "localhost",
+            format!("sslmode=verify-full&sslrootcert={ca}"),
+        ),
+        "tls",
+        &["public.items"],
+    );
+    r.streaming().await;
+    let pid = match &*r.handle().status.borrow() {
+        CdcStatus::Streaming { pid } => *pid,
+        _ => unreachable!(),
+    };
+    assert!(uses_tls(&admin, pid).await, "the walsender's session is TLS");
+    let mut r = r;
+    admin
+        .execute("INSERT INTO items VALUES (1, 'over tls')", &[])
+        .await
+        .unwrap();
+    let tx = r.next().await;
+    assert_eq!(col(&tx, 0, "note"), &Value::Text("over tls".into()));
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn pulsed_uses_one_tls_url_everywhere() {
+    let cluster = tls_cluster();
+    let db = cluster.fresh_db("cdc_tls_pulsed").await.unwrap();
+    let admin = db.connect().await.unwrap();
+    admin
+        .batch_execute("CREATE TABLE items (id bigserial PRIMARY KEY, note text)")
+        .await
+        .unwrap();
+    let url = format!(
+        "postgres://postgres@localhost:{}/{}?sslmode=verify-full&sslrootcert={}",
+        cluster.port,
+        db.name,
+        cluster.tls_file("ca.crt").display()
+    );
+    let slot = unique_slot("tls_pulsed");
+    let env = vec![
+        ("PULSE__SOURCE__URL", url.clone()),
+        ("PULSE__STATE__URL", url.clone()),
+        ("PULSE__REPLICATION__SLOT", slot.clone()),
+        ("PULSE__REPLICATION__SINK", "ledger".to_string()),
+    ];
+    let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
+    pulsed
+        .wait_ready(WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", pulsed.log()));
+    admin
+        .execute("INSERT INTO items (note) VALUES ('a'), ('b')", &[])
+        .await
+        .unwrap();
+    wait_ledger(&db, &slot).await;
+    // Every session pulsed holds on this database is TLS.
+    let plain: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+             WHERE a.datname = $1 AND a.pid <> pg_backend_pid() AND a.client_addr IS NOT NULL AND NOT s.ssl",
+            &[&db.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(plain, 0);
+    let out = std::process::Command::new(pulsed_bin())
+        .args(["--config", "/dev/null", "slot", "status"])
+        .env("PULSE__SOURCE__URL", &url)
+        .env("PULSE__REPLICATION__SLOT", &slot)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("confirmed flush"));
+    pulsed.signal(Signal::SIGTERM).unwrap();
+    assert!(
+        pulsed.wait_exit(Duration::from_secs(20)).await.unwrap().success(),
+        "{}",
+        pulsed.log()
+    );
+}
+
+/// Runs `pulsed slot drop <slot>` on a pseudo-terminal (util-linux `script`), typing
+/// `answer` at the prompt: its exit status and what the terminal showed.
+fn slot_drop_in_a_terminal(db: &TestDb, slot: &str, answer: &str) -> (bool, String) {
+    use std::io::Write;
+    let command = format!(
+        "'{}' --config /dev/null slot drop '{slot}'",
+        pulsed_bin().display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &command, "/dev/null"])
+        .env("PULSE__SOURCE__URL", db.url())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux) runs pulsed on a pseudo-terminal");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{answer}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn slot_drop_asks_for_confirmation_in_a_terminal() {
+    let db = PgCluster::shared().fresh_db("cdc_slot_tty").await.unwrap();
+    let c = db.connect().await.unwrap();
+    let slot = unique_slot("tty");
+    c.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&slot],
+    )
+    .await
+    .unwrap();
+    let exists = || async {
+        c.query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .is_some()
+    };
+    // Anything but the slot's name keeps it: "no", and "yes" too.
+    for answer in ["no", "yes"] {
+        let (ok, text) = slot_drop_in_a_terminal(&db, &slot, answer);
+        assert!(!ok, "{answer}: {text}");
+        assert!(text.contains("Type the slot name to confirm"), "{text}");
+        assert!(text.contains("not confirmed") && text.contains("kept"), "{text}");
+        assert!(exists().await, "kept after {answer:?}");
+    }
+    // The slot's name drops it.
+    let (ok, text) = slot_drop_in_a_terminal(&db, &slot, &slot);
+    assert!(ok, "{text}");
+    assert!(text.contains("dropped replication slot"), "{text}");
+    assert!(!exists().await, "dropped");
 }

@@ -191,7 +191,7 @@ impl Fixture {
         }
         drop(tx);
         let (durable, _watch) = Durable::new(persisted);
-        let source_config: tokio_postgres::Config = self.db.url().parse().unwrap();
+        let source_config = pulse_daemon::config::DbUrl::parse(&self.db.url()).unwrap();
         let shutdown = CancellationToken::new();
         let mut consumer = Consumer {
             state: &mut state,

@@ -117,6 +117,22 @@ pub struct PgCluster {
     pub port: u16,
     /// Removes the cluster when this process is gone; killed on drop.
     watchdog: Option<Child>,
+    /// The options it was started with.
+    options: ClusterOptions,
+}
+
+/// How a private cluster is set up ([`PgCluster::start_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// Serve TLS (`ssl = on`) with a certificate for the host name `localhost` only (not
+    /// `127.0.0.1`), signed by a certificate authority made for the cluster. See
+    /// [`PgCluster::tls_file`] for the files: `ca.crt` (the authority), `other-ca.crt`
+    /// (an authority that signed nothing), `client.crt`/`client.key` (a client certificate
+    /// for the role `pulse_cert`, accepted with `cert` authentication).
+    pub ssl: bool,
+    /// Accept TCP connections over TLS only (`hostssl` lines); the harness itself then
+    /// connects over the Unix socket.
+    pub ssl_only: bool,
 }
 
 impl PgCluster {
@@ -128,6 +144,11 @@ impl PgCluster {
 
     /// Starts a new cluster.
     pub fn start() -> Result<PgCluster> {
+        PgCluster::start_with(ClusterOptions::default())
+    }
+
+    /// Starts a new cluster with `options`.
+    pub fn start_with(options: ClusterOptions) -> Result<PgCluster> {
         let bindir = pg_bindir()?;
         let dir = tempfile::Builder::new().prefix("pulse-pg-").tempdir()?;
         if is_root() {
@@ -153,7 +174,7 @@ impl PgCluster {
             .arg(&data);
         run_checked(&mut initdb, "initdb")?;
         let port = free_port();
-        let conf = format!(
+        let mut conf = format!(
             "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
              wal_level = logical\nmax_replication_slots = 64\nmax_wal_senders = 64\n\
              wal_sender_timeout = '10s'\nmax_connections = 300\nfsync = off\n\
@@ -161,19 +182,41 @@ impl PgCluster {
              logical_decoding_work_mem = '64kB'\n",
             dir.path().display()
         );
+        let mut owned = vec![data.join("pg_hba.conf")];
+        if options.ssl {
+            make_certificates(&dir.path().join("tls"))?;
+            for f in ["server.crt", "server.key", "ca.crt"] {
+                std::fs::copy(dir.path().join("tls").join(f), data.join(f))?;
+                owned.push(data.join(f));
+            }
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )?;
+            conf.push_str(
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.crt'\n",
+            );
+        }
         let conf_path = data.join("postgresql.auto.conf");
         let mut existing = std::fs::read_to_string(&conf_path).unwrap_or_default();
         existing.push_str(&conf);
         std::fs::write(&conf_path, existing)?;
-        let hba = "local all all trust\nhost all all 127.0.0.1/32 trust\nlocal replication all trust\nhost replication all 127.0.0.1/32 trust\n";
+        let host = if options.ssl_only { "hostssl" } else { "host" };
+        let mut hba = String::new();
+        if options.ssl {
+            // A role that logs in with its client certificate, and one with SCRAM.
+            hba.push_str("hostssl all,replication pulse_cert 127.0.0.1/32 cert\n");
+            hba.push_str("hostssl all,replication pulse_scram 127.0.0.1/32 scram-sha-256\n");
+        }
+        hba.push_str(&format!(
+            "local all all trust\n{host} all all 127.0.0.1/32 trust\nlocal replication all trust\n{host} replication all 127.0.0.1/32 trust\n"
+        ));
         std::fs::write(data.join("pg_hba.conf"), hba)?;
         if is_root() {
             run_checked(
                 &mut {
                     let mut c = Command::new("chown");
-                    c.args(["postgres:postgres"])
-                        .arg(&conf_path)
-                        .arg(data.join("pg_hba.conf"));
+                    c.args(["postgres:postgres"]).arg(&conf_path).args(&owned);
                     c
                 },
                 "chown of the cluster config",
@@ -184,6 +227,7 @@ impl PgCluster {
             bindir,
             port,
             watchdog: None,
+            options,
         };
         cluster.pg_ctl_start()?;
         cluster.watchdog = Some(cluster.spawn_watchdog()?);
@@ -249,14 +293,34 @@ impl PgCluster {
         std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
     }
 
-    /// A URL for `database` as the postgres superuser.
+    /// A URL for `database` as the postgres superuser (TCP on 127.0.0.1).
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// A file made for a cluster started with [`ClusterOptions::ssl`]: `ca.crt`,
+    /// `other-ca.crt`, `client.crt`, `client.key`.
+    pub fn tls_file(&self, name: &str) -> PathBuf {
+        self.dir.path().join("tls").join(name)
+    }
+
+    /// The connection string the harness itself uses: TCP, or the Unix socket when the
+    /// cluster accepts TCP only over TLS.
+    pub fn admin_url(&self, database: &str) -> String {
+        if self.options.ssl_only {
+            format!(
+                "host={} port={} user=postgres dbname={database}",
+                self.dir.path().display(),
+                self.port
+            )
+        } else {
+            self.url(database)
+        }
+    }
+
     /// Connects to `database`.
     pub async fn connect(&self, database: &str) -> Result<tokio_postgres::Client> {
-        let (client, conn) = tokio_postgres::connect(&self.url(database), tokio_postgres::NoTls)
+        let (client, conn) = tokio_postgres::connect(&self.admin_url(database), tokio_postgres::NoTls)
             .await
             .with_context(|| format!("connect to {}", self.url(database)))?;
         tokio::spawn(async move {
@@ -299,6 +363,104 @@ impl Drop for PgCluster {
     }
 }
 
+/// Makes the certificates of a TLS cluster in `dir` with the `openssl` command: an
+/// authority, a server certificate for `localhost` (DNS name only), a client certificate
+/// for `pulse_cert`, and a second authority that signed nothing.
+fn make_certificates(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let ca_cnf = "[req]\ndistinguished_name = dn\nprompt = no\nx509_extensions = ca\n[dn]\nCN = Pulse test CA\n\
+                  [ca]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = hash\n";
+    let leaf_cnf = |cn: &str| format!("[req]\ndistinguished_name = dn\nprompt = no\n[dn]\nCN = {cn}\n");
+    let ext = "[server]\nbasicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
+               extendedKeyUsage = serverAuth\nsubjectAltName = DNS:localhost\n\
+               [client]\nbasicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
+               extendedKeyUsage = clientAuth\n";
+    std::fs::write(dir.join("ca.cnf"), ca_cnf)?;
+    std::fs::write(dir.join("server.cnf"), leaf_cnf("localhost"))?;
+    std::fs::write(dir.join("client.cnf"), leaf_cnf("pulse_cert"))?;
+    std::fs::write(dir.join("ext.cnf"), ext)?;
+    let openssl = |args: &[&str], what: &str| -> Result<()> {
+        let mut c = Command::new("openssl");
+        c.current_dir(dir).args(args);
+        run_checked(&mut c, what)
+            .context("the TLS test cluster needs the openssl command (apt-get install openssl)")
+    };
+    for ca in ["ca", "other-ca"] {
+        let (key, crt) = (format!("{ca}.key"), format!("{ca}.crt"));
+        openssl(
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &crt,
+                "-days",
+                "3",
+                "-config",
+                "ca.cnf",
+            ],
+            "openssl req (authority)",
+        )?;
+    }
+    for (leaf, section) in [("server", "server"), ("client", "client")] {
+        let (key, csr, crt, cnf) = (
+            format!("{leaf}.key"),
+            format!("{leaf}.csr"),
+            format!("{leaf}.crt"),
+            format!("{leaf}.cnf"),
+        );
+        openssl(
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-config",
+                &cnf,
+            ],
+            "openssl req (leaf)",
+        )?;
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "3",
+                "-sha256",
+                "-extfile",
+                "ext.cnf",
+                "-extensions",
+                section,
+            ],
+            "openssl x509 (sign)",
+        )?;
+    }
+    Ok(())
+}
+
 /// One test's database. Dropping it drops its replication slots and the database.
 pub struct TestDb {
     /// The cluster it lives in.
@@ -322,7 +484,7 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         // Blocking psql-free cleanup on a thread of its own: Drop may run inside a runtime.
-        let url = self.cluster.url("postgres");
+        let url = self.cluster.admin_url("postgres");
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
