@@ -150,6 +150,9 @@ pub struct Scheduler {
     timeout: Duration,
     /// Who starts scheduled runs: host:pid.
     instance: String,
+    /// How to reach the server to cancel a timed-out job's query: the pool's own TLS
+    /// settings (a cancel request opens a new connection).
+    cancel_tls: Option<pulse_cdc::tls::MakeTls>,
 }
 
 fn lock_key_sql() -> &'static str {
@@ -186,7 +189,15 @@ impl Scheduler {
             schedules: parsed,
             timeout,
             instance: format!("{host}:{}", std::process::id()),
+            cancel_tls: None,
         })
+    }
+
+    /// Cancels timed-out queries over `tls`, the TLS settings of the pool's database
+    /// (without it, cancel requests go in the clear and fail against a TLS-only server).
+    pub fn with_cancel_tls(mut self, tls: pulse_cdc::tls::MakeTls) -> Scheduler {
+        self.cancel_tls = Some(tls);
+        self
     }
 
     /// The registered job names.
@@ -364,7 +375,13 @@ impl Scheduler {
             Err(_) => {
                 // Stop what the job was doing in the database, and throw its connection
                 // away rather than hand a busy one back to the pool.
-                let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                let cancelled = match &self.cancel_tls {
+                    Some(tls) => cancel.cancel_query(tls.clone()).await,
+                    None => cancel.cancel_query(tokio_postgres::NoTls).await,
+                };
+                if let Err(e) = cancelled {
+                    tracing::warn!(job = name, "could not cancel the timed-out job's query: {e}");
+                }
                 let _ = deadpool_postgres::Object::take(ctx.client);
                 (
                     JobOutcome::Timeout,

@@ -370,7 +370,8 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         &config.jobs.schedules,
         config.limits.job_timeout,
     )
-    .map_err(StartError::Other)?;
+    .map_err(StartError::Other)?
+    .with_cancel_tls(config.state_db.connector());
     let app = Arc::new(App {
         files,
         auth: authenticator,
