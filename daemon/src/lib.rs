@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod changefeed;
 pub mod commands;
 pub mod config;
 pub mod db;
@@ -195,6 +196,11 @@ pub struct App {
     pub jobs: Arc<jobs::Scheduler>,
     /// File storage: backend, encryption keys, URL signing.
     pub files: Arc<files::Files>,
+    /// The source (Symfony's) database, for the console's reads of the source cluster
+    /// (live tables, replication slots).
+    pub source: deadpool_postgres::Pool,
+    /// The latest committed changes, for the console's data explorer.
+    pub changes: Arc<changefeed::ChangeFeed>,
 }
 
 impl App {
@@ -333,7 +339,7 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
     let authenticator = auth::Authenticator::from_config(&config.auth)?;
     let engine = Arc::new(engine::Engine::new(
         Arc::new(schema),
-        source_pool,
+        source_pool.clone(),
         pool.clone(),
         engine::EngineLimits {
             subscriptions: config.limits.subscriptions_per_user as usize,
@@ -376,6 +382,8 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         started: Instant::now(),
         shutdown: shutdown.clone(),
         settings,
+        source: source_pool,
+        changes: Arc::default(),
     });
     app.check_state_db().await;
     // Known before the first /readyz answer: not ready until the change stream runs.
@@ -431,7 +439,9 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         let router = api::admin_router(app.clone());
         let admin = listeners.admin;
         tasks.spawn(async move {
-            if let Err(e) = axum::serve(admin, router)
+            // The peer's credentials name console users in the audit log.
+            let service = router.into_make_service_with_connect_info::<api::AdminPeer>();
+            if let Err(e) = axum::serve(admin, service)
                 .with_graceful_shutdown(token.cancelled_owned())
                 .await
             {
