@@ -392,10 +392,13 @@ mod tests {
         let (all, _) = feed.since(0);
         assert_eq!(all.len(), RING);
         assert_eq!(all.last().unwrap().key, format!("id={}", RING + 499));
-        feed.record(&[tx(2, vec![insert(-1)])]);
+        for i in 0..20 {
+            feed.record(&[tx(2 + i, vec![insert(-1)])]);
+        }
         let (kept, _) = feed.since(0);
         assert_eq!(kept.len(), RING);
         let first = kept[0].seq;
+        assert_eq!(first, 21);
         // A reader that last saw a change the ring no longer holds learns how many it lost.
         let (after, missed) = feed.since(first - 11);
         assert_eq!(missed, 10);

@@ -305,6 +305,33 @@ fn title_of<T>(base: String, remote: &Remote<T>, theme: Theme) -> Line<'static> 
     Line::from(spans)
 }
 
+/// A row, reversed when it holds the cursor (visible without colour).
+fn pick<T: ratatui::style::Styled<Item = T>>(item: T, selected: bool, theme: Theme) -> T {
+    if selected {
+        item.set_style(theme.selected())
+    } else {
+        item
+    }
+}
+
+/// A table with its header row, in a block.
+fn draw_table<'a>(
+    frame: &mut Frame<'_>,
+    area: Rect,
+    rows: impl IntoIterator<Item = Row<'a>>,
+    widths: &[Constraint],
+    header: &[&'a str],
+    block: Block<'a>,
+    theme: Theme,
+) {
+    frame.render_widget(
+        Table::new(rows, widths.to_vec())
+            .header(Row::new(header.to_vec()).style(theme.header()))
+            .block(block),
+        area,
+    );
+}
+
 fn health_style(theme: Theme, h: HealthState) -> (Style, &'static str) {
     match h {
         HealthState::Up => (theme.ok(), "up"),
@@ -350,11 +377,7 @@ fn overview(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 Cell::from(Span::styled(word, style)),
                 Cell::from(c.detail.clone()),
             ]);
-            if i == cursor {
-                row.style(theme.selected())
-            } else {
-                row
-            }
+            pick(row, i == cursor, theme)
         });
         let table = Table::new(
             rows,
@@ -488,11 +511,7 @@ fn presence(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(format!("{}{name}", if chosen { "▸" } else { " " })),
             Cell::from(online.to_string()),
         ]);
-        if i == tcursor && focus == Pane::First {
-            row.style(theme.selected())
-        } else {
-            row
-        }
+        pick(row, i == tcursor && focus == Pane::First, theme)
     });
     frame.render_widget(
         Table::new(trows, [Constraint::Min(10), Constraint::Length(6)]).block(titled(
@@ -518,11 +537,7 @@ fn presence(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 Cell::from(u.state.as_str()),
                 Cell::from(u.last_seen_secs.map_or("-".into(), |s| format!("{s}s"))),
             ]);
-            if range.start + k == ucursor && focus == Pane::Second {
-                row.style(theme.selected())
-            } else {
-                row
-            }
+            pick(row, range.start + k == ucursor && focus == Pane::Second, theme)
         });
     let title = format!(
         "Online: {} of {}{}",
@@ -534,20 +549,20 @@ fn presence(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             format!(" · filter {:?}", state.filter())
         }
     );
-    frame.render_widget(
-        Table::new(
-            urows,
-            [
-                Constraint::Min(10),
-                Constraint::Length(10),
-                Constraint::Min(12),
-                Constraint::Length(8),
-                Constraint::Length(6),
-            ],
-        )
-        .header(Row::new(["User", "Tenant", "Viewing", "State", "Seen"]).style(theme.header()))
-        .block(titled(title, focus == Pane::Second, theme)),
+    draw_table(
+        frame,
         right,
+        urows,
+        &[
+            Constraint::Min(10),
+            Constraint::Length(10),
+            Constraint::Min(12),
+            Constraint::Length(8),
+            Constraint::Length(6),
+        ],
+        &["User", "Tenant", "Viewing", "State", "Seen"],
+        titled(title, focus == Pane::Second, theme),
+        theme,
     );
 }
 
@@ -567,25 +582,21 @@ fn notifications(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect)
             Cell::from(if n.read { "read" } else { "new" }),
             Cell::from(n.title.as_str()),
         ]);
-        if i == cursor {
-            row.style(theme.selected())
-        } else {
-            row
-        }
+        pick(row, i == cursor, theme)
     });
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Length(20),
-                Constraint::Length(10),
-                Constraint::Length(12),
-                Constraint::Length(5),
-                Constraint::Min(10),
-            ],
-        )
-        .header(Row::new(["When", "Tenant", "User", "", "Title"]).style(theme.header()))
-        .block(titled(
+    draw_table(
+        frame,
+        area,
+        rows,
+        &[
+            Constraint::Length(20),
+            Constraint::Length(10),
+            Constraint::Length(12),
+            Constraint::Length(5),
+            Constraint::Min(10),
+        ],
+        &["When", "Tenant", "User", "", "Title"],
+        titled(
             title_of(
                 format!("Notifications ({}) · / by tenant, user or title", items.len()),
                 &state.notifications,
@@ -593,8 +604,8 @@ fn notifications(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect)
             ),
             true,
             theme,
-        )),
-        area,
+        ),
+        theme,
     );
 }
 
@@ -624,33 +635,29 @@ fn logs(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 Cell::from(g.kind.as_str()),
                 Cell::from(g.last_fields.as_str()),
             ]);
-            if i == cursor {
-                row.style(theme.selected())
-            } else {
-                row
-            }
+            pick(row, i == cursor, theme)
         });
-        frame.render_widget(
-            Table::new(
-                rows,
-                [
-                    Constraint::Length(6),
-                    Constraint::Length(5),
-                    Constraint::Length(8),
-                    Constraint::Min(20),
-                    Constraint::Min(10),
-                ],
-            )
-            .header(Row::new(["Count", "Level", "Last", "Kind", "Latest fields"]).style(theme.header()))
-            .block(titled(
+        draw_table(
+            frame,
+            area,
+            rows,
+            &[
+                Constraint::Length(6),
+                Constraint::Length(5),
+                Constraint::Length(8),
+                Constraint::Min(20),
+                Constraint::Min(10),
+            ],
+            &["Count", "Level", "Last", "Kind", "Latest fields"],
+            titled(
                 format!(
                     "Errors and warnings by kind ({}) · e: back to the log",
                     groups.len()
                 ),
                 true,
                 theme,
-            )),
-            area,
+            ),
+            theme,
         );
         return;
     }
@@ -677,11 +684,7 @@ fn logs(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 spans.push(Span::raw(v.as_str()));
             }
             let line = Line::from(spans);
-            if i == cursor {
-                line.style(theme.selected())
-            } else {
-                line
-            }
+            pick(line, i == cursor, theme)
         })
         .collect();
     let title = format!(
@@ -735,10 +738,7 @@ fn data(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 Opened::Live { tenant, .. } => format!(
                     "{}{} · rows {}–{} · [ ]",
                     t.table,
-                    tenant
-                        .as_ref()
-                        .map(|t| format!(" · tenant {t}"))
-                        .unwrap_or_default(),
+                    tenant.as_ref().map(|t| format!("/{t}")).unwrap_or_default(),
                     if t.rows.is_empty() { t.offset } else { t.offset + 1 },
                     t.offset as usize + t.rows.len(),
                 ),
@@ -798,11 +798,7 @@ fn table_list(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(rows),
             Cell::from(Span::styled(size, theme.dim())),
         ]);
-        if i == cursor && focus == Pane::First {
-            row.style(theme.selected())
-        } else {
-            row
-        }
+        pick(row, i == cursor && focus == Pane::First, theme)
     });
     let mut title = title_of("Tables · » live · Enter".into(), &state.tables, theme);
     if let Some(e) = &state.live.error {
@@ -810,14 +806,14 @@ fn table_list(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             .spans
             .push(Span::styled(format!(" live: {} ", e.code), theme.bad()));
     }
-    frame.render_widget(
-        Table::new(
-            rows,
-            [Constraint::Min(16), Constraint::Length(7), Constraint::Length(9)],
-        )
-        .header(Row::new(["Table", "Rows", "Size"]).style(theme.header()))
-        .block(titled(title, focus == Pane::First, theme)),
+    draw_table(
+        frame,
         area,
+        rows,
+        &[Constraint::Min(16), Constraint::Length(7), Constraint::Length(9)],
+        &["Table", "Rows", "Size"],
+        titled(title, focus == Pane::First, theme),
+        theme,
     );
 }
 
@@ -850,11 +846,7 @@ fn rows_table(
         .collect();
     let rows = range.clone().map(|i| {
         let row = Row::new(t.rows[i].iter().map(|v| Cell::from(v.as_str())));
-        if i == cursor && focus == Pane::Second {
-            row.style(theme.selected())
-        } else {
-            row
-        }
+        pick(row, i == cursor && focus == Pane::Second, theme)
     });
     frame.render_widget(
         Table::new(rows, widths)
@@ -972,30 +964,26 @@ fn storage(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             )),
             Cell::from(t.files.to_string()),
         ]);
-        if i == cursor {
-            row.style(theme.selected())
-        } else {
-            row
-        }
+        pick(row, i == cursor, theme)
     });
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Min(10),
-                Constraint::Length(10),
-                Constraint::Length(10),
-                Constraint::Length(16),
-                Constraint::Length(7),
-            ],
-        )
-        .header(Row::new(["Tenant", "Used", "Quota", "Of quota", "Files"]).style(theme.header()))
-        .block(titled(
+    draw_table(
+        frame,
+        top,
+        rows,
+        &[
+            Constraint::Min(10),
+            Constraint::Length(10),
+            Constraint::Length(10),
+            Constraint::Length(16),
+            Constraint::Length(7),
+        ],
+        &["Tenant", "Used", "Quota", "Of quota", "Files"],
+        titled(
             title_of("Usage per tenant".into(), &state.storage, theme),
             true,
             theme,
-        )),
-        top,
+        ),
+        theme,
     );
     let rows = report.largest.iter().map(|f| {
         Row::new(vec![
@@ -1005,19 +993,19 @@ fn storage(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(f.uploaded_at.as_str()),
         ])
     });
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Length(10),
-                Constraint::Length(10),
-                Constraint::Min(12),
-                Constraint::Length(20),
-            ],
-        )
-        .header(Row::new(["Size", "Tenant", "File", "Uploaded"]).style(theme.header()))
-        .block(Block::bordered().title("Largest files")),
+    draw_table(
+        frame,
         bottom,
+        rows,
+        &[
+            Constraint::Length(10),
+            Constraint::Length(10),
+            Constraint::Min(12),
+            Constraint::Length(20),
+        ],
+        &["Size", "Tenant", "File", "Uploaded"],
+        Block::bordered().title("Largest files"),
+        theme,
     );
 }
 
@@ -1040,34 +1028,30 @@ fn jobs(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(j.next_run.clone().unwrap_or_else(|| "-".into())),
             Cell::from(j.last_status.clone().unwrap_or_else(|| "never run".into())),
         ]);
-        if i == cursor && focus == Pane::First {
-            row.style(theme.selected())
-        } else {
-            row
-        }
+        pick(row, i == cursor && focus == Pane::First, theme)
     });
     let hint = if state.can_run_jobs {
         " · Enter run now"
     } else {
         " · read-only"
     };
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Min(12),
-                Constraint::Length(14),
-                Constraint::Length(20),
-                Constraint::Min(10),
-            ],
-        )
-        .header(Row::new(["Job", "Schedule", "Next run", "Last"]).style(theme.header()))
-        .block(titled(
+    draw_table(
+        frame,
+        top,
+        rows,
+        &[
+            Constraint::Min(12),
+            Constraint::Length(14),
+            Constraint::Length(20),
+            Constraint::Min(10),
+        ],
+        &["Job", "Schedule", "Next run", "Last"],
+        titled(
             title_of(format!("Jobs{hint}"), &state.jobs, theme),
             focus == Pane::First,
             theme,
-        )),
-        top,
+        ),
+        theme,
     );
     let rows = report.history.iter().map(|r| {
         let style = if r.status == "ok" { theme.ok() } else { theme.bad() };
@@ -1079,20 +1063,20 @@ fn jobs(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(r.message.as_str()),
         ])
     });
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Length(20),
-                Constraint::Length(12),
-                Constraint::Length(8),
-                Constraint::Length(9),
-                Constraint::Min(10),
-            ],
-        )
-        .header(Row::new(["Started", "Job", "Status", "Took", "Message"]).style(theme.header()))
-        .block(Block::bordered().title("History")),
+    draw_table(
+        frame,
         middle,
+        rows,
+        &[
+            Constraint::Length(20),
+            Constraint::Length(12),
+            Constraint::Length(8),
+            Constraint::Length(9),
+            Constraint::Min(10),
+        ],
+        &["Started", "Job", "Status", "Took", "Message"],
+        Block::bordered().title("History"),
+        theme,
     );
     let dcursor = state.cursor_of(Screen::Jobs, Pane::Second);
     let rows = report.dead_letters.iter().enumerate().map(|(i, d)| {
@@ -1101,23 +1085,19 @@ fn jobs(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(d.source.as_str()),
             Cell::from(d.reason.as_str()),
         ]);
-        if i == dcursor && focus == Pane::Second {
-            row.style(theme.selected())
-        } else {
-            row
-        }
+        pick(row, i == dcursor && focus == Pane::Second, theme)
     });
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Length(20),
-                Constraint::Length(16),
-                Constraint::Min(10),
-            ],
-        )
-        .header(Row::new(["At", "Source", "Reason"]).style(theme.header()))
-        .block(titled(
+    draw_table(
+        frame,
+        bottom,
+        rows,
+        &[
+            Constraint::Length(20),
+            Constraint::Length(16),
+            Constraint::Min(10),
+        ],
+        &["At", "Source", "Reason"],
+        titled(
             format!(
                 "Dead letters ({}){}",
                 report.dead_letters.len(),
@@ -1129,8 +1109,8 @@ fn jobs(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             ),
             focus == Pane::Second,
             theme,
-        )),
-        bottom,
+        ),
+        theme,
     );
 }
 
@@ -1200,45 +1180,34 @@ fn replication(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(Span::styled(status, status_style)),
             Cell::from(rate),
         ]);
-        if i == cursor {
-            row.style(theme.selected())
-        } else {
-            row
-        }
+        pick(row, i == cursor, theme)
     });
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Min(10),
-                Constraint::Length(8),
-                Constraint::Length(3),
-                Constraint::Length(11),
-                Constraint::Length(9),
-                Constraint::Length(9),
-                Constraint::Length(9),
-                Constraint::Length(12),
-            ],
-        )
-        .header(
-            Row::new([
-                "Slot",
-                "Database",
-                "On",
-                "Confirmed",
-                "Lag",
-                "Retained",
-                "WAL",
-                "Rate",
-            ])
-            .style(theme.header()),
-        )
-        .block(titled(
-            title_of("Slots".into(), &state.replication, theme),
-            true,
-            theme,
-        )),
+    draw_table(
+        frame,
         slots,
+        rows,
+        &[
+            Constraint::Min(10),
+            Constraint::Length(8),
+            Constraint::Length(3),
+            Constraint::Length(11),
+            Constraint::Length(9),
+            Constraint::Length(9),
+            Constraint::Length(9),
+            Constraint::Length(12),
+        ],
+        &[
+            "Slot",
+            "Database",
+            "On",
+            "Confirmed",
+            "Lag",
+            "Retained",
+            "WAL",
+            "Rate",
+        ],
+        titled(title_of("Slots".into(), &state.replication, theme), true, theme),
+        theme,
     );
     let rows = report.senders.iter().map(|s| {
         Row::new(vec![
@@ -1249,20 +1218,20 @@ fn replication(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(s.flush_lag_ms.map_or("-".into(), |ms| format!("{ms:.0} ms"))),
         ])
     });
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Min(12),
-                Constraint::Length(10),
-                Constraint::Length(12),
-                Constraint::Length(12),
-                Constraint::Length(10),
-            ],
-        )
-        .header(Row::new(["Sender", "State", "Sent", "Flushed", "Flush lag"]).style(theme.header()))
-        .block(Block::bordered().title("WAL senders")),
+    draw_table(
+        frame,
         senders,
+        rows,
+        &[
+            Constraint::Min(12),
+            Constraint::Length(10),
+            Constraint::Length(12),
+            Constraint::Length(12),
+            Constraint::Length(10),
+        ],
+        &["Sender", "State", "Sent", "Flushed", "Flush lag"],
+        Block::bordered().title("WAL senders"),
+        theme,
     );
     let block = Block::bordered().title("Largest slot lag");
     let inner = block.inner(lag);
@@ -1287,33 +1256,29 @@ fn settings(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 Cell::from(e.value.as_str()),
                 Cell::from(Span::styled(e.source.as_str(), theme.dim())),
             ]);
-            if i == cursor && focus == Pane::First {
-                row.style(theme.selected())
-            } else {
-                row
-            }
+            pick(row, i == cursor && focus == Pane::First, theme)
         });
         let hint = if state.read_only {
             "Platform settings · read-only (no settings capability)"
         } else {
             "Platform settings · Enter edit · R rotate deploy key"
         };
-        frame.render_widget(
-            Table::new(
-                rows,
-                [
-                    Constraint::Length(17),
-                    Constraint::Length(28),
-                    Constraint::Min(10),
-                ],
-            )
-            .header(Row::new(["Setting", "Value", "Source"]).style(theme.header()))
-            .block(titled(
+        draw_table(
+            frame,
+            top,
+            rows,
+            &[
+                Constraint::Length(17),
+                Constraint::Length(28),
+                Constraint::Min(10),
+            ],
+            &["Setting", "Value", "Source"],
+            titled(
                 title_of(hint.into(), &state.settings, theme),
                 focus == Pane::First,
                 theme,
-            )),
-            top,
+            ),
+            theme,
         );
     }
     if ready(
@@ -1336,23 +1301,19 @@ fn settings(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 Cell::from(e.value.as_str()),
                 Cell::from(Span::styled(e.source.as_str(), theme.dim())),
             ]);
-            if i == cursor && focus == Pane::Second {
-                row.style(theme.selected())
-            } else {
-                row
-            }
+            pick(row, i == cursor && focus == Pane::Second, theme)
         });
-        frame.render_widget(
-            Table::new(
-                rows,
-                [
-                    Constraint::Length(30),
-                    Constraint::Length(26),
-                    Constraint::Min(12),
-                ],
-            )
-            .header(Row::new(["Key", "Value", "Source"]).style(theme.header()))
-            .block(titled(
+        draw_table(
+            frame,
+            bottom,
+            rows,
+            &[
+                Constraint::Length(30),
+                Constraint::Length(26),
+                Constraint::Min(12),
+            ],
+            &["Key", "Value", "Source"],
+            titled(
                 title_of(
                     format!("Configuration in effect ({}) · secrets masked", entries.len()),
                     &state.config,
@@ -1360,8 +1321,8 @@ fn settings(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 ),
                 focus == Pane::Second,
                 theme,
-            )),
-            bottom,
+            ),
+            theme,
         );
     }
 }
