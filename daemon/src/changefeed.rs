@@ -9,7 +9,7 @@
 //! stream (a std mutex held only to copy, a broadcast that drops for slow watchers) and
 //! formats at most [`RING`] changes per batch, however large the batch.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use pulse_cdc::{Change, ChangeKind, Lsn, Transaction, Value};
@@ -46,18 +46,27 @@ pub struct ChangeFeed {
     ring: Mutex<(VecDeque<ChangeEvent>, u64)>,
     /// Each committed batch, to the watching sessions.
     tx: broadcast::Sender<Arc<Vec<ChangeEvent>>>,
+    /// Primary key columns by source table (`schema.table`), from the schema file: with
+    /// REPLICA IDENTITY FULL the stream marks every column as key.
+    keys: HashMap<String, Vec<String>>,
 }
 
 impl Default for ChangeFeed {
     fn default() -> Self {
-        ChangeFeed {
-            ring: Mutex::new((VecDeque::with_capacity(RING), 1)),
-            tx: broadcast::channel(BROADCAST).0,
-        }
+        ChangeFeed::with_keys(HashMap::new())
     }
 }
 
 impl ChangeFeed {
+    /// A feed that names rows of these tables by these key columns.
+    pub fn with_keys(keys: HashMap<String, Vec<String>>) -> ChangeFeed {
+        ChangeFeed {
+            ring: Mutex::new((VecDeque::with_capacity(RING), 1)),
+            tx: broadcast::channel(BROADCAST).0,
+            keys,
+        }
+    }
+
     /// Records the changes of a committed batch (the last [`RING`] of them).
     pub fn record(&self, batch: &[Transaction]) {
         // Walk from the end so a huge batch costs at most RING formatted changes.
@@ -76,7 +85,7 @@ impl ChangeFeed {
         let mut events: Vec<ChangeEvent> = newest
             .into_iter()
             .rev()
-            .map(|(t, c)| describe(t.commit_lsn, t.commit_time, t.xid, c))
+            .map(|(t, c)| describe(t.commit_lsn, t.commit_time, t.xid, c, &self.keys))
             .collect();
         {
             let mut ring = self.ring.lock().expect("change feed lock");
@@ -248,8 +257,22 @@ fn shown(column: &str, v: &Value) -> String {
 }
 
 /// One change as text: key columns, then what changed.
-fn describe(lsn: Lsn, at: chrono::DateTime<chrono::Utc>, xid: u32, c: &Change) -> ChangeEvent {
+fn describe(
+    lsn: Lsn,
+    at: chrono::DateTime<chrono::Utc>,
+    xid: u32,
+    c: &Change,
+    keys: &HashMap<String, Vec<String>>,
+) -> ChangeEvent {
     let rel = &c.relation;
+    let table = format!("{}.{}", rel.schema, rel.name);
+    // The primary key the schema file knows; else the replica identity, except that a
+    // FULL identity (every column) names the row by its first column.
+    let is_key = |i: usize| match keys.get(&table) {
+        Some(k) => k.contains(&rel.columns[i].name),
+        None if rel.replica_identity == 'f' => i == 0,
+        None => rel.columns[i].key,
+    };
     let (op, row, old): (&str, Option<&[Value]>, Option<&[Value]>) = match &c.kind {
         ChangeKind::Insert { new } => ("insert", Some(new), None),
         ChangeKind::Update { old, new } => ("update", Some(new), old.as_deref()),
@@ -261,7 +284,7 @@ fn describe(lsn: Lsn, at: chrono::DateTime<chrono::Utc>, xid: u32, c: &Change) -
     if let Some(row) = row {
         for (i, col) in rel.columns.iter().enumerate() {
             let Some(v) = row.get(i) else { continue };
-            if col.key {
+            if is_key(i) {
                 // A key the update did not send (unchanged) is in the old row.
                 let v = match (v, old.and_then(|o| o.get(i))) {
                     (Value::UnchangedToast, Some(o)) => o,
@@ -286,7 +309,7 @@ fn describe(lsn: Lsn, at: chrono::DateTime<chrono::Utc>, xid: u32, c: &Change) -
         lsn: lsn.to_string(),
         commit_time: at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         xid,
-        table: format!("{}.{}", rel.schema, rel.name),
+        table,
         op: op.into(),
         key: key.join(" "),
         columns,
@@ -432,6 +455,28 @@ mod tests {
         };
         let keys: Vec<&str> = changes.iter().map(|c| c.key.as_str()).collect();
         assert_eq!(keys, ["id=2", "id=3"]);
+    }
+
+    #[test]
+    fn rows_are_named_by_the_schema_files_key_when_every_column_is_identity() {
+        let mut rel = (*relation()).clone();
+        for c in &mut rel.columns {
+            c.key = true;
+        }
+        let rel = Arc::new(rel);
+        let change = Change {
+            relation: rel,
+            kind: ChangeKind::Insert {
+                new: vec![Value::Int(9), text("active"), Value::Null, text("hi")],
+            },
+        };
+        let at = chrono::DateTime::from_timestamp(0, 0).unwrap();
+        let by_schema = HashMap::from([("public.members".to_string(), vec!["id".to_string()])]);
+        let e = describe(Lsn(1), at, 1, &change, &by_schema);
+        assert_eq!(e.key, "id=9");
+        assert_eq!(e.columns.len(), 2, "{:?}", e.columns);
+        let e = describe(Lsn(1), at, 1, &change, &HashMap::new());
+        assert_eq!(e.key, "id=9");
     }
 
     #[test]

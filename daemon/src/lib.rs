@@ -383,7 +383,14 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         shutdown: shutdown.clone(),
         settings,
         source: source_pool,
-        changes: Arc::default(),
+        changes: Arc::new(changefeed::ChangeFeed::with_keys(
+            engine
+                .schema
+                .tables
+                .values()
+                .map(|t| (t.source.to_string(), t.key.clone()))
+                .collect(),
+        )),
     });
     app.check_state_db().await;
     // Known before the first /readyz answer: not ready until the change stream runs.
