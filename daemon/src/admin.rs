@@ -10,10 +10,10 @@
 use std::time::Duration;
 
 use pulse_shared::admin::{
-    AdminRequest, AdminResponse, ConfigEntry, DeadLetter, JobInfo, JobRun, JobsReport, MetricsSample,
-    NotificationItem, PresenceEntry, PresenceReport, ReplicationReport, SenderInfo, SettingEntry,
-    SettingKind, SlotInfo, StatusReport, StorageReport, StoredFile, TableInfo, TableRows, TenantPresence,
-    TenantStorage,
+    AdminRequest, AdminResponse, ConfigEntry, DeadLetter, JobInfo, JobRun, JobsReport, LiveTableInfo,
+    MetricsSample, NotificationItem, PresenceEntry, PresenceReport, ReplicationReport, SenderInfo,
+    SettingEntry, SettingKind, SlotInfo, StatusReport, StorageReport, StoredFile, TableInfo, TableRows,
+    TenantPresence, TenantRows, TenantStorage,
 };
 use pulse_shared::caps::{Capability, Decision, Principal, Target, authorize};
 use pulse_shared::{ErrorBody, ErrorCode};
@@ -30,11 +30,23 @@ const EXACT_COUNT_LIMIT: f32 = 1_000_000.0;
 const MAX_ROWS: u32 = 500;
 
 /// Answers one request from `principal` (who already holds the console capability).
+/// `peer` names the user at the other end of the admin socket (`console uid=N (name)`),
+/// when known: audit records name them.
 pub async fn answer(
     app: &App,
     principal: &Principal,
+    peer: Option<&str>,
     request: AdminRequest,
 ) -> Result<AdminResponse, ErrorBody> {
+    if matches!(
+        request,
+        AdminRequest::Tables
+            | AdminRequest::TableRows { .. }
+            | AdminRequest::LiveTables
+            | AdminRequest::LiveRows { .. }
+    ) {
+        allowed(principal, Capability::Console, "the data explorer")?;
+    }
     match request {
         AdminRequest::Status => Ok(AdminResponse::Status(StatusReport {
             version: crate::VERSION.to_string(),
@@ -53,7 +65,11 @@ pub async fn answer(
                 })
                 .collect(),
         }),
-        AdminRequest::Metrics => Ok(AdminResponse::Metrics(metrics_sample(&app.metrics.render()))),
+        AdminRequest::Metrics => {
+            let mut sample = metrics_sample(&app.metrics.render());
+            sample.storage_max_quota_pct = storage_max_quota_pct(app).await;
+            Ok(AdminResponse::Metrics(sample))
+        }
         AdminRequest::Logs { after, limit } => Ok(AdminResponse::Logs(
             crate::telemetry::log_buffer().page(after, limit as usize),
         )),
@@ -62,9 +78,17 @@ pub async fn answer(
             with_db(table_rows(app, &table, limit.min(MAX_ROWS))).await
         }
         AdminRequest::Replication => with_db(replication(app)).await,
-        AdminRequest::LiveTables => Err(missing(
-            "live tables and the change stream",
-            "the state engine and the CDC reader",
+        AdminRequest::LiveTables => with_db(live_tables(app)).await,
+        AdminRequest::LiveRows {
+            table,
+            tenant,
+            offset,
+            limit,
+        } => with_db(live_rows(app, &table, tenant, offset, limit.min(MAX_ROWS))).await,
+        // Sessions serve the feed themselves (it pushes); see `watch_changes`.
+        AdminRequest::WatchChanges { .. } | AdminRequest::UnwatchChanges => Err(ErrorBody::new(
+            ErrorCode::InvalidArgument,
+            "the change feed is served by a session; send watch_changes in an admin frame",
         )),
         AdminRequest::Presence { tenant } => Ok(AdminResponse::Presence(presence(app, tenant.as_deref()))),
         AdminRequest::Notifications { tenant, user, limit } => {
@@ -76,7 +100,7 @@ pub async fn answer(
             allowed(principal, Capability::RunJob, "running jobs")?;
             let record = app
                 .jobs
-                .run_now(&name, principal, &actor(principal))
+                .run_now(&name, principal, &actor(principal, peer))
                 .await
                 .map_err(|e| ErrorBody::new(e.code(), e.to_string()))?;
             Ok(AdminResponse::Done {
@@ -98,7 +122,7 @@ pub async fn answer(
                 ));
             };
             let mut client = app.pool.get().await.map_err(db_unavailable)?;
-            if crate::relay::requeue_dead_letter(&mut client, number, &actor(principal))
+            if crate::relay::requeue_dead_letter(&mut client, number, &actor(principal, peer))
                 .await
                 .map_err(db_unavailable)?
             {
@@ -121,7 +145,7 @@ pub async fn answer(
                 Capability::ManageSettings,
                 "changing platform settings",
             )?;
-            let key = update_setting(app, principal, &key, &value).await?;
+            let key = update_setting(app, principal, peer, &key, &value).await?;
             Ok(AdminResponse::Done {
                 message: format!("{} changed", key.label()),
             })
@@ -129,7 +153,14 @@ pub async fn answer(
         AdminRequest::RotateDeployKey => {
             allowed(principal, Capability::ManageSettings, "rotating the deploy key")?;
             let fresh = Settings::generate_deploy_key();
-            update_setting(app, principal, SettingKey::DeployKey.as_str(), fresh.expose()).await?;
+            update_setting(
+                app,
+                principal,
+                peer,
+                SettingKey::DeployKey.as_str(),
+                fresh.expose(),
+            )
+            .await?;
             Ok(AdminResponse::DeployKeyRotated {
                 key: fresh.expose().to_string(),
             })
@@ -309,17 +340,51 @@ fn presence(app: &App, tenant: Option<&str>) -> PresenceReport {
     PresenceReport { tenants, users }
 }
 
-/// The error for a screen whose subsystem is not part of this pulsed.
-fn missing(what: &str, subsystem: &str) -> ErrorBody {
-    ErrorBody::new(
-        ErrorCode::Unavailable,
-        format!("{what}: {subsystem} is not part of this pulsed build yet"),
-    )
-    .with_details(serde_json::json!({ "missing": subsystem }))
+/// Starts the live change feed for a session (the data explorer's capability): the
+/// answer holds the kept changes after `after`; the [`crate::changefeed::Watch`] yields
+/// each later push, which the session sends under the same `id`.
+pub fn watch_changes(
+    app: &App,
+    principal: &Principal,
+    id: &str,
+    after: u64,
+) -> Result<(crate::changefeed::Watch, AdminResponse), ErrorBody> {
+    allowed(principal, Capability::Console, "the data explorer")?;
+    Ok(app.changes.watch(id.to_string(), after))
 }
 
-/// Who the audit log names for a console edit.
-fn actor(principal: &Principal) -> String {
+/// How audit records name a console user on the admin socket: `console uid=N (name)`,
+/// the name from the password database when it lists the id.
+pub fn console_user(uid: u32) -> String {
+    let name = std::fs::read_to_string("/etc/passwd").ok().and_then(|text| {
+        text.lines().find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let id = fields.nth(1)?;
+            (id.parse::<u32>().ok()? == uid).then(|| name.to_string())
+        })
+    });
+    match name {
+        Some(name) => format!("console uid={uid} ({name})"),
+        None => format!("console uid={uid}"),
+    }
+}
+
+/// Counts one function run (a query, a mutation) for the overview's function-error
+/// rate. A run fails when the server could not carry it out (`unavailable`, `timeout`);
+/// a refusal of the caller's input or rights is the caller's error, not the function's.
+pub fn record_function(kind: &'static str, error: Option<&ErrorBody>) {
+    metrics::counter!("pulse_functions_total", "kind" => kind).increment(1);
+    if error.is_some_and(|e| matches!(e.code, ErrorCode::Unavailable | ErrorCode::Timeout)) {
+        metrics::counter!("pulse_function_errors_total", "kind" => kind).increment(1);
+    }
+}
+
+/// Who the audit log names for a console edit: the socket's peer when known.
+fn actor(principal: &Principal, peer: Option<&str>) -> String {
+    if let Some(peer) = peer {
+        return peer.to_string();
+    }
     match &principal.user {
         Some(user) => format!("{user} (console)"),
         None => {
@@ -332,12 +397,13 @@ fn actor(principal: &Principal) -> String {
 async fn update_setting(
     app: &App,
     principal: &Principal,
+    peer: Option<&str>,
     key: &str,
     value: &str,
 ) -> Result<SettingKey, ErrorBody> {
     let mut client = app.pool.get().await.map_err(db_unavailable)?;
     app.settings
-        .update(&mut client, key, value, &actor(principal))
+        .update(&mut client, key, value, &actor(principal, peer))
         .await
         .map_err(|e| ErrorBody::new(e.code(), e.to_string()))
 }
@@ -447,6 +513,15 @@ pub fn metrics_sample(rendered: &str) -> MetricsSample {
         (None, None) => None,
         (q, m) => Some((q.unwrap_or(0.0) + m.unwrap_or(0.0)) as u64),
     };
+    // Function runs: queries and mutations (counted by `record_function`) and job runs;
+    // this build measures them, so zero before the first run, never "unknown".
+    let job_failures: f64 = samples
+        .iter()
+        .filter(|(n, l, _)| *n == "pulse_job_runs_total" && !l.contains("outcome=\"ok\""))
+        .map(|(_, _, v)| v)
+        .sum();
+    let functions = sum("pulse_functions_total").unwrap_or(0.0) + sum("pulse_job_runs_total").unwrap_or(0.0);
+    let function_errors = sum("pulse_function_errors_total").unwrap_or(0.0) + job_failures;
     MetricsSample {
         connections: sum("pulse_connections_active").unwrap_or(0.0).max(0.0) as u64,
         errors_total: sum("pulse_errors_total").unwrap_or(0.0) as u64,
@@ -454,10 +529,42 @@ pub fn metrics_sample(rendered: &str) -> MetricsSample {
         changes_total: sum("pulse_replication_batches_total").map(|v| v as u64),
         query_p50_ms: p50_ms("pulse_query_latency_seconds"),
         mutation_p50_ms: p50_ms("pulse_mutation_latency_seconds"),
-        functions_total: None,
-        function_errors_total: None,
+        functions_total: Some(functions as u64),
+        function_errors_total: Some(function_errors as u64),
         storage_max_quota_pct: None,
     }
+}
+
+/// The fullest tenant's storage against its quota, percent; `None` when no tenant has a
+/// quota (nothing to measure against) or the state database does not answer.
+async fn storage_max_quota_pct(app: &App) -> Option<f64> {
+    let config = app.config();
+    let cx = crate::files::Ctx {
+        files: &app.files,
+        pool: &app.pool,
+        config: &config,
+    };
+    let usage = tokio::time::timeout(Duration::from_secs(2), crate::files::storage_usage(&cx, None))
+        .await
+        .ok()?
+        .ok()?;
+    let worst = usage
+        .iter()
+        .filter_map(|u| {
+            u.quota_bytes
+                .filter(|q| *q > 0)
+                .map(|q| u.used_bytes as f64 * 100.0 / q as f64)
+        })
+        .reduce(f64::max);
+    // No tenant stored anything yet, but a default quota exists: nobody is over it.
+    worst.or_else(|| config.files.quota_bytes.filter(|q| *q > 0).map(|_| 0.0))
+}
+
+fn source_unavailable(e: impl std::fmt::Display) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::Unavailable,
+        format!("source database: {e}; check source.url and that PostgreSQL is running"),
+    )
 }
 
 fn db_unavailable(e: impl std::fmt::Display) -> ErrorBody {
@@ -586,15 +693,144 @@ async fn table_rows(app: &App, table: &str, limit: u32) -> Result<AdminResponse,
         table: format!("pulse.{name}"),
         columns,
         rows,
+        offset: 0,
     }))
 }
 
+/// A connection to the source database. Console reads run in a read-only transaction
+/// with a statement timeout, so none keeps a query running on Symfony's database after
+/// the console gave up.
+async fn on_source(app: &App) -> Result<deadpool_postgres::Object, ErrorBody> {
+    let client = app.source.get().await.map_err(source_unavailable)?;
+    Ok(client)
+}
+
+/// The live tables of the schema file with their rows per tenant, from the source
+/// database; a table the planner puts past [`EXACT_COUNT_LIMIT`] rows shows the
+/// estimate instead of being counted.
+async fn live_tables(app: &App) -> Result<AdminResponse, ErrorBody> {
+    let mut client = on_source(app).await?;
+    let tx = client.transaction().await.map_err(source_unavailable)?;
+    tx.batch_execute("SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = 5000")
+        .await
+        .map_err(source_unavailable)?;
+    let mut tables = Vec::new();
+    for t in app.engine.schema.tables.values() {
+        let estimate: f32 = tx
+            .query_opt(
+                "SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&t.source.schema, &t.source.table],
+            )
+            .await
+            .map_err(source_unavailable)?
+            .map_or(0.0, |r| r.get(0));
+        let mut info = LiveTableInfo {
+            name: t.name.clone(),
+            source: t.source.to_string(),
+            tenant_column: t.tenant_column.clone(),
+            rows: estimate.max(0.0) as i64,
+            estimated: estimate > EXACT_COUNT_LIMIT,
+            tenants: Vec::new(),
+        };
+        if !info.estimated {
+            let counts = tx
+                .query(
+                    &format!(
+                        "SELECT coalesce({}::text, 'NULL'), count(*) FROM {} GROUP BY 1 ORDER BY 2 DESC, 1",
+                        quote_ident(&t.tenant_column),
+                        t.source.quoted()
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(source_unavailable)?;
+            info.tenants = counts
+                .iter()
+                .map(|r| TenantRows {
+                    tenant: r.get(0),
+                    rows: r.get(1),
+                })
+                .collect();
+            info.rows = info.tenants.iter().map(|t| t.rows).sum();
+        }
+        tables.push(info);
+    }
+    tx.commit().await.map_err(source_unavailable)?;
+    Ok(AdminResponse::LiveTables { tables })
+}
+
+/// One page of a live table's rows from the source database, newest key first: the
+/// key and the visible columns of the schema file, long values cut, secret-looking
+/// columns masked.
+async fn live_rows(
+    app: &App,
+    name: &str,
+    tenant: Option<String>,
+    offset: u32,
+    limit: u32,
+) -> Result<AdminResponse, ErrorBody> {
+    let Some(t) = app.engine.schema.tables.get(name) else {
+        return Err(ErrorBody::new(
+            ErrorCode::NotFound,
+            format!("no live table {name:?} in the schema file; the live tables list names them"),
+        ));
+    };
+    // Only names from the checked schema file reach the SQL text, quoted.
+    let mut columns: Vec<String> = t.key.clone();
+    columns.extend(t.columns.iter().filter(|c| !t.key.contains(c)).cloned());
+    let select: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let order = if t.key.is_empty() {
+        String::new()
+    } else {
+        let keys: Vec<String> = t.key.iter().map(|k| format!("{} DESC", quote_ident(k))).collect();
+        format!("ORDER BY {}", keys.join(", "))
+    };
+    let sql = format!(
+        "SELECT to_jsonb(r) FROM (SELECT {} FROM {} WHERE $1::text IS NULL OR {}::text = $1 {order} \
+         LIMIT {limit} OFFSET {offset}) r",
+        select.join(", "),
+        t.source.quoted(),
+        quote_ident(&t.tenant_column),
+    );
+    let mut client = on_source(app).await?;
+    let tx = client.transaction().await.map_err(source_unavailable)?;
+    tx.batch_execute("SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = 5000")
+        .await
+        .map_err(source_unavailable)?;
+    let found = tx.query(&sql, &[&tenant]).await.map_err(source_unavailable)?;
+    tx.commit().await.map_err(source_unavailable)?;
+    let rows = found
+        .iter()
+        .map(|r| {
+            let obj: serde_json::Value = r.get(0);
+            columns
+                .iter()
+                .map(|c| match &obj[c] {
+                    serde_json::Value::Null => "NULL".to_string(),
+                    _ if crate::changefeed::is_secret(c) => "***".to_string(),
+                    serde_json::Value::String(s) => crate::changefeed::cut(s),
+                    other => crate::changefeed::cut(&other.to_string()),
+                })
+                .collect()
+        })
+        .collect();
+    Ok(AdminResponse::TableRows(TableRows {
+        table: t.name.clone(),
+        columns,
+        rows,
+        offset,
+    }))
+}
+
+/// Slots and senders of the source cluster, read through the source database (the
+/// state database may be on another cluster).
 async fn replication(app: &App) -> Result<AdminResponse, ErrorBody> {
-    let client = app.pool.get().await.map_err(db_unavailable)?;
+    let client = app.source.get().await.map_err(source_unavailable)?;
     let current_lsn: String = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
-        .map_err(db_unavailable)?
+        .map_err(source_unavailable)?
         .get(0);
     let slots = client
         .query(
@@ -607,7 +843,7 @@ async fn replication(app: &App) -> Result<AdminResponse, ErrorBody> {
             &[],
         )
         .await
-        .map_err(db_unavailable)?
+        .map_err(source_unavailable)?
         .iter()
         .map(|r| SlotInfo {
             name: r.get(0),
@@ -629,7 +865,7 @@ async fn replication(app: &App) -> Result<AdminResponse, ErrorBody> {
             &[],
         )
         .await
-        .map_err(db_unavailable)?
+        .map_err(source_unavailable)?
         .iter()
         .map(|r| SenderInfo {
             application: r.get(0),

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod changefeed;
 pub mod commands;
 pub mod config;
 pub mod db;
@@ -199,6 +200,11 @@ pub struct App {
     pub jobs: Arc<jobs::Scheduler>,
     /// File storage: backend, encryption keys, URL signing.
     pub files: Arc<files::Files>,
+    /// The source (Symfony's) database, for the console's reads of the source cluster
+    /// (live tables, replication slots).
+    pub source: deadpool_postgres::Pool,
+    /// The latest committed changes, for the console's data explorer.
+    pub changes: Arc<changefeed::ChangeFeed>,
 }
 
 impl App {
@@ -341,7 +347,7 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
     let authenticator = auth::Authenticator::from_config(&config.auth)?;
     let engine = Arc::new(engine::Engine::new(
         Arc::new(schema),
-        source_pool,
+        source_pool.clone(),
         pool.clone(),
         engine::EngineLimits {
             subscriptions: config.limits.subscriptions_per_user as usize,
@@ -385,6 +391,15 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         started: Instant::now(),
         shutdown: shutdown.clone(),
         settings,
+        source: source_pool,
+        changes: Arc::new(changefeed::ChangeFeed::with_keys(
+            engine
+                .schema
+                .tables
+                .values()
+                .map(|t| (t.source.to_string(), t.key.clone()))
+                .collect(),
+        )),
     });
     app.check_state_db().await;
     // Known before the first /readyz answer: not ready until the change stream runs.
@@ -446,7 +461,9 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         let router = api::admin_router(app.clone());
         let admin = listeners.admin;
         tasks.spawn(async move {
-            if let Err(e) = axum::serve(admin, router)
+            // The peer's credentials name console users in the audit log.
+            let service = router.into_make_service_with_connect_info::<api::AdminPeer>();
+            if let Err(e) = axum::serve(admin, service)
                 .with_graceful_shutdown(token.cancelled_owned())
                 .await
             {

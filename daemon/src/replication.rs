@@ -362,7 +362,12 @@ struct Progress {
 /// the persisted checkpoint after any failure of the consumer side (the reader
 /// reconnects to PostgreSQL by itself). On shutdown the current batch finishes, then
 /// the reader confirms the durable position and closes.
-pub async fn run<S: ChangeSink>(app: Arc<App>, mut sink: S, shutdown: CancellationToken) {
+pub async fn run<S: ChangeSink>(app: Arc<App>, sink: S, shutdown: CancellationToken) {
+    // The console's change feed sees each batch once it is committed.
+    let mut sink = crate::changefeed::Recorded {
+        inner: sink,
+        feed: app.changes.clone(),
+    };
     let mut attempt = 0u32;
     loop {
         let started = Instant::now();

@@ -51,8 +51,34 @@ pub enum AdminRequest {
         #[serde(default = "default_row_limit")]
         limit: u32,
     },
-    /// The live tables of the schema file and the latest changes from the stream.
+    /// The live tables of the schema file with their row counts per tenant.
     LiveTables,
+    /// One page of a live table's rows, read from the source database (newest key
+    /// first), optionally of one tenant; long values are cut and secrets masked.
+    LiveRows {
+        /// The live table's name in the schema file.
+        table: String,
+        /// Only this tenant.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tenant: Option<String>,
+        /// Rows to skip (paging).
+        #[serde(default)]
+        offset: u32,
+        /// At most this many rows.
+        #[serde(default = "default_row_limit")]
+        limit: u32,
+    },
+    /// Starts the live feed of committed changes on this session: answered with the
+    /// kept changes after `after` (a sequence number; 0 for all), then pushed as more
+    /// commit, each push an `admin` frame with the same id. One feed per session; a new
+    /// watch replaces the old one.
+    WatchChanges {
+        /// Only changes with a greater sequence number.
+        #[serde(default)]
+        after: u64,
+    },
+    /// Stops the live feed of this session.
+    UnwatchChanges,
     /// Replication slots and WAL senders of the source database.
     Replication,
     /// Who is online: tenants, then users, optionally of one tenant.
@@ -134,10 +160,18 @@ pub enum AdminResponse {
     TableRows(TableRows),
     /// Answers [`AdminRequest::LiveTables`].
     LiveTables {
-        /// Live tables of the schema file.
-        tables: Vec<TableInfo>,
-        /// The latest changes, newest first.
+        /// Live tables of the schema file, by name.
+        tables: Vec<LiveTableInfo>,
+    },
+    /// Answers [`AdminRequest::WatchChanges`], then pushed under the same id as changes
+    /// commit.
+    Changes {
+        /// Changes, oldest first.
         changes: Vec<ChangeEvent>,
+        /// Changes this session did not receive (it fell behind, or they left the
+        /// daemon's ring before they could be sent).
+        #[serde(default)]
+        missed: u64,
     },
     /// Answers [`AdminRequest::Replication`].
     Replication(ReplicationReport),
@@ -338,19 +372,59 @@ pub struct TableRows {
     pub columns: Vec<String>,
     /// Values as text (`NULL` for null), newest first when the table has a key.
     pub rows: Vec<Vec<String>>,
+    /// Rows skipped before these (paging).
+    #[serde(default)]
+    pub offset: u32,
 }
 
-/// One change from the stream, as the data explorer shows it.
+/// A live table of the schema file and its size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveTableInfo {
+    /// The name in the schema file.
+    pub name: String,
+    /// The source table, schema-qualified.
+    pub source: String,
+    /// The column naming the tenant.
+    pub tenant_column: String,
+    /// Rows in the source table (the planner's estimate when `estimated`).
+    pub rows: i64,
+    /// Whether `rows` is an estimate (huge tables are not counted, nor split by tenant).
+    #[serde(default)]
+    pub estimated: bool,
+    /// Rows per tenant, most first (empty when estimated).
+    #[serde(default)]
+    pub tenants: Vec<TenantRows>,
+}
+
+/// How many rows of a live table belong to one tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantRows {
+    /// Tenant id.
+    pub tenant: String,
+    /// Rows.
+    pub rows: i64,
+}
+
+/// One committed change from the replication stream, as the data explorer shows it.
+/// Values are text, cut when long; secret-looking columns are masked.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChangeEvent {
+    /// Increasing number in the daemon's feed, for `WatchChanges { after }`.
+    pub seq: u64,
     /// Commit LSN.
     pub lsn: String,
-    /// Source table.
+    /// Commit time, RFC 3339 (UTC).
+    pub commit_time: String,
+    /// Transaction id.
+    pub xid: u32,
+    /// Source table, schema-qualified.
     pub table: String,
-    /// insert, update or delete.
+    /// `insert`, `update`, `delete` or `truncate`.
     pub op: String,
-    /// Key and changed columns, as text.
-    pub summary: String,
+    /// The row's key as `col=value` pairs (empty for truncate).
+    pub key: String,
+    /// Changed (or, for inserts, set) columns other than the key, `(column, value)`.
+    pub columns: Vec<(String, String)>,
 }
 
 /// Replication as PostgreSQL reports it.

@@ -272,7 +272,9 @@ async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
     tui.keys(&["Enter"]);
     tui.wait_for(&["Set Sync Interval to 550?"], WAIT).await;
     tui.keys(&["y"]);
-    tui.wait_for(&["Sync Interval changed", "edited by service (console)"], WAIT)
+    // The audit names the console's user, from the admin socket's peer credentials.
+    let me = format!("console uid={}", nix::unistd::getuid().as_raw());
+    tui.wait_for(&["Sync Interval changed", &format!("edited by {me}")], WAIT)
         .await;
     let stored: String = client
         .query_one(
@@ -290,7 +292,11 @@ async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
         )
         .await
         .unwrap();
-    assert_eq!(audit.get::<_, String>(0), "service (console)");
+    let actor: String = audit.get(0);
+    assert!(
+        actor == me || actor.starts_with(&format!("{me} (")),
+        "audit actor {actor:?}, expected {me}"
+    );
     assert!(
         audit.get::<_, String>(1).contains("550"),
         "{}",
@@ -545,6 +551,18 @@ async fn console_requests_answer_with_data_or_a_clear_error() {
     };
     let value = rows.columns.iter().position(|c| c == "value").unwrap();
     assert_eq!(rows.rows[0][value], "***");
+    // The edit's audit record names the socket's peer (SO_PEERCRED), not a role.
+    let actor: String = client
+        .query_one(
+            "SELECT actor FROM pulse.audit_log WHERE target = 'deploy_key'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let uid = nix::unistd::getuid().as_raw();
+    assert_eq!(actor, pulse_daemon::admin::console_user(uid));
+    assert!(actor.starts_with(&format!("console uid={uid}")), "{actor}");
 
     let Ok(A::Presence(p)) = ask(&mut c, "8", R::Presence { tenant: None }).await else {
         panic!("expected presence")
@@ -621,12 +639,25 @@ async fn console_requests_answer_with_data_or_a_clear_error() {
         "{storage:?}"
     );
 
-    // Subsystems not in this build answer unavailable and name what is missing.
-    for (id, request, missing) in [("11", R::LiveTables, "state engine")] {
-        let err = ask(&mut c, id, request).await.unwrap_err();
-        assert_eq!(err.code, ErrorCode::Unavailable);
-        assert!(err.message.contains(missing), "{}", err.message);
-    }
+    // Without a schema file there are no live tables; an unknown one is not found.
+    let Ok(A::LiveTables { tables }) = ask(&mut c, "11", R::LiveTables).await else {
+        panic!("expected live tables")
+    };
+    assert!(tables.is_empty(), "{tables:?}");
+    let err = ask(
+        &mut c,
+        "17",
+        R::LiveRows {
+            table: "members".into(),
+            tenant: None,
+            offset: 0,
+            limit: 5,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    assert!(err.message.contains("schema file"), "{}", err.message);
 }
 
 #[tokio::test]
@@ -703,6 +734,205 @@ async fn a_presence_change_appears_on_the_console() {
     ws.close(None).await.unwrap();
     drop(ws);
     tui.wait_gone(&["alice-console"], WAIT).await;
+    tui.keys(&["q"]);
+    tui.wait_for(&["pulsetop exited with 0"], WAIT).await;
+}
+
+const LIVE_SCHEMA: &str = r#"
+[roles]
+ROLE_SUPER_ADMIN = "platform_admin"
+
+[tables.members]
+source = "public.members"
+tenant_column = "tenant_id"
+columns = ["id", "tenant_id", "name", "api_token", "status"]
+roles = ["platform_admin"]
+"#;
+
+#[tokio::test]
+async fn the_data_explorer_shows_live_tables_and_each_committed_change() {
+    use pulse_shared::admin::{AdminRequest as R, AdminResponse as A};
+
+    let bin = pulsetop_bin();
+    let db = PgCluster::shared().fresh_db("console_live").await.unwrap();
+    let source = db.connect().await.unwrap();
+    source
+        .batch_execute(
+            "CREATE TABLE members (id int PRIMARY KEY, tenant_id text NOT NULL, name text NOT NULL,
+                                   api_token text, status text NOT NULL);
+             ALTER TABLE members REPLICA IDENTITY FULL;
+             INSERT INTO members VALUES (1, 't1', 'alice', 'tok-1', 'active'), (2, 't1', 'bob', NULL, 'active'),
+                                        (3, 't2', 'carol', 'tok-3', 'gone');",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("schema.toml");
+    std::fs::write(&schema, LIVE_SCHEMA).unwrap();
+    let mut pulsed = Pulsed::spawn(
+        &pulsed_bin(),
+        &[
+            ("PULSE__SOURCE__URL", db.url()),
+            ("PULSE__SCHEMA__PATH", schema.display().to_string()),
+        ],
+    )
+    .unwrap();
+    pulsed.wait_ready(WAIT).await.unwrap();
+    // Changes reach the feed only once the stream runs (earlier rows are the snapshot).
+    let readyz = format!("{}/readyz", pulsed.http);
+    pulse_harness::wait_for("replication up", WAIT, || {
+        let url = readyz.clone();
+        async move {
+            let body: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+            body["components"]
+                .as_array()?
+                .iter()
+                .any(|c| c["name"] == "replication" && c["state"] == "up")
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", pulsed.log()));
+
+    let mut c = crate::support::AdminClient::connect(&pulsed.admin_socket)
+        .await
+        .unwrap();
+    c.send(&ClientFrame::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: None,
+        deploy_key: None,
+    })
+    .await
+    .unwrap();
+    assert!(matches!(c.recv().await.unwrap(), ServerFrame::Welcome { .. }));
+
+    // Live tables with their rows per tenant, from the source database.
+    let Ok(A::LiveTables { tables }) = ask(&mut c, "1", R::LiveTables).await else {
+        panic!("expected live tables")
+    };
+    assert_eq!(tables.len(), 1, "{tables:?}");
+    assert_eq!((tables[0].name.as_str(), tables[0].rows), ("members", 3));
+    let per_tenant: Vec<(&str, i64)> = tables[0]
+        .tenants
+        .iter()
+        .map(|t| (t.tenant.as_str(), t.rows))
+        .collect();
+    assert_eq!(per_tenant, [("t1", 2), ("t2", 1)]);
+    // A page of one tenant's rows, newest key first, the secret-looking column masked.
+    let Ok(A::TableRows(rows)) = ask(
+        &mut c,
+        "2",
+        R::LiveRows {
+            table: "members".into(),
+            tenant: Some("t1".into()),
+            offset: 0,
+            limit: 1,
+        },
+    )
+    .await
+    else {
+        panic!("expected rows")
+    };
+    assert_eq!(rows.columns[0], "id");
+    assert_eq!(rows.rows.len(), 1);
+    assert_eq!(rows.rows[0][0], "2");
+    let Ok(A::TableRows(page2)) = ask(
+        &mut c,
+        "3",
+        R::LiveRows {
+            table: "members".into(),
+            tenant: Some("t1".into()),
+            offset: 1,
+            limit: 1,
+        },
+    )
+    .await
+    else {
+        panic!("expected rows")
+    };
+    let token = page2.columns.iter().position(|c| c == "api_token").unwrap();
+    assert_eq!(
+        (page2.rows[0][0].as_str(), page2.rows[0][token].as_str()),
+        ("1", "***")
+    );
+
+    // The feed: what the ring holds, then each commit pushed under the same id.
+    let Ok(A::Changes { missed, .. }) = ask(&mut c, "watch", R::WatchChanges { after: 0 }).await else {
+        panic!("expected changes")
+    };
+    assert_eq!(missed, 0);
+    source
+        .execute(
+            "INSERT INTO members VALUES (99, 't2', 'zed', 'tok-99', 'active')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let pushed = loop {
+        match c.recv().await.unwrap() {
+            ServerFrame::Admin { id, response } if id == "watch" => match *response {
+                A::Changes { changes, .. } if !changes.is_empty() => break changes,
+                _ => continue,
+            },
+            ServerFrame::Settings { .. } => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    };
+    let change = pushed.iter().find(|e| e.key == "id=99").expect("the insert");
+    assert_eq!(
+        (change.op.as_str(), change.table.as_str()),
+        ("insert", "public.members")
+    );
+    assert!(change.xid > 0 && change.lsn.contains('/') && change.commit_time.ends_with('Z'));
+    assert!(
+        change
+            .columns
+            .contains(&("api_token".to_string(), "***".to_string()))
+    );
+    assert!(change.columns.contains(&("name".to_string(), "zed".to_string())));
+    let Ok(A::Done { .. }) = ask(&mut c, "unwatch", R::UnwatchChanges).await else {
+        panic!("expected done")
+    };
+
+    // The console: the live table with its tenants, then a change appears as it commits.
+    let log = dir.path().join("pulsetop.log");
+    let tui = Tmux::start(
+        &format!(
+            "{} --socket {} --log-file {}",
+            bin.display(),
+            pulsed.admin_socket.display(),
+            log.display()
+        ),
+        &log,
+    );
+    tui.wait_for(&["● connected"], WAIT).await;
+    tui.keys(&["5"]);
+    tui.wait_for(&["» members", "Latest changes", "id=99"], WAIT)
+        .await;
+    source
+        .execute(
+            "INSERT INTO members VALUES (100, 't1', 'yolanda', NULL, 'active')",
+            &[],
+        )
+        .await
+        .unwrap();
+    tui.wait_for(&["id=100", "name=yolanda"], WAIT).await;
+    // Filtered to the live table, Enter opens its rows from the source.
+    tui.keys(&["/"]);
+    tui.type_text("members");
+    tui.keys(&["Enter", "Enter"]);
+    tui.wait_for(&["members · rows 1–5", "yolanda"], WAIT).await;
+    // Paused, a new change is held, not shown, until p again.
+    tui.keys(&["p"]);
+    tui.wait_for(&["PAUSED"], WAIT).await;
+    source
+        .execute("UPDATE members SET status = 'gone' WHERE id = 100", &[])
+        .await
+        .unwrap();
+    tui.wait_for(&["PAUSED · 1 new"], WAIT).await;
+    assert!(!tui.capture().contains("status=gone"), "{}", tui.capture());
+    tui.keys(&["p"]);
+    tui.wait_for(&["status=gone"], WAIT).await;
     tui.keys(&["q"]);
     tui.wait_for(&["pulsetop exited with 0"], WAIT).await;
 }

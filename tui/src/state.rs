@@ -8,9 +8,9 @@ use std::collections::{HashMap, VecDeque};
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use pulse_shared::admin::{
-    AdminRequest, AdminResponse, ConfigEntry, ErrorGroup, JobsReport, LogEntry, LogLevel, MetricsSample,
-    NotificationItem, PresenceReport, ReplicationReport, SettingEntry, SettingKind, StatusReport,
-    StorageReport, TableInfo, TableRows,
+    AdminRequest, AdminResponse, ChangeEvent, ConfigEntry, ErrorGroup, JobsReport, LiveTableInfo, LogEntry,
+    LogLevel, MetricsSample, NotificationItem, PresenceReport, ReplicationReport, SettingEntry, SettingKind,
+    StatusReport, StorageReport, TableInfo, TableRows,
 };
 use pulse_shared::caps::{Capability, Decision, Principal, Role, Target, authorize};
 use pulse_shared::{ErrorBody, ErrorCode};
@@ -21,6 +21,39 @@ pub const LOG_KEEP: usize = 5_000;
 pub const HISTORY: usize = 120;
 /// After this long without an answer a poll is sent again.
 pub const REQUEST_TIMEOUT_MS: i64 = 10_000;
+/// Changes the data explorer's feed keeps (and holds while paused).
+pub const FEED_KEEP: usize = 500;
+/// Rows of a live table per page.
+pub const PAGE_ROWS: u32 = 50;
+/// Live tables are counted on the source database: at most this often.
+pub const LIVE_COUNT_EVERY_MS: i64 = 10_000;
+/// The window of the function-error rate.
+pub const FUNCTION_WINDOW_MS: i64 = 60_000;
+
+/// What the data explorer's right pane shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened {
+    /// A table of the `pulse` schema, by schema-qualified name.
+    Pulse(String),
+    /// A live table of the schema file, optionally one tenant's rows.
+    Live {
+        /// The live table's name.
+        table: String,
+        /// Only this tenant.
+        tenant: Option<String>,
+    },
+}
+
+/// One line of the data explorer's table list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataItem {
+    /// `tables[i]`, a `pulse` table.
+    Pulse(usize),
+    /// `live[i]`, a live table (all tenants).
+    Live(usize),
+    /// `live[i].tenants[j]`, one tenant of a live table.
+    LiveTenant(usize, usize),
+}
 
 /// The screens, in tab order; number keys 1–9 select them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -287,6 +320,9 @@ pub struct History {
     pub latency_ms: Option<VecDeque<u64>>,
     /// Largest slot lag, bytes.
     pub replication_lag: VecDeque<u64>,
+    /// Function runs and failures over the last minute: (Unix ms, runs, failures),
+    /// cumulative counters, oldest first.
+    pub functions: VecDeque<(i64, u64, u64)>,
     /// Previous sample, for rates: (Unix ms, errors, throughput counter).
     prev: Option<(i64, u64, Option<u64>)>,
 }
@@ -362,9 +398,25 @@ pub struct State {
     /// Rows of the opened table.
     pub table_rows: Remote<TableRows>,
     /// The table opened.
-    pub open_table: Option<String>,
-    /// Live tables and changes.
-    pub live: Remote<(Vec<TableInfo>, Vec<pulse_shared::admin::ChangeEvent>)>,
+    pub open_table: Option<Opened>,
+    /// The page of the opened live table (rows skipped).
+    pub data_offset: u32,
+    /// Live tables of the schema file with their rows per tenant.
+    pub live: Remote<Vec<LiveTableInfo>>,
+    /// The latest committed changes, oldest first (at most [`FEED_KEEP`]).
+    pub changes: VecDeque<ChangeEvent>,
+    /// Changes that arrived while the feed is paused, oldest first.
+    pub held: VecDeque<ChangeEvent>,
+    /// The feed is paused: new changes are held, not shown.
+    pub feed_paused: bool,
+    /// Changes the feed never received (pulsed's ring moved on, or the console's).
+    pub feed_missed: u64,
+    /// Highest change sequence number seen, to resume the feed after a reconnect.
+    pub feed_seq: u64,
+    /// A feed watch is open on this session.
+    pub watching: bool,
+    /// The feed failed to start (no capability, or an old pulsed).
+    pub feed_error: Option<ErrorBody>,
     /// Storage.
     pub storage: Remote<StorageReport>,
     /// Jobs.
@@ -419,7 +471,15 @@ impl State {
             tables: Remote::default(),
             table_rows: Remote::default(),
             open_table: None,
+            data_offset: 0,
             live: Remote::default(),
+            changes: VecDeque::new(),
+            held: VecDeque::new(),
+            feed_paused: false,
+            feed_missed: 0,
+            feed_seq: 0,
+            watching: false,
+            feed_error: None,
             storage: Remote::default(),
             jobs: Remote::default(),
             replication: Remote::default(),
@@ -509,6 +569,63 @@ impl State {
             .collect()
     }
 
+    /// The data explorer's list: `pulse` tables, then each live table followed by its
+    /// tenants, all through the filter (a live table matching by name keeps all its
+    /// tenants; otherwise only matching tenants show, under their table).
+    pub fn data_items(&self) -> Vec<DataItem> {
+        let needle = self.filters[Screen::Data.index()].to_lowercase();
+        let hit = |text: &str| needle.is_empty() || text.to_lowercase().contains(&needle);
+        let mut items = Vec::new();
+        for (i, t) in self.tables.data.iter().flatten().enumerate() {
+            if hit(&t.name) {
+                items.push(DataItem::Pulse(i));
+            }
+        }
+        for (i, t) in self.live.data.iter().flatten().enumerate() {
+            let whole = hit(&t.name) || hit(&t.source);
+            let tenants: Vec<usize> = (0..t.tenants.len())
+                .filter(|&j| whole || hit(&t.tenants[j].tenant))
+                .collect();
+            if whole || !tenants.is_empty() {
+                items.push(DataItem::Live(i));
+                items.extend(tenants.into_iter().map(|j| DataItem::LiveTenant(i, j)));
+            }
+        }
+        items
+    }
+
+    /// The feed's changes that pass the data screen's filter, oldest first.
+    pub fn visible_changes(&self) -> Vec<&ChangeEvent> {
+        let needle = self.filters[Screen::Data.index()].to_lowercase();
+        self.changes
+            .iter()
+            .filter(|c| {
+                needle.is_empty()
+                    || c.table.to_lowercase().contains(&needle)
+                    || c.op.contains(&needle)
+                    || c.key.to_lowercase().contains(&needle)
+                    || c.columns.iter().any(|(k, v)| {
+                        k.to_lowercase().contains(&needle) || v.to_lowercase().contains(&needle)
+                    })
+            })
+            .collect()
+    }
+
+    /// Function errors (failed queries, mutations and job runs) as a percentage of the
+    /// runs over the last minute; 0 when nothing ran; `None` when pulsed does not count
+    /// them.
+    pub fn function_error_pct(&self) -> Option<f64> {
+        let q = &self.history.functions;
+        let (first, last) = (q.front()?, q.back()?);
+        let runs = last.1.saturating_sub(first.1);
+        let failed = last.2.saturating_sub(first.2);
+        Some(if runs == 0 {
+            0.0
+        } else {
+            failed as f64 * 100.0 / runs as f64
+        })
+    }
+
     fn recompute_presence(&mut self) {
         self.presence_rows.clear();
         let Some(p) = &self.presence.data else { return };
@@ -539,7 +656,7 @@ impl State {
             (Screen::Notifications, _) => self.visible_notifications().len(),
             (Screen::Logs, _) if self.log_groups => self.log_errors.data.as_ref().map_or(0, Vec::len),
             (Screen::Logs, _) => self.visible_logs().len(),
-            (Screen::Data, Pane::First) => self.visible_tables().len(),
+            (Screen::Data, Pane::First) => self.data_items().len(),
             (Screen::Data, Pane::Second) => self.table_rows.data.as_ref().map_or(0, |t| t.rows.len()),
             (Screen::Storage, _) => self.storage.data.as_ref().map_or(0, |s| s.tenants.len()),
             (Screen::Jobs, Pane::First) => self.jobs.data.as_ref().map_or(0, |j| j.jobs.len()),
@@ -574,6 +691,8 @@ impl State {
                 | AdminRequest::RotateDeployKey
                 | AdminRequest::RunJob { .. }
                 | AdminRequest::RequeueDeadLetter { .. }
+                | AdminRequest::WatchChanges { .. }
+                | AdminRequest::UnwatchChanges
         );
         if !self.connected() {
             return;
@@ -622,10 +741,14 @@ impl State {
             ),
             Screen::Data => {
                 self.request(AdminRequest::Tables, effects);
-                self.request(AdminRequest::LiveTables, effects);
-                if let Some(table) = self.open_table.clone() {
-                    self.request(AdminRequest::TableRows { table, limit: 50 }, effects);
+                // Counting live tables reads the source database: not every second.
+                if self.live.data.is_none() || self.now_ms - self.live.at_ms >= LIVE_COUNT_EVERY_MS {
+                    self.request(AdminRequest::LiveTables, effects);
                 }
+                if let Some(request) = self.rows_request() {
+                    self.request(request, effects);
+                }
+                self.watch(effects);
             }
             Screen::Storage => self.request(AdminRequest::Storage, effects),
             Screen::Jobs => self.request(AdminRequest::Jobs, effects),
@@ -638,6 +761,48 @@ impl State {
 
     fn say(&mut self, tone: Tone, text: impl Into<String>) {
         self.message = Some((tone, text.into()));
+    }
+
+    /// The request for the rows of the opened table.
+    fn rows_request(&self) -> Option<AdminRequest> {
+        Some(match self.open_table.clone()? {
+            Opened::Pulse(table) => AdminRequest::TableRows { table, limit: 50 },
+            Opened::Live { table, tenant } => AdminRequest::LiveRows {
+                table,
+                tenant,
+                offset: self.data_offset,
+                limit: PAGE_ROWS,
+            },
+        })
+    }
+
+    /// Opens the change feed on this session, once (pulsed then pushes each commit),
+    /// from where the console left off.
+    fn watch(&mut self, effects: &mut Vec<Effect>) {
+        if !self.watching && self.feed_error.is_none() && self.connected() {
+            self.watching = true;
+            self.request(AdminRequest::WatchChanges { after: self.feed_seq }, effects);
+        }
+    }
+
+    /// Takes changes from pulsed: shown at once, or held while paused.
+    fn changes_arrived(&mut self, changes: Vec<ChangeEvent>, missed: u64) {
+        self.feed_missed += missed;
+        for c in changes {
+            self.feed_seq = self.feed_seq.max(c.seq);
+            let into = if self.feed_paused {
+                &mut self.held
+            } else {
+                &mut self.changes
+            };
+            if into.len() == FEED_KEEP {
+                into.pop_front();
+                if self.feed_paused {
+                    self.feed_missed += 1;
+                }
+            }
+            into.push_back(c);
+        }
     }
 }
 
@@ -659,6 +824,9 @@ pub fn kind_of(request: &AdminRequest) -> &'static str {
         AdminRequest::Tables => "tables",
         AdminRequest::TableRows { .. } => "table_rows",
         AdminRequest::LiveTables => "live_tables",
+        AdminRequest::LiveRows { .. } => "live_rows",
+        AdminRequest::WatchChanges { .. } => "watch_changes",
+        AdminRequest::UnwatchChanges => "unwatch_changes",
         AdminRequest::Replication => "replication",
         AdminRequest::Presence { .. } => "presence",
         AdminRequest::Notifications { .. } => "notifications",
@@ -672,7 +840,7 @@ pub fn kind_of(request: &AdminRequest) -> &'static str {
     }
 }
 
-const KINDS: [&str; 17] = [
+const KINDS: [&str; 20] = [
     "status",
     "config",
     "metrics",
@@ -680,6 +848,9 @@ const KINDS: [&str; 17] = [
     "tables",
     "table_rows",
     "live_tables",
+    "live_rows",
+    "watch_changes",
+    "unwatch_changes",
     "replication",
     "presence",
     "notifications",
@@ -794,10 +965,17 @@ fn net(state: &mut State, event: NetEvent, effects: &mut Vec<Effect>) {
                 retry_in_secs,
             };
             state.in_flight.clear();
+            // A watch lives as long as its session.
+            state.watching = false;
         }
         NetEvent::Response { id, response } => {
-            if let Some(kind) = kind_of_id(&id) {
+            let kind = kind_of_id(&id);
+            if let Some(kind) = kind {
                 state.in_flight.remove(kind);
+            }
+            if kind == Some("unwatch_changes") {
+                // Nothing to tell: the operator left the screen.
+                return;
             }
             response_arrived(state, response, effects);
             state.clamp_cursors();
@@ -814,8 +992,13 @@ fn net(state: &mut State, event: NetEvent, effects: &mut Vec<Effect>) {
                 Some("config") => put(&mut state.config.error),
                 Some("logs") => put(&mut state.log_errors.error),
                 Some("tables") => put(&mut state.tables.error),
-                Some("table_rows") => put(&mut state.table_rows.error),
+                Some("table_rows" | "live_rows") => put(&mut state.table_rows.error),
                 Some("live_tables") => put(&mut state.live.error),
+                Some("watch_changes") => {
+                    state.watching = false;
+                    state.feed_error = Some(error.clone());
+                }
+                Some("unwatch_changes") => {}
                 Some("replication") => put(&mut state.replication.error),
                 Some("presence") => put(&mut state.presence.error),
                 Some("notifications") => put(&mut state.notifications.error),
@@ -835,6 +1018,25 @@ fn response_arrived(state: &mut State, response: AdminResponse, effects: &mut Ve
         AdminResponse::Status(s) => state.status.set(s, now),
         AdminResponse::Metrics(m) => {
             let h = &mut state.history;
+            if let (Some(runs), Some(failed)) = (m.functions_total, m.function_errors_total) {
+                // A restarted pulsed counts from 0 again: start the window over.
+                if h.functions
+                    .back()
+                    .is_some_and(|(_, r, f)| runs < *r || failed < *f)
+                {
+                    h.functions.clear();
+                }
+                h.functions.push_back((now, runs, failed));
+                while h
+                    .functions
+                    .front()
+                    .is_some_and(|(at, _, _)| now - at > FUNCTION_WINDOW_MS)
+                {
+                    h.functions.pop_front();
+                }
+            } else {
+                h.functions.clear();
+            }
             push(&mut h.connections, m.connections);
             let throughput_counter = m.requests_total;
             if let Some((at, errors, prev_thr)) = h.prev {
@@ -875,7 +1077,8 @@ fn response_arrived(state: &mut State, response: AdminResponse, effects: &mut Ve
         }
         AdminResponse::Tables { tables } => state.tables.set(tables, now),
         AdminResponse::TableRows(rows) => state.table_rows.set(rows, now),
-        AdminResponse::LiveTables { tables, changes } => state.live.set((tables, changes), now),
+        AdminResponse::LiveTables { tables } => state.live.set(tables, now),
+        AdminResponse::Changes { changes, missed } => state.changes_arrived(changes, missed),
         AdminResponse::Replication(r) => {
             let mut rates = Vec::new();
             let mut next = Vec::new();
@@ -1053,6 +1256,11 @@ fn confirm_key(state: &mut State, key: KeyEvent, pending: Pending, effects: &mut
 
 fn go(state: &mut State, screen: Screen, effects: &mut Vec<Effect>) {
     if state.screen != screen {
+        // The change feed flows only while the data explorer is shown.
+        if state.screen == Screen::Data && state.watching {
+            state.watching = false;
+            state.request(AdminRequest::UnwatchChanges, effects);
+        }
         state.screen = screen;
         state.message = None;
         state.poll(effects);
@@ -1092,6 +1300,8 @@ fn normal_key(state: &mut State, key: KeyEvent, effects: &mut Vec<Effect>) {
         KeyCode::Right | KeyCode::Char('l') if state.screen != Screen::Logs => state.pane[i] = Pane::Second,
         KeyCode::Char('r') => {
             state.in_flight.clear();
+            state.live.at_ms = 0;
+            state.feed_error = None;
             state.poll(effects);
         }
         KeyCode::Esc => {
@@ -1146,14 +1356,57 @@ fn screen_key(state: &mut State, key: KeyEvent, effects: &mut Vec<Effect>) {
             }
         }
         (Screen::Data, KeyCode::Enter) if state.focus() == Pane::First => {
-            let name = state.visible_tables().get(cursor).map(|t| t.name.clone());
-            if let Some(table) = name {
-                state.open_table = Some(table.clone());
+            let live = |i: usize| state.live.data.as_ref().map(|l| &l[i]);
+            let opened = match state.data_items().get(cursor) {
+                None => return,
+                Some(DataItem::Pulse(i)) => state
+                    .tables
+                    .data
+                    .as_ref()
+                    .map(|t| Opened::Pulse(t[*i].name.clone())),
+                Some(DataItem::Live(i)) => live(*i).map(|t| Opened::Live {
+                    table: t.name.clone(),
+                    tenant: None,
+                }),
+                Some(DataItem::LiveTenant(i, j)) => live(*i).map(|t| Opened::Live {
+                    table: t.name.clone(),
+                    tenant: Some(t.tenants[*j].tenant.clone()),
+                }),
+            };
+            if let Some(opened) = opened {
+                state.open_table = Some(opened);
+                state.data_offset = 0;
                 state.table_rows = Remote::default();
                 state.pane[Screen::Data.index()] = Pane::Second;
                 state.cursor[Screen::Data.index()][1] = 0;
-                state.in_flight.remove("table_rows");
-                state.request(AdminRequest::TableRows { table, limit: 50 }, effects);
+                rows_again(state, effects);
+            }
+        }
+        (Screen::Data, KeyCode::Char(c @ ('[' | ']'))) => {
+            if !matches!(state.open_table, Some(Opened::Live { .. })) {
+                return;
+            }
+            let shown = state.table_rows.data.as_ref().map_or(0, |t| t.rows.len() as u32);
+            let offset = if c == ']' {
+                // Past the last page there is nothing to show.
+                if shown < PAGE_ROWS {
+                    return;
+                }
+                state.data_offset + PAGE_ROWS
+            } else {
+                state.data_offset.saturating_sub(PAGE_ROWS)
+            };
+            if offset != state.data_offset {
+                state.data_offset = offset;
+                state.cursor[Screen::Data.index()][1] = 0;
+                rows_again(state, effects);
+            }
+        }
+        (Screen::Data, KeyCode::Char('p')) => {
+            state.feed_paused = !state.feed_paused;
+            if !state.feed_paused {
+                let held: Vec<ChangeEvent> = state.held.drain(..).collect();
+                state.changes_arrived(held, 0);
             }
         }
         (Screen::Jobs, KeyCode::Enter) => {
@@ -1216,6 +1469,15 @@ fn screen_key(state: &mut State, key: KeyEvent, effects: &mut Vec<Effect>) {
             }
         }
         _ => {}
+    }
+}
+
+/// Asks for the opened table's rows now, whatever is in flight.
+fn rows_again(state: &mut State, effects: &mut Vec<Effect>) {
+    state.in_flight.remove("table_rows");
+    state.in_flight.remove("live_rows");
+    if let Some(request) = state.rows_request() {
+        state.request(request, effects);
     }
 }
 
@@ -1736,5 +1998,252 @@ mod tests {
         assert_eq!(s.screen, Screen::Overview);
         update(&mut s, key(KeyCode::Esc));
         assert!(!s.help);
+    }
+
+    fn change(seq: u64, key: &str) -> ChangeEvent {
+        ChangeEvent {
+            seq,
+            lsn: format!("0/{seq:X}"),
+            commit_time: "2026-11-24T10:00:00.000Z".into(),
+            xid: seq as u32,
+            table: "public.members".into(),
+            op: "insert".into(),
+            key: key.into(),
+            columns: vec![("tenant_id".into(), "acme".into())],
+        }
+    }
+
+    fn pushed(s: &mut State, id: &str, changes: Vec<ChangeEvent>, missed: u64) {
+        update(
+            s,
+            Action::Net(NetEvent::Response {
+                id: id.into(),
+                response: AdminResponse::Changes { changes, missed },
+            }),
+        );
+    }
+
+    #[test]
+    fn the_change_feed_flows_while_the_data_explorer_is_shown_and_pauses() {
+        let mut s = connected();
+        assert!(
+            !requests(&update(&mut s, Action::Tick { now_ms: 1000 }))
+                .iter()
+                .any(|r| matches!(r, AdminRequest::WatchChanges { .. }))
+        );
+        // Opening the screen starts the feed once, from the start.
+        let effects = update(&mut s, key(KeyCode::Char('5')));
+        let watch = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Request {
+                    id,
+                    request: AdminRequest::WatchChanges { after },
+                } => Some((id.clone(), *after)),
+                _ => None,
+            })
+            .expect("a watch request");
+        assert_eq!(watch.1, 0);
+        let again = update(&mut s, Action::Tick { now_ms: 2000 });
+        assert!(
+            !requests(&again)
+                .iter()
+                .any(|r| matches!(r, AdminRequest::WatchChanges { .. }))
+        );
+        pushed(&mut s, &watch.0, vec![change(1, "id=1"), change(2, "id=2")], 0);
+        pushed(&mut s, &watch.0, vec![change(3, "id=3")], 0);
+        assert_eq!(s.changes.len(), 3);
+        assert_eq!(s.feed_seq, 3);
+        // Paused: new changes are held, the shown list stays still; resuming shows them.
+        update(&mut s, key(KeyCode::Char('p')));
+        pushed(&mut s, &watch.0, vec![change(4, "id=4")], 2);
+        assert_eq!((s.changes.len(), s.held.len(), s.feed_missed), (3, 1, 2));
+        update(&mut s, key(KeyCode::Char('p')));
+        assert_eq!((s.changes.len(), s.held.len()), (4, 0));
+        // The filter narrows the feed.
+        update(&mut s, key(KeyCode::Char('/')));
+        for c in "id=4".chars() {
+            update(&mut s, key(KeyCode::Char(c)));
+        }
+        assert_eq!(s.visible_changes().len(), 1);
+        update(&mut s, key(KeyCode::Esc));
+        // Leaving the screen stops the feed; coming back resumes after the last seen.
+        let effects = update(&mut s, key(KeyCode::Char('1')));
+        assert!(requests(&effects).contains(&AdminRequest::UnwatchChanges));
+        let effects = update(&mut s, key(KeyCode::Char('5')));
+        assert!(requests(&effects).contains(&AdminRequest::WatchChanges { after: 4 }));
+        // A reconnect opens a new session: the feed is asked for again.
+        update(
+            &mut s,
+            Action::Net(NetEvent::Disconnected {
+                reason: "gone".into(),
+                retry_in_secs: 1,
+            }),
+        );
+        assert!(!s.watching);
+        let effects = update(
+            &mut s,
+            Action::Net(NetEvent::Connected {
+                server_version: "0.1.0".into(),
+                roles: vec!["service".into()],
+            }),
+        );
+        assert!(requests(&effects).contains(&AdminRequest::WatchChanges { after: 4 }));
+    }
+
+    #[test]
+    fn the_feed_is_bounded_and_a_refused_watch_is_not_retried_every_second() {
+        let mut s = connected();
+        update(&mut s, key(KeyCode::Char('5')));
+        pushed(
+            &mut s,
+            "watch_changes#1",
+            (1..=(FEED_KEEP as u64 + 20)).map(|i| change(i, "k")).collect(),
+            0,
+        );
+        assert_eq!(s.changes.len(), FEED_KEEP);
+        assert_eq!(s.changes.front().unwrap().seq, 21);
+        update(
+            &mut s,
+            Action::Net(NetEvent::Error {
+                id: Some("watch_changes#9".into()),
+                error: ErrorBody::new(ErrorCode::Forbidden, "the data explorer: no"),
+            }),
+        );
+        assert!(s.feed_error.is_some());
+        let effects = update(&mut s, Action::Tick { now_ms: 5000 });
+        assert!(
+            !requests(&effects)
+                .iter()
+                .any(|r| matches!(r, AdminRequest::WatchChanges { .. }))
+        );
+        // r tries again.
+        let effects = update(&mut s, key(KeyCode::Char('r')));
+        assert!(
+            requests(&effects)
+                .iter()
+                .any(|r| matches!(r, AdminRequest::WatchChanges { .. }))
+        );
+    }
+
+    #[test]
+    fn live_tables_open_by_tenant_and_page() {
+        use pulse_shared::admin::TenantRows;
+        let mut s = connected();
+        update(&mut s, key(KeyCode::Char('5')));
+        update(
+            &mut s,
+            Action::Net(NetEvent::Response {
+                id: "live_tables#1".into(),
+                response: AdminResponse::LiveTables {
+                    tables: vec![LiveTableInfo {
+                        name: "members".into(),
+                        source: "public.members".into(),
+                        tenant_column: "tenant_id".into(),
+                        rows: 3,
+                        estimated: false,
+                        tenants: vec![
+                            TenantRows {
+                                tenant: "t1".into(),
+                                rows: 2,
+                            },
+                            TenantRows {
+                                tenant: "t2".into(),
+                                rows: 1,
+                            },
+                        ],
+                    }],
+                },
+            }),
+        );
+        assert_eq!(
+            s.data_items(),
+            vec![
+                DataItem::Live(0),
+                DataItem::LiveTenant(0, 0),
+                DataItem::LiveTenant(0, 1)
+            ]
+        );
+        // The filter keeps matching tenants under their table.
+        update(&mut s, key(KeyCode::Char('/')));
+        update(&mut s, key(KeyCode::Char('2')));
+        update(&mut s, key(KeyCode::Enter));
+        assert_eq!(
+            s.data_items(),
+            vec![DataItem::Live(0), DataItem::LiveTenant(0, 1)]
+        );
+        update(&mut s, key(KeyCode::Char('j')));
+        let effects = update(&mut s, key(KeyCode::Enter));
+        assert!(
+            requests(&effects).contains(&AdminRequest::LiveRows {
+                table: "members".into(),
+                tenant: Some("t2".into()),
+                offset: 0,
+                limit: PAGE_ROWS,
+            }),
+            "{effects:?}"
+        );
+        // A short page is the last: ] does nothing; a full one pages on, [ back.
+        let page = |n: usize, offset: u32| {
+            Action::Net(NetEvent::Response {
+                id: "live_rows#5".into(),
+                response: AdminResponse::TableRows(TableRows {
+                    table: "members".into(),
+                    columns: vec!["id".into()],
+                    rows: vec![vec!["1".into()]; n],
+                    offset,
+                }),
+            })
+        };
+        update(&mut s, page(1, 0));
+        assert!(update(&mut s, key(KeyCode::Char(']'))).is_empty());
+        update(&mut s, page(PAGE_ROWS as usize, 0));
+        let effects = update(&mut s, key(KeyCode::Char(']')));
+        assert!(requests(&effects).contains(&AdminRequest::LiveRows {
+            table: "members".into(),
+            tenant: Some("t2".into()),
+            offset: PAGE_ROWS,
+            limit: PAGE_ROWS,
+        }));
+        let effects = update(&mut s, key(KeyCode::Char('[')));
+        assert!(
+            requests(&effects)
+                .iter()
+                .any(|r| matches!(r, AdminRequest::LiveRows { offset: 0, .. }))
+        );
+    }
+
+    #[test]
+    fn function_errors_are_a_rate_over_the_last_minute() {
+        let mut s = connected();
+        let sample = |s: &mut State, at: i64, runs: u64, failed: u64| {
+            s.now_ms = at;
+            update(
+                s,
+                Action::Net(NetEvent::Response {
+                    id: "metrics#1".into(),
+                    response: AdminResponse::Metrics(MetricsSample {
+                        functions_total: Some(runs),
+                        function_errors_total: Some(failed),
+                        ..Default::default()
+                    }),
+                }),
+            );
+        };
+        assert_eq!(s.function_error_pct(), None);
+        // Old failures long ago do not count; of 200 runs in the last minute, 3 failed.
+        sample(&mut s, 0, 1000, 500);
+        sample(&mut s, 30_000, 1000, 500);
+        sample(&mut s, 100_000, 1200, 503);
+        assert_eq!(s.function_error_pct(), Some(0.0), "only one sample in the window");
+        sample(&mut s, 120_000, 1400, 506);
+        let pct = s.function_error_pct().unwrap();
+        assert!((pct - 1.5).abs() < 1e-9, "{pct}");
+        // A restarted pulsed counts from zero: the window starts over.
+        sample(&mut s, 121_000, 5, 0);
+        assert_eq!(s.function_error_pct(), Some(0.0));
+        // Nothing ran: 0 %, not "unknown".
+        sample(&mut s, 122_000, 5, 0);
+        assert_eq!(s.function_error_pct(), Some(0.0));
     }
 }

@@ -15,7 +15,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span, Text};
 use ratatui::widgets::{Block, Cell, Clear, Paragraph, Row, Sparkline, Table, Wrap};
 
-use crate::state::{Conn, Mode, Pane, Pending, Remote, Screen, State, Tone};
+use crate::state::{Conn, DataItem, Mode, Opened, Pane, Pending, Remote, Screen, State, Tone};
 
 /// Styles, with or without colour.
 #[derive(Debug, Clone, Copy)]
@@ -305,6 +305,33 @@ fn title_of<T>(base: String, remote: &Remote<T>, theme: Theme) -> Line<'static> 
     Line::from(spans)
 }
 
+/// A row, reversed when it holds the cursor (visible without colour).
+fn pick<T: ratatui::style::Styled<Item = T>>(item: T, selected: bool, theme: Theme) -> T {
+    if selected {
+        item.set_style(theme.selected())
+    } else {
+        item
+    }
+}
+
+/// A table with its header row, in a block.
+fn draw_table<'a>(
+    frame: &mut Frame<'_>,
+    area: Rect,
+    rows: impl IntoIterator<Item = Row<'a>>,
+    widths: &[Constraint],
+    header: &[&'a str],
+    block: Block<'a>,
+    theme: Theme,
+) {
+    frame.render_widget(
+        Table::new(rows, widths.to_vec())
+            .header(Row::new(header.to_vec()).style(theme.header()))
+            .block(block),
+        area,
+    );
+}
+
 fn health_style(theme: Theme, h: HealthState) -> (Style, &'static str) {
     match h {
         HealthState::Up => (theme.ok(), "up"),
@@ -350,11 +377,7 @@ fn overview(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 Cell::from(Span::styled(word, style)),
                 Cell::from(c.detail.clone()),
             ]);
-            if i == cursor {
-                row.style(theme.selected())
-            } else {
-                row
-            }
+            pick(row, i == cursor, theme)
         });
         let table = Table::new(
             rows,
@@ -372,30 +395,46 @@ fn overview(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
     // Alerts against the product page's thresholds; unmeasured figures say so.
     let lines: Vec<Line<'_>> = {
         let m = metrics.cloned().unwrap_or_default();
-        let storage = m.storage_max_quota_pct;
-        let fn_errors = match (m.functions_total, m.function_errors_total) {
-            (Some(t), Some(e)) if t > 0 => Some(e as f64 * 100.0 / t as f64),
-            (Some(_), Some(_)) => Some(0.0),
-            _ => None,
-        };
-        let checks: [(&str, Option<f64>, f64, &str); 5] = [
-            ("query latency p50", m.query_p50_ms, 200.0, "ms"),
-            ("mutation latency p50", m.mutation_p50_ms, 500.0, "ms"),
+        let not_measured = "not measured by this pulsed";
+        // (name, value, threshold, unit, why there is no value)
+        let checks: [(&str, Option<f64>, f64, &str, &str); 5] = [
+            ("query latency p50", m.query_p50_ms, 200.0, "ms", not_measured),
+            (
+                "mutation latency p50",
+                m.mutation_p50_ms,
+                500.0,
+                "ms",
+                not_measured,
+            ),
             (
                 "active connections",
                 metrics.map(|m| m.connections as f64),
                 10_000.0,
                 "",
+                not_measured,
             ),
-            ("storage of quota", storage, 80.0, "%"),
-            ("function errors", fn_errors, 1.0, "%"),
+            (
+                "storage of quota",
+                m.storage_max_quota_pct,
+                80.0,
+                "%",
+                "no tenant has a quota",
+            ),
+            // Failed queries, mutations and job runs over those run in the last minute.
+            (
+                "function errors (1m)",
+                state.function_error_pct(),
+                1.0,
+                "%",
+                not_measured,
+            ),
         ];
         checks
             .iter()
-            .map(|(name, value, limit, unit)| {
+            .map(|(name, value, limit, unit, why)| {
                 let (mark, style, shown) = match value {
                     None if metrics.is_none() => ("     ", theme.dim(), "no data yet".to_string()),
-                    None => ("n/a  ", theme.dim(), "not measured by this pulsed".to_string()),
+                    None => ("n/a  ", theme.dim(), why.to_string()),
                     Some(v) if v > limit => ("ALERT", theme.bad(), figure(*v, unit)),
                     Some(v) => ("ok   ", theme.ok(), figure(*v, unit)),
                 };
@@ -472,11 +511,7 @@ fn presence(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(format!("{}{name}", if chosen { "▸" } else { " " })),
             Cell::from(online.to_string()),
         ]);
-        if i == tcursor && focus == Pane::First {
-            row.style(theme.selected())
-        } else {
-            row
-        }
+        pick(row, i == tcursor && focus == Pane::First, theme)
     });
     frame.render_widget(
         Table::new(trows, [Constraint::Min(10), Constraint::Length(6)]).block(titled(
@@ -502,11 +537,7 @@ fn presence(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 Cell::from(u.state.as_str()),
                 Cell::from(u.last_seen_secs.map_or("-".into(), |s| format!("{s}s"))),
             ]);
-            if range.start + k == ucursor && focus == Pane::Second {
-                row.style(theme.selected())
-            } else {
-                row
-            }
+            pick(row, range.start + k == ucursor && focus == Pane::Second, theme)
         });
     let title = format!(
         "Online: {} of {}{}",
@@ -518,20 +549,20 @@ fn presence(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             format!(" · filter {:?}", state.filter())
         }
     );
-    frame.render_widget(
-        Table::new(
-            urows,
-            [
-                Constraint::Min(10),
-                Constraint::Length(10),
-                Constraint::Min(12),
-                Constraint::Length(8),
-                Constraint::Length(6),
-            ],
-        )
-        .header(Row::new(["User", "Tenant", "Viewing", "State", "Seen"]).style(theme.header()))
-        .block(titled(title, focus == Pane::Second, theme)),
+    draw_table(
+        frame,
         right,
+        urows,
+        &[
+            Constraint::Min(10),
+            Constraint::Length(10),
+            Constraint::Min(12),
+            Constraint::Length(8),
+            Constraint::Length(6),
+        ],
+        &["User", "Tenant", "Viewing", "State", "Seen"],
+        titled(title, focus == Pane::Second, theme),
+        theme,
     );
 }
 
@@ -551,25 +582,21 @@ fn notifications(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect)
             Cell::from(if n.read { "read" } else { "new" }),
             Cell::from(n.title.as_str()),
         ]);
-        if i == cursor {
-            row.style(theme.selected())
-        } else {
-            row
-        }
+        pick(row, i == cursor, theme)
     });
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Length(20),
-                Constraint::Length(10),
-                Constraint::Length(12),
-                Constraint::Length(5),
-                Constraint::Min(10),
-            ],
-        )
-        .header(Row::new(["When", "Tenant", "User", "", "Title"]).style(theme.header()))
-        .block(titled(
+    draw_table(
+        frame,
+        area,
+        rows,
+        &[
+            Constraint::Length(20),
+            Constraint::Length(10),
+            Constraint::Length(12),
+            Constraint::Length(5),
+            Constraint::Min(10),
+        ],
+        &["When", "Tenant", "User", "", "Title"],
+        titled(
             title_of(
                 format!("Notifications ({}) · / by tenant, user or title", items.len()),
                 &state.notifications,
@@ -577,8 +604,8 @@ fn notifications(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect)
             ),
             true,
             theme,
-        )),
-        area,
+        ),
+        theme,
     );
 }
 
@@ -608,33 +635,29 @@ fn logs(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 Cell::from(g.kind.as_str()),
                 Cell::from(g.last_fields.as_str()),
             ]);
-            if i == cursor {
-                row.style(theme.selected())
-            } else {
-                row
-            }
+            pick(row, i == cursor, theme)
         });
-        frame.render_widget(
-            Table::new(
-                rows,
-                [
-                    Constraint::Length(6),
-                    Constraint::Length(5),
-                    Constraint::Length(8),
-                    Constraint::Min(20),
-                    Constraint::Min(10),
-                ],
-            )
-            .header(Row::new(["Count", "Level", "Last", "Kind", "Latest fields"]).style(theme.header()))
-            .block(titled(
+        draw_table(
+            frame,
+            area,
+            rows,
+            &[
+                Constraint::Length(6),
+                Constraint::Length(5),
+                Constraint::Length(8),
+                Constraint::Min(20),
+                Constraint::Min(10),
+            ],
+            &["Count", "Level", "Last", "Kind", "Latest fields"],
+            titled(
                 format!(
                     "Errors and warnings by kind ({}) · e: back to the log",
                     groups.len()
                 ),
                 true,
                 theme,
-            )),
-            area,
+            ),
+            theme,
         );
         return;
     }
@@ -661,11 +684,7 @@ fn logs(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 spans.push(Span::raw(v.as_str()));
             }
             let line = Line::from(spans);
-            if i == cursor {
-                line.style(theme.selected())
-            } else {
-                line
-            }
+            pick(line, i == cursor, theme)
         })
         .collect();
     let title = format!(
@@ -688,120 +707,233 @@ fn logs(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
 }
 
 fn data(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
-    let [top, bottom] = Layout::vertical([Constraint::Percentage(65), Constraint::Min(5)]).areas(area);
+    // The feed keeps at least 6 lines (4 changes) at 80x24.
+    let [top, bottom] = Layout::vertical([Constraint::Percentage(55), Constraint::Min(6)]).areas(area);
     let [left, right] = Layout::horizontal([Constraint::Length(38), Constraint::Min(20)]).areas(top);
-    let focus = state.focus();
-    if ready(&state.tables, state, theme, frame, left, "pulse schema").is_some() {
-        let tables = state.visible_tables();
-        let cursor = state.cursor_of(Screen::Data, Pane::First);
-        let range = window(tables.len(), cursor, left.height.saturating_sub(3) as usize);
-        let rows = range.clone().map(|i| {
-            let t = tables[i];
-            let open = state.open_table.as_deref() == Some(t.name.as_str());
-            let row = Row::new(vec![
-                Cell::from(format!(
-                    "{}{}",
-                    if open { "▸" } else { " " },
-                    t.name.strip_prefix("pulse.").unwrap_or(&t.name)
-                )),
-                Cell::from(t.rows.to_string()),
-                Cell::from(bytes(t.bytes)),
-            ]);
-            if i == cursor && focus == Pane::First {
-                row.style(theme.selected())
-            } else {
-                row
-            }
-        });
-        frame.render_widget(
-            Table::new(
-                rows,
-                [Constraint::Min(16), Constraint::Length(7), Constraint::Length(9)],
-            )
-            .header(Row::new(["Table", "Rows", "Size"]).style(theme.header()))
-            .block(titled(
-                title_of("pulse schema · Enter opens".into(), &state.tables, theme),
-                focus == Pane::First,
-                theme,
-            )),
-            left,
-        );
+    if state.tables.data.is_none() && state.live.data.is_none() {
+        let error = state.tables.error.as_ref().or(state.live.error.as_ref());
+        placeholder(state, theme, frame, left, "Tables", error);
+    } else {
+        table_list(state, theme, frame, left);
     }
     match (&state.open_table, &state.table_rows.data) {
         (None, _) => frame.render_widget(
             Paragraph::new(Span::styled(
-                "Choose a table and press Enter to see its latest rows.",
+                "Choose a table (or one tenant of a live table) and press Enter to see its rows.",
                 theme.dim(),
             ))
             .wrap(Wrap { trim: true })
             .block(Block::bordered().title("Rows")),
             right,
         ),
-        (Some(name), None) => placeholder(state, theme, frame, right, name, state.table_rows.error.as_ref()),
-        (Some(_), Some(t)) => {
-            let cursor = state.cursor_of(Screen::Data, Pane::Second);
-            let range = window(t.rows.len(), cursor, right.height.saturating_sub(3) as usize);
-            let widths: Vec<Constraint> = t
-                .columns
-                .iter()
-                .enumerate()
-                .map(|(c, name)| {
-                    let longest = t
-                        .rows
-                        .iter()
-                        .map(|r| r.get(c).map_or(0, |v| v.chars().count()))
-                        .max()
-                        .unwrap_or(0)
-                        .max(name.len());
-                    Constraint::Length(longest.min(24) as u16)
-                })
-                .collect();
-            let rows = range.clone().map(|i| {
-                let row = Row::new(t.rows[i].iter().map(|v| Cell::from(v.as_str())));
-                if i == cursor && focus == Pane::Second {
-                    row.style(theme.selected())
-                } else {
-                    row
-                }
-            });
-            frame.render_widget(
-                Table::new(rows, widths)
-                    .header(Row::new(t.columns.iter().map(|c| Cell::from(c.as_str()))).style(theme.header()))
-                    .block(titled(
-                        title_of(
-                            format!("{} · latest {}", t.table, t.rows.len()),
-                            &state.table_rows,
-                            theme,
-                        ),
-                        focus == Pane::Second,
-                        theme,
-                    )),
-                right,
-            );
+        (Some(opened), None) => {
+            let name = match opened {
+                Opened::Pulse(name) | Opened::Live { table: name, .. } => name,
+            };
+            placeholder(state, theme, frame, right, name, state.table_rows.error.as_ref())
+        }
+        (Some(opened), Some(t)) => {
+            let title = match opened {
+                Opened::Pulse(_) => format!("{} · latest {}", t.table, t.rows.len()),
+                Opened::Live { tenant, .. } => format!(
+                    "{}{} · rows {}–{} · [ ]",
+                    t.table,
+                    tenant.as_ref().map(|t| format!("/{t}")).unwrap_or_default(),
+                    if t.rows.is_empty() { t.offset } else { t.offset + 1 },
+                    t.offset as usize + t.rows.len(),
+                ),
+            };
+            rows_table(state, theme, frame, right, t, title);
         }
     }
-    if let Some((tables, changes)) = ready(
-        &state.live,
-        state,
-        theme,
-        frame,
-        bottom,
-        "Live tables and latest changes",
-    ) {
-        let mut lines: Vec<Line<'_>> = tables
-            .iter()
-            .map(|t| Line::raw(format!("{:<30} {:>10} rows", t.name, t.rows)))
-            .collect();
-        lines.extend(
-            changes
-                .iter()
-                .map(|c| Line::raw(format!("{} {} {} {}", c.lsn, c.op, c.table, c.summary))),
-        );
-        frame.render_widget(
-            Paragraph::new(lines).block(Block::bordered().title("Live tables and latest changes")),
-            bottom,
-        );
+    change_feed(state, theme, frame, bottom);
+}
+
+/// The `pulse` tables, then the live tables with their tenants.
+fn table_list(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
+    let focus = state.focus();
+    let items = state.data_items();
+    let cursor = state.cursor_of(Screen::Data, Pane::First);
+    let range = window(items.len(), cursor, area.height.saturating_sub(3) as usize);
+    let pulse = state.tables.data.as_deref().unwrap_or_default();
+    let live = state.live.data.as_deref().unwrap_or_default();
+    let opened = state.open_table.as_ref();
+    let rows = range.clone().map(|i| {
+        let (name, rows, size, open) = match items[i] {
+            DataItem::Pulse(k) => {
+                let t = &pulse[k];
+                (
+                    t.name.strip_prefix("pulse.").unwrap_or(&t.name).to_string(),
+                    t.rows.to_string(),
+                    bytes(t.bytes),
+                    opened == Some(&Opened::Pulse(t.name.clone())),
+                )
+            }
+            DataItem::Live(k) => {
+                let t = &live[k];
+                (
+                    format!("» {}", t.name),
+                    if t.estimated {
+                        format!("~{:.1}M", t.rows as f64 / 1e6)
+                    } else {
+                        t.rows.to_string()
+                    },
+                    "live".to_string(),
+                    matches!(opened, Some(Opened::Live { table, tenant: None }) if *table == t.name),
+                )
+            }
+            DataItem::LiveTenant(k, j) => {
+                let (t, tenant) = (&live[k], &live[k].tenants[j]);
+                (
+                    format!("   {}", tenant.tenant),
+                    tenant.rows.to_string(),
+                    String::new(),
+                    matches!(opened, Some(Opened::Live { table, tenant: Some(x) })
+                        if *table == t.name && *x == tenant.tenant),
+                )
+            }
+        };
+        let row = Row::new(vec![
+            Cell::from(format!("{}{name}", if open { "▸" } else { " " })),
+            Cell::from(rows),
+            Cell::from(Span::styled(size, theme.dim())),
+        ]);
+        pick(row, i == cursor && focus == Pane::First, theme)
+    });
+    let mut title = title_of("Tables · » live · Enter".into(), &state.tables, theme);
+    if let Some(e) = &state.live.error {
+        title
+            .spans
+            .push(Span::styled(format!(" live: {} ", e.code), theme.bad()));
     }
+    draw_table(
+        frame,
+        area,
+        rows,
+        &[Constraint::Min(16), Constraint::Length(7), Constraint::Length(9)],
+        &["Table", "Rows", "Size"],
+        titled(title, focus == Pane::First, theme),
+        theme,
+    );
+}
+
+/// Rows of a table, each column as wide as its longest value (up to 24).
+fn rows_table(
+    state: &State,
+    theme: Theme,
+    frame: &mut Frame<'_>,
+    area: Rect,
+    t: &pulse_shared::admin::TableRows,
+    title: String,
+) {
+    let focus = state.focus();
+    let cursor = state.cursor_of(Screen::Data, Pane::Second);
+    let range = window(t.rows.len(), cursor, area.height.saturating_sub(3) as usize);
+    let widths: Vec<Constraint> = t
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(c, name)| {
+            let longest = t
+                .rows
+                .iter()
+                .map(|r| r.get(c).map_or(0, |v| v.chars().count()))
+                .max()
+                .unwrap_or(0)
+                .max(name.len());
+            Constraint::Length(longest.min(24) as u16)
+        })
+        .collect();
+    let rows = range.clone().map(|i| {
+        let row = Row::new(t.rows[i].iter().map(|v| Cell::from(v.as_str())));
+        pick(row, i == cursor && focus == Pane::Second, theme)
+    });
+    frame.render_widget(
+        Table::new(rows, widths)
+            .header(Row::new(t.columns.iter().map(|c| Cell::from(c.as_str()))).style(theme.header()))
+            .block(titled(
+                title_of(title, &state.table_rows, theme),
+                focus == Pane::Second,
+                theme,
+            )),
+        area,
+    );
+}
+
+/// The latest committed changes, newest first, live unless paused.
+fn change_feed(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
+    if state.changes.is_empty()
+        && let Some(e) = &state.feed_error
+    {
+        placeholder(state, theme, frame, area, "Latest changes", Some(e));
+        return;
+    }
+    let visible = state.visible_changes();
+    let height = area.height.saturating_sub(2) as usize;
+    let op_style = |op: &str| match op {
+        "insert" => theme.ok(),
+        "update" => theme.accent(),
+        _ => theme.warn(),
+    };
+    let lines: Vec<Line<'_>> = visible
+        .iter()
+        .rev()
+        .take(height)
+        .map(|c| {
+            // RFC 3339: the time of day is characters 11..19.
+            let at = c.commit_time.get(11..19).unwrap_or(&c.commit_time);
+            let mut spans = vec![
+                Span::styled(format!("{at} {} x{} ", c.lsn, c.xid), theme.dim()),
+                Span::styled(format!("{:<6} ", c.op), op_style(&c.op)),
+                Span::raw(format!("{} ", c.table)),
+                Span::styled(c.key.as_str(), theme.header()),
+            ];
+            for (k, v) in &c.columns {
+                spans.push(Span::styled(format!(" {k}="), theme.accent()));
+                spans.push(Span::raw(v.as_str()));
+            }
+            Line::from(spans)
+        })
+        .collect();
+    let mut title = vec![Span::raw(format!(
+        "Latest changes ({}{})",
+        visible.len(),
+        if state.filter().is_empty() {
+            String::new()
+        } else {
+            format!(" matching {:?}", state.filter())
+        }
+    ))];
+    if state.feed_paused {
+        title.push(Span::styled(
+            format!(" PAUSED · {} new · p resumes ", state.held.len()),
+            theme.warn().add_modifier(Modifier::BOLD),
+        ));
+    } else {
+        title.push(Span::raw(" · live · p pauses "));
+    }
+    if state.feed_missed > 0 {
+        title.push(Span::styled(
+            format!(" {} missed ", state.feed_missed),
+            theme.warn(),
+        ));
+    }
+    let body = if lines.is_empty() {
+        vec![Line::styled(
+            if state.watching {
+                "No change committed since pulsed started; changes appear here as they commit."
+            } else {
+                "The feed starts when pulsed answers."
+            },
+            theme.dim(),
+        )]
+    } else {
+        lines
+    };
+    frame.render_widget(
+        Paragraph::new(body).block(Block::bordered().title(Line::from(title))),
+        area,
+    );
 }
 
 fn storage(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
@@ -832,30 +964,26 @@ fn storage(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             )),
             Cell::from(t.files.to_string()),
         ]);
-        if i == cursor {
-            row.style(theme.selected())
-        } else {
-            row
-        }
+        pick(row, i == cursor, theme)
     });
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Min(10),
-                Constraint::Length(10),
-                Constraint::Length(10),
-                Constraint::Length(16),
-                Constraint::Length(7),
-            ],
-        )
-        .header(Row::new(["Tenant", "Used", "Quota", "Of quota", "Files"]).style(theme.header()))
-        .block(titled(
+    draw_table(
+        frame,
+        top,
+        rows,
+        &[
+            Constraint::Min(10),
+            Constraint::Length(10),
+            Constraint::Length(10),
+            Constraint::Length(16),
+            Constraint::Length(7),
+        ],
+        &["Tenant", "Used", "Quota", "Of quota", "Files"],
+        titled(
             title_of("Usage per tenant".into(), &state.storage, theme),
             true,
             theme,
-        )),
-        top,
+        ),
+        theme,
     );
     let rows = report.largest.iter().map(|f| {
         Row::new(vec![
@@ -865,19 +993,19 @@ fn storage(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(f.uploaded_at.as_str()),
         ])
     });
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Length(10),
-                Constraint::Length(10),
-                Constraint::Min(12),
-                Constraint::Length(20),
-            ],
-        )
-        .header(Row::new(["Size", "Tenant", "File", "Uploaded"]).style(theme.header()))
-        .block(Block::bordered().title("Largest files")),
+    draw_table(
+        frame,
         bottom,
+        rows,
+        &[
+            Constraint::Length(10),
+            Constraint::Length(10),
+            Constraint::Min(12),
+            Constraint::Length(20),
+        ],
+        &["Size", "Tenant", "File", "Uploaded"],
+        Block::bordered().title("Largest files"),
+        theme,
     );
 }
 
@@ -900,34 +1028,30 @@ fn jobs(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(j.next_run.clone().unwrap_or_else(|| "-".into())),
             Cell::from(j.last_status.clone().unwrap_or_else(|| "never run".into())),
         ]);
-        if i == cursor && focus == Pane::First {
-            row.style(theme.selected())
-        } else {
-            row
-        }
+        pick(row, i == cursor && focus == Pane::First, theme)
     });
     let hint = if state.can_run_jobs {
         " · Enter run now"
     } else {
         " · read-only"
     };
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Min(12),
-                Constraint::Length(14),
-                Constraint::Length(20),
-                Constraint::Min(10),
-            ],
-        )
-        .header(Row::new(["Job", "Schedule", "Next run", "Last"]).style(theme.header()))
-        .block(titled(
+    draw_table(
+        frame,
+        top,
+        rows,
+        &[
+            Constraint::Min(12),
+            Constraint::Length(14),
+            Constraint::Length(20),
+            Constraint::Min(10),
+        ],
+        &["Job", "Schedule", "Next run", "Last"],
+        titled(
             title_of(format!("Jobs{hint}"), &state.jobs, theme),
             focus == Pane::First,
             theme,
-        )),
-        top,
+        ),
+        theme,
     );
     let rows = report.history.iter().map(|r| {
         let style = if r.status == "ok" { theme.ok() } else { theme.bad() };
@@ -939,20 +1063,20 @@ fn jobs(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(r.message.as_str()),
         ])
     });
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Length(20),
-                Constraint::Length(12),
-                Constraint::Length(8),
-                Constraint::Length(9),
-                Constraint::Min(10),
-            ],
-        )
-        .header(Row::new(["Started", "Job", "Status", "Took", "Message"]).style(theme.header()))
-        .block(Block::bordered().title("History")),
+    draw_table(
+        frame,
         middle,
+        rows,
+        &[
+            Constraint::Length(20),
+            Constraint::Length(12),
+            Constraint::Length(8),
+            Constraint::Length(9),
+            Constraint::Min(10),
+        ],
+        &["Started", "Job", "Status", "Took", "Message"],
+        Block::bordered().title("History"),
+        theme,
     );
     let dcursor = state.cursor_of(Screen::Jobs, Pane::Second);
     let rows = report.dead_letters.iter().enumerate().map(|(i, d)| {
@@ -961,23 +1085,19 @@ fn jobs(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(d.source.as_str()),
             Cell::from(d.reason.as_str()),
         ]);
-        if i == dcursor && focus == Pane::Second {
-            row.style(theme.selected())
-        } else {
-            row
-        }
+        pick(row, i == dcursor && focus == Pane::Second, theme)
     });
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Length(20),
-                Constraint::Length(16),
-                Constraint::Min(10),
-            ],
-        )
-        .header(Row::new(["At", "Source", "Reason"]).style(theme.header()))
-        .block(titled(
+    draw_table(
+        frame,
+        bottom,
+        rows,
+        &[
+            Constraint::Length(20),
+            Constraint::Length(16),
+            Constraint::Min(10),
+        ],
+        &["At", "Source", "Reason"],
+        titled(
             format!(
                 "Dead letters ({}){}",
                 report.dead_letters.len(),
@@ -989,8 +1109,8 @@ fn jobs(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             ),
             focus == Pane::Second,
             theme,
-        )),
-        bottom,
+        ),
+        theme,
     );
 }
 
@@ -1060,45 +1180,34 @@ fn replication(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(Span::styled(status, status_style)),
             Cell::from(rate),
         ]);
-        if i == cursor {
-            row.style(theme.selected())
-        } else {
-            row
-        }
+        pick(row, i == cursor, theme)
     });
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Min(10),
-                Constraint::Length(8),
-                Constraint::Length(3),
-                Constraint::Length(11),
-                Constraint::Length(9),
-                Constraint::Length(9),
-                Constraint::Length(9),
-                Constraint::Length(12),
-            ],
-        )
-        .header(
-            Row::new([
-                "Slot",
-                "Database",
-                "On",
-                "Confirmed",
-                "Lag",
-                "Retained",
-                "WAL",
-                "Rate",
-            ])
-            .style(theme.header()),
-        )
-        .block(titled(
-            title_of("Slots".into(), &state.replication, theme),
-            true,
-            theme,
-        )),
+    draw_table(
+        frame,
         slots,
+        rows,
+        &[
+            Constraint::Min(10),
+            Constraint::Length(8),
+            Constraint::Length(3),
+            Constraint::Length(11),
+            Constraint::Length(9),
+            Constraint::Length(9),
+            Constraint::Length(9),
+            Constraint::Length(12),
+        ],
+        &[
+            "Slot",
+            "Database",
+            "On",
+            "Confirmed",
+            "Lag",
+            "Retained",
+            "WAL",
+            "Rate",
+        ],
+        titled(title_of("Slots".into(), &state.replication, theme), true, theme),
+        theme,
     );
     let rows = report.senders.iter().map(|s| {
         Row::new(vec![
@@ -1109,20 +1218,20 @@ fn replication(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
             Cell::from(s.flush_lag_ms.map_or("-".into(), |ms| format!("{ms:.0} ms"))),
         ])
     });
-    frame.render_widget(
-        Table::new(
-            rows,
-            [
-                Constraint::Min(12),
-                Constraint::Length(10),
-                Constraint::Length(12),
-                Constraint::Length(12),
-                Constraint::Length(10),
-            ],
-        )
-        .header(Row::new(["Sender", "State", "Sent", "Flushed", "Flush lag"]).style(theme.header()))
-        .block(Block::bordered().title("WAL senders")),
+    draw_table(
+        frame,
         senders,
+        rows,
+        &[
+            Constraint::Min(12),
+            Constraint::Length(10),
+            Constraint::Length(12),
+            Constraint::Length(12),
+            Constraint::Length(10),
+        ],
+        &["Sender", "State", "Sent", "Flushed", "Flush lag"],
+        Block::bordered().title("WAL senders"),
+        theme,
     );
     let block = Block::bordered().title("Largest slot lag");
     let inner = block.inner(lag);
@@ -1147,33 +1256,29 @@ fn settings(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 Cell::from(e.value.as_str()),
                 Cell::from(Span::styled(e.source.as_str(), theme.dim())),
             ]);
-            if i == cursor && focus == Pane::First {
-                row.style(theme.selected())
-            } else {
-                row
-            }
+            pick(row, i == cursor && focus == Pane::First, theme)
         });
         let hint = if state.read_only {
             "Platform settings · read-only (no settings capability)"
         } else {
             "Platform settings · Enter edit · R rotate deploy key"
         };
-        frame.render_widget(
-            Table::new(
-                rows,
-                [
-                    Constraint::Length(17),
-                    Constraint::Length(28),
-                    Constraint::Min(10),
-                ],
-            )
-            .header(Row::new(["Setting", "Value", "Source"]).style(theme.header()))
-            .block(titled(
+        draw_table(
+            frame,
+            top,
+            rows,
+            &[
+                Constraint::Length(17),
+                Constraint::Length(28),
+                Constraint::Min(10),
+            ],
+            &["Setting", "Value", "Source"],
+            titled(
                 title_of(hint.into(), &state.settings, theme),
                 focus == Pane::First,
                 theme,
-            )),
-            top,
+            ),
+            theme,
         );
     }
     if ready(
@@ -1196,23 +1301,19 @@ fn settings(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 Cell::from(e.value.as_str()),
                 Cell::from(Span::styled(e.source.as_str(), theme.dim())),
             ]);
-            if i == cursor && focus == Pane::Second {
-                row.style(theme.selected())
-            } else {
-                row
-            }
+            pick(row, i == cursor && focus == Pane::Second, theme)
         });
-        frame.render_widget(
-            Table::new(
-                rows,
-                [
-                    Constraint::Length(30),
-                    Constraint::Length(26),
-                    Constraint::Min(12),
-                ],
-            )
-            .header(Row::new(["Key", "Value", "Source"]).style(theme.header()))
-            .block(titled(
+        draw_table(
+            frame,
+            bottom,
+            rows,
+            &[
+                Constraint::Length(30),
+                Constraint::Length(26),
+                Constraint::Min(12),
+            ],
+            &["Key", "Value", "Source"],
+            titled(
                 title_of(
                     format!("Configuration in effect ({}) · secrets masked", entries.len()),
                     &state.config,
@@ -1220,8 +1321,8 @@ fn settings(state: &State, theme: Theme, frame: &mut Frame<'_>, area: Rect) {
                 ),
                 focus == Pane::Second,
                 theme,
-            )),
-            bottom,
+            ),
+            theme,
         );
     }
 }
@@ -1332,7 +1433,7 @@ fn key_dialog(key: &str, theme: Theme, frame: &mut Frame<'_>) {
 }
 
 /// Every key, for the help overlay (and the tests that check it is complete).
-pub const KEYS: [(&str, &str); 21] = [
+pub const KEYS: [(&str, &str); 22] = [
     ("?", "open or close this help"),
     ("q, Ctrl-C", "quit"),
     ("Tab, Shift-Tab", "next, previous screen"),
@@ -1349,7 +1450,8 @@ pub const KEYS: [(&str, &str); 21] = [
     ("Logs: l", "cycle the lowest level shown"),
     ("Logs: e", "errors grouped by kind"),
     ("Logs: Enter", "the event in full"),
-    ("Data: Enter", "latest rows of a table"),
+    ("Data: Enter", "rows of a table or tenant"),
+    ("Data: [ ] p", "page live rows; pause the feed"),
     ("Jobs: Enter", "run now / requeue (confirmed)"),
     ("Settings: Enter", "edit (validated, confirmed)"),
     ("Settings: R", "rotate the deploy key"),

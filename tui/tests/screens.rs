@@ -261,8 +261,8 @@ fn overview_alerts_past_the_thresholds() {
                 requests_total: Some((i * i * 10) as u64),
                 query_p50_ms: Some(180.0 + (i - 30) as f64 * 8.0),
                 mutation_p50_ms: Some(35.0),
-                functions_total: Some(1000),
-                function_errors_total: Some(25),
+                functions_total: Some((i * 100) as u64),
+                function_errors_total: Some((i * 5 / 2) as u64),
                 storage_max_quota_pct: Some(42.0),
                 ..Default::default()
             }),
@@ -360,8 +360,24 @@ fn logs_screen() {
     snap!("logs_errors_by_kind", s);
 }
 
-#[test]
-fn data_explorer() {
+fn change(seq: u64, op: &str, key: &str, columns: &[(&str, &str)]) -> ChangeEvent {
+    ChangeEvent {
+        seq,
+        lsn: format!("0/16B{:04X}", seq * 0x38),
+        commit_time: format!("2026-11-24T10:00:{:02}.120Z", seq),
+        xid: 730 + seq as u32,
+        table: "public.members".into(),
+        op: op.into(),
+        key: key.into(),
+        columns: columns
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+/// The data explorer with the pulse tables, two live tables and a few changes.
+fn data_state() -> State {
     let mut s = fixture();
     key(&mut s, KeyCode::Char('5'));
     answer(
@@ -387,12 +403,68 @@ fn data_explorer() {
             ],
         },
     );
-    fail(
+    answer(
         &mut s,
         "live_tables",
-        ErrorCode::Unavailable,
-        "live tables and the change stream: the state engine and the CDC reader is not part of this pulsed build yet",
+        AdminResponse::LiveTables {
+            tables: vec![
+                LiveTableInfo {
+                    name: "members".into(),
+                    source: "public.members".into(),
+                    tenant_column: "tenant_id".into(),
+                    rows: 1204,
+                    estimated: false,
+                    tenants: vec![
+                        TenantRows {
+                            tenant: "acme".into(),
+                            rows: 1100,
+                        },
+                        TenantRows {
+                            tenant: "globex".into(),
+                            rows: 104,
+                        },
+                    ],
+                },
+                LiveTableInfo {
+                    name: "payments".into(),
+                    source: "public.payments".into(),
+                    tenant_column: "tenant_id".into(),
+                    rows: 3_400_000,
+                    estimated: true,
+                    tenants: vec![],
+                },
+            ],
+        },
     );
+    answer(
+        &mut s,
+        "watch_changes",
+        AdminResponse::Changes {
+            changes: vec![
+                change(
+                    1,
+                    "insert",
+                    "id=1201",
+                    &[("tenant_id", "acme"), ("name", "Ann"), ("status", "active")],
+                ),
+                change(2, "update", "id=77", &[("status", "gone")]),
+                change(3, "delete", "id=12", &[]),
+                change(
+                    4,
+                    "insert",
+                    "id=1202",
+                    &[("tenant_id", "globex"), ("password_hash", "***")],
+                ),
+            ],
+            missed: 0,
+        },
+    );
+    s
+}
+
+#[test]
+fn data_explorer() {
+    let mut s = data_state();
     key(&mut s, KeyCode::Enter);
     answer(
         &mut s,
@@ -403,20 +475,92 @@ fn data_explorer() {
             rows: vec![
                 vec![
                     "2".into(),
-                    "service (console)".into(),
+                    "console uid=1000 (ops)".into(),
                     "setting.update".into(),
                     "deploy_key".into(),
                 ],
                 vec![
                     "1".into(),
-                    "service (console)".into(),
+                    "console uid=1000 (ops)".into(),
                     "setting.update".into(),
                     "sync_interval_ms".into(),
                 ],
             ],
+            offset: 0,
         }),
     );
     snap!("data", s);
+    snap!("data_120x40", s, 120, 40);
+}
+
+#[test]
+fn data_explorer_live_rows_of_one_tenant() {
+    let mut s = data_state();
+    // audit_log, checkpoints, settings, » members, acme
+    for _ in 0..4 {
+        key(&mut s, KeyCode::Char('j'));
+    }
+    key(&mut s, KeyCode::Enter);
+    let rows = (0..50)
+        .map(|i| {
+            vec![
+                (1250 - i).to_string(),
+                "acme".to_string(),
+                format!("member {i}"),
+                "active".to_string(),
+            ]
+        })
+        .collect();
+    answer(
+        &mut s,
+        "live_rows",
+        AdminResponse::TableRows(TableRows {
+            table: "members".into(),
+            columns: vec!["id".into(), "tenant_id".into(), "name".into(), "status".into()],
+            rows,
+            offset: 50,
+        }),
+    );
+    snap!("data_live_rows", s);
+}
+
+#[test]
+fn data_explorer_filter_and_paused_feed() {
+    let mut s = data_state();
+    key(&mut s, KeyCode::Char('p'));
+    answer(
+        &mut s,
+        "watch_changes",
+        AdminResponse::Changes {
+            changes: vec![change(5, "insert", "id=1203", &[("tenant_id", "acme")])],
+            missed: 0,
+        },
+    );
+    key(&mut s, KeyCode::Char('/'));
+    for c in "glo".chars() {
+        key(&mut s, KeyCode::Char(c));
+    }
+    key(&mut s, KeyCode::Enter);
+    snap!("data_filtered_paused", s);
+}
+
+#[test]
+fn data_explorer_without_the_feed() {
+    let mut s = fixture();
+    key(&mut s, KeyCode::Char('5'));
+    fail(
+        &mut s,
+        "live_tables",
+        ErrorCode::Unavailable,
+        "source database: connection refused; check source.url and that PostgreSQL is running",
+    );
+    fail(
+        &mut s,
+        "watch_changes",
+        ErrorCode::Forbidden,
+        "the data explorer: needs the platform_admin or service role",
+    );
+    snap!("data_unavailable", s);
 }
 
 #[test]

@@ -126,8 +126,31 @@ async fn ws_http(
         .on_upgrade(move |socket| session::run(socket, app, Transport::Http, guard))
 }
 
-async fn ws_admin(State(app): State<Arc<App>>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| session::run(socket, app, Transport::AdminSocket, ()))
+/// Who is at the other end of an admin socket connection, from the kernel
+/// (SO_PEERCRED): the console's audit records name this user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminPeer {
+    /// The peer process's user id, when the kernel reported it.
+    pub uid: Option<u32>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>>
+    for AdminPeer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        AdminPeer {
+            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+        }
+    }
+}
+
+async fn ws_admin(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<AdminPeer>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let uid = peer.uid;
+    ws.on_upgrade(move |socket| session::run(socket, app, Transport::AdminSocket { uid }, ()))
 }
 
 /// A 429 with Retry-After (whole seconds, at least 1) and the delay in the details.
@@ -203,6 +226,7 @@ async fn poll(
         .poll(&principal, &params.query, &args, params.cursor.as_deref())
         .await;
     metrics::histogram!("pulse_query_latency_seconds").record(started.elapsed().as_secs_f64());
+    crate::admin::record_function("query", answer.as_ref().err());
     match answer {
         Ok(mut body) => {
             let settings = app.platform();

@@ -27,7 +27,10 @@ pub enum Transport {
     /// The public HTTP listener: JWT or deploy key.
     Http,
     /// The admin Unix socket: the socket's file mode already authenticated the peer.
-    AdminSocket,
+    AdminSocket {
+        /// The peer's user id (SO_PEERCRED), named in audit records.
+        uid: Option<u32>,
+    },
 }
 
 /// Frames queued for one client before it is considered too slow and cut loose.
@@ -42,6 +45,9 @@ struct Identity {
     principal: Principal,
     /// When the token stops being valid; `None` for the deploy key and the admin socket.
     expires: Option<SystemTime>,
+    /// On the admin socket, who the kernel says is connected (`console uid=N (name)`):
+    /// the actor of the console's audited actions.
+    peer: Option<String>,
 }
 
 /// Runs one session to its end. `guard` (a connection slot) is held until then.
@@ -83,6 +89,8 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
         let session = app.engine.open_session(tx.clone(), kill.clone());
         let mut settings = app.settings.subscribe();
         settings.mark_unchanged();
+        // The console's live change feed, when this session watches it.
+        let mut watch: Option<crate::changefeed::Watch> = None;
         let rate_key = identity
             .principal
             .user
@@ -102,6 +110,17 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
                 m = stream.next() => m,
                 _ = shutdown.cancelled() => break,
                 _ = kill.cancelled() => break,
+                pushed = async {
+                    match watch.as_mut() {
+                        Some(w) => w.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if !send(&tx, pushed) {
+                        break;
+                    }
+                    continue;
+                }
                 Ok(()) = settings.changed() => {
                     let now = settings.borrow_and_update().clone();
                     if !send(&tx, ServerFrame::Settings {
@@ -171,6 +190,39 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
                         break;
                     }
                 }
+                Ok(ClientFrame::Admin {
+                    id,
+                    request: pulse_shared::admin::AdminRequest::WatchChanges { after },
+                }) => {
+                    let reply = match crate::admin::watch_changes(&app, &identity.principal, &id, after) {
+                        Ok((w, first)) => {
+                            watch = Some(w);
+                            ServerFrame::Admin {
+                                id,
+                                response: Box::new(first),
+                            }
+                        }
+                        Err(body) => error_body(Some(id), body),
+                    };
+                    if !send(&tx, reply) {
+                        break;
+                    }
+                }
+                Ok(ClientFrame::Admin {
+                    id,
+                    request: pulse_shared::admin::AdminRequest::UnwatchChanges,
+                }) => {
+                    watch = None;
+                    let done = ServerFrame::Admin {
+                        id,
+                        response: Box::new(pulse_shared::admin::AdminResponse::Done {
+                            message: "change feed stopped".into(),
+                        }),
+                    };
+                    if !send(&tx, done) {
+                        break;
+                    }
+                }
                 Ok(frame) => {
                     let caller = Caller {
                         session,
@@ -224,6 +276,7 @@ fn verify_token(app: &App, token: &str) -> Result<Identity, ErrorBody> {
         Ok(v) => Ok(Identity {
             principal: v.principal,
             expires: Some(v.expires),
+            peer: None,
         }),
         Err(e) => Err(ErrorBody::new(ErrorCode::Unauthenticated, e.to_string())),
     }
@@ -286,9 +339,13 @@ async fn hello(
             roles: vec![Role::Service],
         },
         expires: None,
+        peer: None,
     };
     let identity = match (transport, token, deploy_key) {
-        (Transport::AdminSocket, _, _) => service,
+        (Transport::AdminSocket { uid }, _, _) => Identity {
+            peer: uid.map(crate::admin::console_user),
+            ..service
+        },
         (Transport::Http, _, Some(key)) => {
             if app.deploy_key_matches(&key) {
                 service
@@ -411,19 +468,24 @@ async fn handle(
         }),
         ClientFrame::Admin { id, request } => {
             match authorize(&caller.principal, Capability::Console, &Target::default()) {
-                Decision::Allowed(_) => match crate::admin::answer(app, &caller.principal, request).await {
-                    Ok(response) => Some(ServerFrame::Admin {
-                        id,
-                        response: Box::new(response),
-                    }),
-                    Err(body) => {
-                        metrics::counter!("pulse_errors_total", "code" => body.code.as_str()).increment(1);
-                        Some(ServerFrame::Error {
-                            id: Some(id),
-                            error: body,
-                        })
+                Decision::Allowed(_) => {
+                    match crate::admin::answer(app, &caller.principal, identity.peer.as_deref(), request)
+                        .await
+                    {
+                        Ok(response) => Some(ServerFrame::Admin {
+                            id,
+                            response: Box::new(response),
+                        }),
+                        Err(body) => {
+                            metrics::counter!("pulse_errors_total", "code" => body.code.as_str())
+                                .increment(1);
+                            Some(ServerFrame::Error {
+                                id: Some(id),
+                                error: body,
+                            })
+                        }
                     }
-                },
+                }
                 Decision::Denied(reason) => Some(error(
                     Some(id),
                     ErrorCode::Forbidden,

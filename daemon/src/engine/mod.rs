@@ -551,6 +551,7 @@ impl Engine {
             table => self.subscribe_live(c, id, table, args, cursor).await,
         };
         ::metrics::histogram!("pulse_query_latency_seconds").record(started.elapsed().as_secs_f64());
+        crate::admin::record_function("query", r.as_ref().err());
         r
     }
 
@@ -848,6 +849,7 @@ impl Engine {
         let started = Instant::now();
         let r = self.mutate_inner(c, name, args).await;
         ::metrics::histogram!("pulse_mutation_latency_seconds").record(started.elapsed().as_secs_f64());
+        crate::admin::record_function("mutation", r.as_ref().err());
         r
     }
 
