@@ -631,10 +631,15 @@ impl Stager {
     }
 
     async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() < STAGE_BUFFER {
-            return Ok(());
+        // Hand the buffer over before it would grow past its size.
+        if !self.buf.is_empty() && self.buf.len() + data.len() > STAGE_BUFFER {
+            self.send().await?;
         }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    async fn send(&mut self) -> std::io::Result<()> {
         self.settle().await?;
         let mut sink = self.sink.take().expect("no write in flight after settle");
         let full = std::mem::replace(&mut self.buf, std::mem::take(&mut self.spare));
