@@ -228,6 +228,50 @@ fn sha_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
+/// The parts of a `multipart/byteranges` body: each part's header lines (lower case)
+/// and bytes. Fails the test on broken framing.
+fn byteranges(body: &[u8], boundary: &str) -> Vec<(Vec<String>, Vec<u8>)> {
+    let first = format!("--{boundary}\r\n");
+    assert!(
+        body.starts_with(first.as_bytes()),
+        "the body starts with the boundary"
+    );
+    let close = format!("\r\n--{boundary}--\r\n");
+    assert!(
+        body.ends_with(close.as_bytes()),
+        "the body ends with the closing delimiter"
+    );
+    let inner = &body[first.len()..body.len() - close.len()];
+    let delimiter = format!("\r\n--{boundary}\r\n");
+    let mut parts = Vec::new();
+    let mut rest = inner;
+    loop {
+        let blank = rest
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("part headers end with a blank line");
+        let headers = String::from_utf8(rest[..blank].to_vec())
+            .unwrap()
+            .split("\r\n")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        let data = &rest[blank + 4..];
+        match data
+            .windows(delimiter.len())
+            .position(|w| w == delimiter.as_bytes())
+        {
+            Some(end) => {
+                parts.push((headers, data[..end].to_vec()));
+                rest = &data[end + delimiter.len()..];
+            }
+            None => {
+                parts.push((headers, data.to_vec()));
+                return parts;
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn round_trip_with_etag_range_head_and_signed_urls() {
     let env = Env::start("files_round_trip", &[]).await;
@@ -300,8 +344,10 @@ async fn round_trip_with_etag_range_head_and_signed_urls() {
         ("bytes=299999-299999", 206, Some((299_999, size))),
         ("bytes=300000-", 416, None),
         ("bytes=-0", 416, None),
-        // Several ranges: the whole file (documented choice).
-        ("bytes=0-1,5-9", 200, Some((0, size))),
+        // Several ranges that coalesce into one: a single part.
+        ("bytes=10-19,0-9,5-12", 206, Some((0, 20))),
+        // Past the end only: unsatisfiable even when there are several.
+        ("bytes=300000-300001,400000-", 416, None),
         // Malformed: ignored, whole file.
         ("bytes=9-2", 200, Some((0, size))),
     ];
@@ -324,6 +370,75 @@ async fn round_trip_with_etag_range_head_and_signed_urls() {
             }
             None => assert_eq!(h["content-range"], format!("bytes */{size}").as_str()),
         }
+    }
+
+    // Several ranges: multipart/byteranges, sorted and coalesced, with a Content-Range
+    // per part and a Content-Length that counts the framing; HEAD says the same length.
+    let get_ranges = |range: &'static str, if_range: Option<String>| {
+        let mut rb = env
+            .service(env.http.get(env.url(&format!("/files/{id}"))), "club-a")
+            .header("Range", range);
+        if let Some(v) = if_range {
+            rb = rb.header("If-Range", v);
+        }
+        rb.send()
+    };
+    let r = get_ranges("bytes=200-209, 0-9,5-14,299995-", None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    let h = r.headers().clone();
+    assert!(h.get("content-range").is_none());
+    let ctype = h["content-type"].to_str().unwrap().to_string();
+    let boundary = ctype
+        .strip_prefix("multipart/byteranges; boundary=")
+        .unwrap_or_else(|| panic!("{ctype}"))
+        .to_string();
+    let got = r.bytes().await.unwrap();
+    assert_eq!(h["content-length"], got.len().to_string().as_str());
+    let parts = byteranges(&got, &boundary);
+    let want = [(0, 15), (200, 210), (299_995, size)];
+    assert_eq!(parts.len(), want.len(), "{parts:?}");
+    for ((headers, bytes), (s, e)) in parts.iter().zip(want) {
+        assert!(
+            headers.contains(&"content-type: image/png".to_string()),
+            "{headers:?}"
+        );
+        assert!(
+            headers.contains(&format!("content-range: bytes {s}-{}/{size}", e - 1)),
+            "{headers:?}"
+        );
+        assert_eq!(&bytes[..], &body[s..e]);
+    }
+    let r = env
+        .service(env.http.head(env.url(&format!("/files/{id}"))), "club-a")
+        .header("Range", "bytes=200-209, 0-9,5-14,299995-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.headers()["content-length"], got.len().to_string().as_str());
+    // More ranges than the cap: ignored, the whole file.
+    let many: String = (0..33).map(|i| format!("{}-{},", i * 10, i * 10 + 1)).collect();
+    let r = env
+        .service(env.http.get(env.url(&format!("/files/{id}"))), "club-a")
+        .header("Range", format!("bytes={many}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().len(), size);
+    // If-Range: our ETag keeps the range; another, a weak one or a date serve it whole.
+    let r = get_ranges("bytes=0-9", Some(etag.clone())).await.unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..10]);
+    for other in [
+        "\"0123\"".to_string(),
+        format!("W/{etag}"),
+        "Tue, 24 Nov 2026 10:00:00 GMT".to_string(),
+    ] {
+        let r = get_ranges("bytes=0-9,20-29", Some(other.clone())).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "If-Range {other}");
+        assert!(r.headers().get("content-range").is_none());
+        assert_eq!(r.bytes().await.unwrap().len(), size, "If-Range {other}");
     }
 
     // Signed URLs: readable without a token, cacheable publicly, forged and expired ones
@@ -711,6 +826,58 @@ async fn concurrent_uploads_race_for_the_last_bytes_of_the_quota() {
     // Another tenant is not affected.
     env.upload("club-r", "g.bin", "application/octet-stream", vec![1u8; MB])
         .await;
+
+    // Uploads without a length (chunked) reserve as their bytes arrive, not the ticket's
+    // 20 MiB maximum each: two of 1.5 MiB fit together in a quota of 3.5 MiB.
+    let chunked = |ticket: Value, len: usize, seed: u8| {
+        let chunks = futures_util::stream::iter(
+            (0..len)
+                .step_by(64 * 1024)
+                .map(move |at| Ok::<_, std::io::Error>(vec![seed; (len - at).min(64 * 1024)])),
+        );
+        env.http
+            .put(env.url(ticket["path"].as_str().unwrap()))
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+    };
+    let open_ticket = || {
+        env.ticket(
+            "club-c",
+            json!({"name": "c.bin", "content_type": "application/octet-stream"}),
+        )
+    };
+    let (a, b) = (open_ticket().await, open_ticket().await);
+    assert_eq!(a["max_bytes"], 20 * MB);
+    let both = futures_util::future::join_all([chunked(a, 3 * MB / 2, 1), chunked(b, 3 * MB / 2, 2)]).await;
+    for r in both {
+        let r = r.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+    }
+    assert_eq!(env.usage("club-c").await, (3 * MB as i64, 0));
+    // Half a MiB left: two chunked uploads of 400 KiB race for it; at most one wins, the
+    // quota holds, and the loser leaves neither bytes nor a reservation behind.
+    let (a, b) = (open_ticket().await, open_ticket().await);
+    let both = futures_util::future::join_all([chunked(a, 400 * 1024, 3), chunked(b, 400 * 1024, 4)]).await;
+    let mut won = 0;
+    for r in both {
+        let r = r.unwrap();
+        match r.status().as_u16() {
+            201 => won += 1,
+            _ => {
+                expect_error(r, 507, "quota_exceeded").await;
+            }
+        }
+    }
+    assert!(won <= 1, "800 KiB cannot fit in 512 KiB");
+    let (used, reserved) = env.usage("club-c").await;
+    assert_eq!(used, 3 * MB as i64 + won * 400 * 1024);
+    assert_eq!(reserved, 0);
+    // A chunked upload larger than what is left: refused once it passes the quota.
+    let r = chunked(open_ticket().await, MB, 5).await.unwrap();
+    let body = expect_error(r, 507, "quota_exceeded").await;
+    assert_eq!(body["details"]["quota_bytes"], quota);
+    assert_eq!(env.usage("club-c").await, (used, 0));
+    assert!(env.staged().is_empty());
 
     // The usage figure the console shows, with the 80% warning.
     let r = env

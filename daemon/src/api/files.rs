@@ -3,9 +3,17 @@
 //! speaks HTTP: headers in, headers out, errors as the shared table's bodies.
 //!
 //! Choices worth knowing:
-//! - A `Range` header with several ranges is answered with the whole file (200), as
-//!   RFC 9110 allows; a malformed one is ignored the same way. One range that starts past
-//!   the end answers 416 with `Content-Range: bytes */SIZE`.
+//! - `Range` (RFC 9110 §14): one satisfiable range answers 206 with `Content-Range`;
+//!   several answer 206 `multipart/byteranges` (§14.6), one part per range with its own
+//!   `Content-Type` and `Content-Range`, after sorting them and coalescing those that
+//!   overlap or touch (§15.3.7.2 allows both). Ranges past the end are dropped; when none
+//!   is left, 416 with `Content-Range: bytes */SIZE`. A malformed header, another unit, or
+//!   more than [`MAX_RANGES`] ranges is ignored and the whole file served (200), as §14.2
+//!   allows and as nginx (`max_ranges`) and Apache (`MaxRanges`) do against
+//!   many-small-ranges abuse.
+//! - `If-Range` (§13.1.5): the range is honoured only when the header is our strong ETag;
+//!   anything else (another or weak ETag, a date: we send no `Last-Modified`) serves the
+//!   whole file.
 //! - `If-None-Match` wins over `Range`: a matching ETag answers 304 whatever the range.
 //! - `Cache-Control`: a signed URL is the credential, so its response may be cached by a
 //!   CDN until the URL expires (`public`, `immutable`); a bearer-authorised response is
@@ -23,7 +31,8 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Reque
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use futures_util::TryStreamExt;
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
 use pulse_shared::ErrorCode;
 use pulse_shared::caps::{Capability, Decision, Scope, Target, authorize};
 use serde::Deserialize;
@@ -85,6 +94,7 @@ pub fn files_router(app: Arc<App>) -> Router {
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
                 header::RANGE,
+                header::IF_RANGE,
                 header::IF_NONE_MATCH,
                 header::HeaderName::from_static(files::TENANT_HEADER),
                 header::HeaderName::from_static(files::DEPLOY_KEY_HEADER),
@@ -260,52 +270,125 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| FileError::NotFound.into())
 }
 
-/// The byte range a `Range` header asks for.
+/// The most ranges one `Range` header may ask for; more and the header is ignored.
+pub const MAX_RANGES: usize = 32;
+
+/// What a `Range` header asks for, checked against the file's size.
 #[derive(Debug, PartialEq, Eq)]
 enum Wanted {
+    /// No range, or one to ignore: the whole file.
     Full,
-    Part(u64, u64),
+    /// The satisfiable ranges, half-open, sorted, coalesced, never empty.
+    Parts(Vec<(u64, u64)>),
+    /// No range overlaps the file.
     Unsatisfiable,
 }
 
 fn wanted_range(header: Option<&str>, size: u64) -> Wanted {
-    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+    let Some((unit, set)) = header.and_then(|h| h.trim().split_once('=')) else {
         return Wanted::Full;
     };
-    if spec.contains(',') {
-        // Several ranges: served whole (see the module documentation).
+    if !unit.trim().eq_ignore_ascii_case("bytes") {
         return Wanted::Full;
     }
-    let Some((a, b)) = spec.trim().split_once('-') else {
+    // The list syntax allows empty elements (`bytes=0-1,,4-5`).
+    let specs: Vec<&str> = set.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if specs.is_empty() || specs.len() > MAX_RANGES {
         return Wanted::Full;
+    }
+    let number = |s: &str| {
+        if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        s.parse::<u64>().ok()
     };
-    let (a, b) = (a.trim(), b.trim());
-    let parse = |s: &str| s.parse::<u64>().ok();
-    match (a.is_empty(), b.is_empty()) {
-        // bytes=-N: the last N bytes.
-        (true, false) => match parse(b) {
-            Some(0) => Wanted::Unsatisfiable,
-            Some(_) if size == 0 => Wanted::Unsatisfiable,
-            Some(n) => Wanted::Part(size.saturating_sub(n), size),
-            None => Wanted::Full,
-        },
-        // bytes=A-: from A to the end.
-        (false, true) => match parse(a) {
-            Some(start) if start >= size => Wanted::Unsatisfiable,
-            Some(start) => Wanted::Part(start, size),
-            None => Wanted::Full,
-        },
-        (false, false) => match (parse(a), parse(b)) {
-            (Some(start), Some(end)) if start <= end => {
-                if start >= size {
-                    Wanted::Unsatisfiable
-                } else {
-                    Wanted::Part(start, (end + 1).min(size))
+    let mut parts = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let Some((a, b)) = spec.split_once('-') else {
+            return Wanted::Full;
+        };
+        let (a, b) = (a.trim(), b.trim());
+        match (a.is_empty(), b.is_empty()) {
+            // bytes=-N: the last N bytes (none of an empty file, nothing for -0).
+            (true, false) => {
+                let Some(n) = number(b) else {
+                    return Wanted::Full;
+                };
+                if n > 0 && size > 0 {
+                    parts.push((size.saturating_sub(n), size));
                 }
             }
-            _ => Wanted::Full,
-        },
-        (true, true) => Wanted::Full,
+            // bytes=A-: from A to the end.
+            (false, true) => {
+                let Some(start) = number(a) else {
+                    return Wanted::Full;
+                };
+                if start < size {
+                    parts.push((start, size));
+                }
+            }
+            // bytes=A-B, B inclusive and clipped to the end.
+            (false, false) => {
+                let (Some(start), Some(last)) = (number(a), number(b)) else {
+                    return Wanted::Full;
+                };
+                if start > last {
+                    return Wanted::Full;
+                }
+                if start < size {
+                    parts.push((start, last.saturating_add(1).min(size)));
+                }
+            }
+            (true, true) => return Wanted::Full,
+        }
+    }
+    if parts.is_empty() {
+        return Wanted::Unsatisfiable;
+    }
+    parts.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(parts.len());
+    for (start, end) in parts {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    Wanted::Parts(merged)
+}
+
+/// The framing of a `multipart/byteranges` body: the header of each part and the
+/// closing delimiter, so the length is known before any byte is read.
+struct ByteRanges {
+    boundary: String,
+    heads: Vec<String>,
+    tail: String,
+}
+
+impl ByteRanges {
+    fn new(parts: &[(u64, u64)], content_type: &str, size: u64) -> ByteRanges {
+        let boundary = format!("pulse-{}", Uuid::new_v4().simple());
+        let heads = parts
+            .iter()
+            .enumerate()
+            .map(|(i, (start, end))| {
+                format!(
+                    "{}--{boundary}\r\nContent-Type: {content_type}\r\nContent-Range: bytes {start}-{}/{size}\r\n\r\n",
+                    if i == 0 { "" } else { "\r\n" },
+                    end - 1
+                )
+            })
+            .collect();
+        let tail = format!("\r\n--{boundary}--\r\n");
+        ByteRanges {
+            boundary,
+            heads,
+            tail,
+        }
+    }
+
+    fn content_length(&self, parts: &[(u64, u64)]) -> u64 {
+        let framing: usize = self.heads.iter().map(String::len).sum::<usize>() + self.tail.len();
+        framing as u64 + parts.iter().map(|(s, e)| e - s).sum::<u64>()
     }
 }
 
@@ -365,20 +448,22 @@ async fn download(
             .body(Body::empty())
             .expect("valid response"));
     }
-    builder = builder.header(header::CONTENT_TYPE, content_type).header(
+    builder = builder.header(
         header::CONTENT_DISPOSITION,
         sniff::content_disposition(sniff::shown_inline(&info.content_type), &info.name),
     );
-    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-    let (status, start, end) = match wanted_range(range, info.size) {
-        Wanted::Full => (StatusCode::OK, 0, info.size),
-        Wanted::Part(s, e) => {
-            builder = builder.header(
-                header::CONTENT_RANGE,
-                format!("bytes {s}-{}/{}", e - 1, info.size),
-            );
-            (StatusCode::PARTIAL_CONTENT, s, e)
-        }
+    let mut range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    if let Some(validator) = headers.get(header::IF_RANGE)
+        && validator.to_str().ok().map(str::trim) != Some(etag.as_str())
+    {
+        // Not our current strong ETag (or a date, which we cannot match): the whole file.
+        range = None;
+    }
+    let wanted = wanted_range(range, info.size);
+    let whole = wanted == Wanted::Full;
+    let parts = match wanted {
+        Wanted::Full => vec![(0, info.size)],
+        Wanted::Parts(parts) => parts,
         Wanted::Unsatisfiable => {
             return Ok(builder
                 .status(StatusCode::RANGE_NOT_SATISFIABLE)
@@ -387,12 +472,50 @@ async fn download(
                 .expect("valid response"));
         }
     };
-    builder = builder.status(status).header(header::CONTENT_LENGTH, end - start);
+    if whole || parts.len() == 1 {
+        let (start, end) = parts[0];
+        builder = builder.header(header::CONTENT_TYPE, content_type);
+        if whole {
+            builder = builder.status(StatusCode::OK);
+        } else {
+            builder = builder.status(StatusCode::PARTIAL_CONTENT).header(
+                header::CONTENT_RANGE,
+                format!("bytes {start}-{}/{}", end - 1, info.size),
+            );
+        }
+        builder = builder.header(header::CONTENT_LENGTH, end - start);
+        if method == Method::HEAD {
+            return Ok(builder.body(Body::empty()).expect("valid response"));
+        }
+        let stream = files::read(&app, &info, start..end).await?;
+        return Ok(builder.body(Body::from_stream(stream)).expect("valid response"));
+    }
+    let framing = ByteRanges::new(&parts, &content_type, info.size);
+    builder = builder
+        .status(StatusCode::PARTIAL_CONTENT)
+        .header(
+            header::CONTENT_TYPE,
+            format!("multipart/byteranges; boundary={}", framing.boundary),
+        )
+        .header(header::CONTENT_LENGTH, framing.content_length(&parts));
     if method == Method::HEAD {
         return Ok(builder.body(Body::empty()).expect("valid response"));
     }
-    let stream = files::read(&app, &info, start..end).await?;
-    Ok(builder.body(Body::from_stream(stream)).expect("valid response"))
+    let ByteRanges { heads, tail, .. } = framing;
+    let info = Arc::new(info);
+    let body = futures_util::stream::iter(parts.into_iter().zip(heads))
+        .then(move |((start, end), head)| {
+            let (app, info) = (app.clone(), info.clone());
+            async move {
+                let part = files::read(&app, &info, start..end).await?;
+                Ok::<_, FileError>(
+                    futures_util::stream::once(async move { Ok(Bytes::from(head)) }).chain(part),
+                )
+            }
+        })
+        .try_flatten()
+        .chain(futures_util::stream::once(async move { Ok(Bytes::from(tail)) }));
+    Ok(builder.body(Body::from_stream(body)).expect("valid response"))
 }
 
 async fn delete(
@@ -476,18 +599,56 @@ mod tests {
 
     #[test]
     fn ranges() {
+        let part = |s, e| Wanted::Parts(vec![(s, e)]);
         assert_eq!(wanted_range(None, 10), Wanted::Full);
-        assert_eq!(wanted_range(Some("bytes=0-0"), 10), Wanted::Part(0, 1));
-        assert_eq!(wanted_range(Some("bytes=2-"), 10), Wanted::Part(2, 10));
-        assert_eq!(wanted_range(Some("bytes=-3"), 10), Wanted::Part(7, 10));
-        assert_eq!(wanted_range(Some("bytes=-30"), 10), Wanted::Part(0, 10));
-        assert_eq!(wanted_range(Some("bytes=5-100"), 10), Wanted::Part(5, 10));
+        assert_eq!(wanted_range(Some("bytes=0-0"), 10), part(0, 1));
+        assert_eq!(wanted_range(Some("bytes=2-"), 10), part(2, 10));
+        assert_eq!(wanted_range(Some("bytes=-3"), 10), part(7, 10));
+        assert_eq!(wanted_range(Some("bytes=-30"), 10), part(0, 10));
+        assert_eq!(wanted_range(Some("bytes=5-100"), 10), part(5, 10));
+        assert_eq!(wanted_range(Some("Bytes = 5-6"), 10), part(5, 7));
         assert_eq!(wanted_range(Some("bytes=10-"), 10), Wanted::Unsatisfiable);
         assert_eq!(wanted_range(Some("bytes=-0"), 10), Wanted::Unsatisfiable);
-        assert_eq!(wanted_range(Some("bytes=0-1,4-5"), 10), Wanted::Full);
         assert_eq!(wanted_range(Some("bytes=5-2"), 10), Wanted::Full);
+        assert_eq!(wanted_range(Some("bytes=+1-2"), 10), Wanted::Full);
+        assert_eq!(wanted_range(Some("bytes=1-2,x"), 10), Wanted::Full);
+        assert_eq!(wanted_range(Some("bytes="), 10), Wanted::Full);
         assert_eq!(wanted_range(Some("items=0-1"), 10), Wanted::Full);
         assert_eq!(wanted_range(Some("bytes=0-"), 0), Wanted::Unsatisfiable);
+        // Several: sorted, overlapping and touching ones coalesced, those past the end
+        // dropped.
+        assert_eq!(
+            wanted_range(Some("bytes=0-1,4-5"), 10),
+            Wanted::Parts(vec![(0, 2), (4, 6)])
+        );
+        assert_eq!(
+            wanted_range(Some("bytes=6-7, 0-1,,1-3,20-30,-1"), 10),
+            Wanted::Parts(vec![(0, 4), (6, 8), (9, 10)])
+        );
+        assert_eq!(wanted_range(Some("bytes=0-4,5-9"), 10), part(0, 10));
+        assert_eq!(wanted_range(Some("bytes=10-11,12-"), 10), Wanted::Unsatisfiable);
+        let many = vec!["0-0"; MAX_RANGES].join(",");
+        assert_eq!(wanted_range(Some(&format!("bytes={many}")), 10), part(0, 1));
+        let too_many = vec!["0-0"; MAX_RANGES + 1].join(",");
+        assert_eq!(wanted_range(Some(&format!("bytes={too_many}")), 10), Wanted::Full);
+    }
+
+    #[test]
+    fn byteranges_length_counts_every_byte() {
+        let parts = [(0, 2), (5, 10)];
+        let f = ByteRanges::new(&parts, "text/plain", 10);
+        let mut body = String::new();
+        for (head, (s, e)) in f.heads.iter().zip(parts) {
+            body.push_str(head);
+            body.push_str(&"x".repeat((e - s) as usize));
+        }
+        body.push_str(&f.tail);
+        assert_eq!(f.content_length(&parts), body.len() as u64);
+        assert!(body.starts_with(&format!(
+            "--{}\r\nContent-Type: text/plain\r\nContent-Range: bytes 0-1/10\r\n\r\nxx\r\n--",
+            f.boundary
+        )));
+        assert!(body.ends_with(&format!("xxxxx\r\n--{}--\r\n", f.boundary)));
     }
 
     #[test]

@@ -7,11 +7,12 @@
 //! decision goes through `pulse_shared::caps::authorize`; this module never verifies
 //! JWTs itself (it asks `crate::auth`, see [`principal_from_headers`]) and never holds a whole file in memory.
 //!
-//! Quota: an upload reserves its declared length (or the ticket's maximum) in
-//! `pulse.storage_usage` with one conditional UPDATE before any byte is stored, so
-//! concurrent uploads cannot together pass the quota; the reservation becomes usage (or
-//! nothing, when the content was already stored) when the upload commits, and is released
-//! when it fails.
+//! Quota: an upload reserves its declared length in `pulse.storage_usage` with one
+//! conditional UPDATE before any byte is stored, so concurrent uploads cannot together
+//! pass the quota; an upload without a length (chunked, or a form) reserves a first MiB
+//! and grows its reservation, with the same conditional UPDATE, before storing bytes past
+//! it. The reservation becomes usage (or nothing, when the content was already stored)
+//! when the upload commits, and is released when it fails.
 
 pub mod crypto;
 pub mod sniff;
@@ -29,7 +30,6 @@ use pulse_shared::caps::{Capability, Decision, Principal, Role, Target, authoriz
 use pulse_shared::{ErrorBody, ErrorCode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
 use crate::App;
@@ -453,7 +453,11 @@ pub async fn create_upload_ticket(
     if let (Some(size), Some(quota)) = (request.size, config.files.quota_for(&tenant)) {
         let row = client
             .query_opt(
-                "SELECT used_bytes + reserved_bytes FROM pulse.storage_usage WHERE tenant = $1",
+                &client
+                    .prepare_cached(
+                        "SELECT used_bytes + reserved_bytes FROM pulse.storage_usage WHERE tenant = $1",
+                    )
+                    .await?,
                 &[&tenant],
             )
             .await?;
@@ -478,10 +482,11 @@ pub async fn create_upload_ticket(
     // the disk.
     let tx = client.transaction().await?;
     tx.batch_execute("SET LOCAL synchronous_commit TO off").await?;
-    tx.execute(
-            "INSERT INTO pulse.upload_tickets
+    tx
+        .execute(
+            &tx.prepare_cached("INSERT INTO pulse.upload_tickets
                 (id, tenant, owner, name, max_bytes, content_types, public, attached_table, attached_id, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10))",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10))").await?,
             &[
                 &id,
                 &tenant,
@@ -552,6 +557,113 @@ impl FileInfo {
     }
 }
 
+/// Bytes gathered from the body before they are handed to a blocking thread.
+const STAGE_BUFFER: usize = 1024 * 1024;
+
+/// Where a staged upload's bytes end up, on a blocking thread: hashed, sealed when
+/// encryption is on, written to the staged file, and synced at the end.
+struct Sink {
+    file: std::fs::File,
+    hasher: Sha256,
+    encryptor: Option<crypto::Encryptor>,
+    sealed: Vec<u8>,
+}
+
+impl Sink {
+    fn absorb(&mut self, data: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.hasher.update(data);
+        match self.encryptor.as_mut() {
+            Some(enc) => {
+                self.sealed.clear();
+                enc.push(data, &mut self.sealed);
+                self.file.write_all(&self.sealed)
+            }
+            None => self.file.write_all(data),
+        }
+    }
+
+    /// Seals the last chunk, syncs the file's data (and the size that locates it) to
+    /// disk, and returns the plaintext's SHA-256 in hex.
+    fn finish(mut self) -> std::io::Result<String> {
+        use std::io::Write;
+        if let Some(enc) = self.encryptor.take() {
+            self.sealed.clear();
+            enc.finish(&mut self.sealed);
+            self.file.write_all(&self.sealed)?;
+        }
+        self.file.sync_data()?;
+        Ok(hex::encode(self.hasher.finalize()))
+    }
+}
+
+type Absorbed = (Sink, Vec<u8>, std::io::Result<()>);
+
+/// Streams an upload into its [`Sink`] one [`STAGE_BUFFER`] at a time on a blocking
+/// thread, while the next buffer fills from the network: hashing and writing overlap
+/// receiving, and at most two buffers per upload are held, whatever the file's size.
+struct Stager {
+    sink: Option<Sink>,
+    in_flight: Option<tokio::task::JoinHandle<Absorbed>>,
+    buf: Vec<u8>,
+    spare: Vec<u8>,
+}
+
+impl Stager {
+    fn new(sink: Sink) -> Stager {
+        Stager {
+            sink: Some(sink),
+            in_flight: None,
+            buf: Vec::with_capacity(STAGE_BUFFER),
+            spare: Vec::new(),
+        }
+    }
+
+    async fn settle(&mut self) -> std::io::Result<()> {
+        if let Some(task) = self.in_flight.take() {
+            let (sink, mut used, result) = task.await.map_err(std::io::Error::other)?;
+            used.clear();
+            self.spare = used;
+            self.sink = Some(sink);
+            result?;
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        // Hand the buffer over before it would grow past its size.
+        if !self.buf.is_empty() && self.buf.len() + data.len() > STAGE_BUFFER {
+            self.send().await?;
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    async fn send(&mut self) -> std::io::Result<()> {
+        self.settle().await?;
+        let mut sink = self.sink.take().expect("no write in flight after settle");
+        let full = std::mem::replace(&mut self.buf, std::mem::take(&mut self.spare));
+        self.buf.reserve(STAGE_BUFFER);
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            let result = sink.absorb(&full);
+            (sink, full, result)
+        }));
+        Ok(())
+    }
+
+    async fn finish(mut self) -> std::io::Result<String> {
+        self.settle().await?;
+        let mut sink = self.sink.take().expect("no write in flight after settle");
+        let rest = std::mem::take(&mut self.buf);
+        tokio::task::spawn_blocking(move || {
+            sink.absorb(&rest)?;
+            sink.finish()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+}
+
 /// Deletes a staged file if the upload does not get as far as committing it.
 struct StagedGuard(Option<PathBuf>);
 
@@ -602,9 +714,12 @@ where
     tx.batch_execute("SET LOCAL synchronous_commit TO off").await?;
     let row = tx
         .query_opt(
-            "UPDATE pulse.upload_tickets SET used_at = now()
+            &tx.prepare_cached(
+                "UPDATE pulse.upload_tickets SET used_at = now()
               WHERE id = $1 AND used_at IS NULL AND expires_at > now()
           RETURNING tenant, owner, name, max_bytes, content_types, public, attached_table, attached_id",
+            )
+            .await?,
             &[&ticket],
         )
         .await?
@@ -620,25 +735,54 @@ where
         count_upload("too_large");
         return Err(FileError::TooLarge { limit });
     }
-    let reserve = content_length.unwrap_or(limit);
     let quota = app.config().files.quota_for(&tenant);
-    let reserved = reserve_quota(&tx, &tenant, quota, reserve, ticket).await;
+    let reserved = match content_length {
+        Some(len) => reserve_quota(&tx, &tenant, quota, len, ticket).await.map(|_| len),
+        // Unknown length: a first slice, grown as the bytes arrive (see `Reservation`);
+        // when even that slice does not fit, nothing up front and only what arrives.
+        None => {
+            // Without a quota nobody waits on the reservation: the limit at once.
+            let first = if quota.is_some() {
+                FIRST_RESERVATION.min(limit)
+            } else {
+                limit
+            };
+            match reserve_quota(&tx, &tenant, quota, first, ticket).await {
+                Ok(()) => Ok(first),
+                Err(FileError::QuotaExceeded { .. }) => {
+                    reserve_quota(&tx, &tenant, quota, 0, ticket).await.map(|_| 0)
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
     tx.commit().await?;
     drop(client);
-    if let Err(e) = reserved {
-        count_upload("quota_exceeded");
-        return Err(e);
-    }
-    let result = store_upload(app, &row, ticket, limit, content_length, reserve, body).await;
+    let mut reservation = match reserved {
+        Ok(bytes) => Reservation {
+            tenant: tenant.clone(),
+            ticket,
+            quota,
+            limit,
+            bytes,
+        },
+        Err(e) => {
+            count_upload("quota_exceeded");
+            return Err(e);
+        }
+    };
+    let result = store_upload(app, &row, ticket, limit, content_length, &mut reservation, body).await;
     if result.is_err() {
         let config = app.config();
-        if let Err(e) = release_reservation(&Ctx::new(app, &config), &tenant, reserve, ticket).await {
+        if let Err(e) = release_reservation(&Ctx::new(app, &config), &tenant, reservation.bytes, ticket).await
+        {
             tracing::error!(error = %e, ticket = %ticket, "cannot release an upload's quota reservation; the cleanup job will");
         }
     }
     count_upload(match &result {
         Ok(_) => "ok",
         Err(FileError::TooLarge { .. }) => "too_large",
+        Err(FileError::QuotaExceeded { .. }) => "quota_exceeded",
         Err(FileError::Invalid { .. }) => "invalid",
         Err(_) => "failed",
     });
@@ -661,19 +805,25 @@ async fn reserve_quota(
     let quota_i = quota.map(|q| q as i64);
     let reserved = tx
         .query_opt(
-            "INSERT INTO pulse.storage_usage AS u (tenant, reserved_bytes)
+            &tx.prepare_cached(
+                "INSERT INTO pulse.storage_usage AS u (tenant, reserved_bytes)
                   SELECT $1, $2 WHERE $3::bigint IS NULL OR $2 <= $3
              ON CONFLICT (tenant) DO UPDATE
                     SET reserved_bytes = u.reserved_bytes + EXCLUDED.reserved_bytes, updated_at = now()
                   WHERE $3::bigint IS NULL OR u.used_bytes + u.reserved_bytes + EXCLUDED.reserved_bytes <= $3
              RETURNING u.used_bytes",
+            )
+            .await?,
             &[&tenant, &(bytes as i64), &quota_i],
         )
         .await?;
     if reserved.is_none() {
         let used: i64 = tx
             .query_opt(
-                "SELECT used_bytes + reserved_bytes FROM pulse.storage_usage WHERE tenant = $1",
+                &tx.prepare_cached(
+                    "SELECT used_bytes + reserved_bytes FROM pulse.storage_usage WHERE tenant = $1",
+                )
+                .await?,
                 &[&tenant],
             )
             .await?
@@ -687,11 +837,98 @@ async fn reserve_quota(
         });
     }
     tx.execute(
-        "UPDATE pulse.upload_tickets SET reserved_bytes = $2 WHERE id = $1",
+        &tx.prepare_cached("UPDATE pulse.upload_tickets SET reserved_bytes = $2 WHERE id = $1")
+            .await?,
         &[&ticket, &(bytes as i64)],
     )
     .await?;
     Ok(())
+}
+
+/// The first slice of quota an upload of unknown length (chunked, or a form) reserves.
+const FIRST_RESERVATION: u64 = 1024 * 1024;
+
+/// An upload's hold on its tenant's quota (mirrored in its ticket's `reserved_bytes`).
+/// With a `Content-Length` it is that length from the start; without one it starts at
+/// [`FIRST_RESERVATION`] and grows as bytes arrive, so uploads of unknown length do not
+/// each hold the ticket's whole maximum against a quota that has room for all of them.
+struct Reservation {
+    tenant: String,
+    ticket: Uuid,
+    quota: Option<u64>,
+    limit: u64,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// Makes the reservation cover `total` bytes: doubling it (up to the size limit) so a
+    /// large upload takes few round trips; when the doubled slice does not fit, only what
+    /// has arrived. `quota_exceeded` when not even that fits.
+    async fn cover(&mut self, app: &App, total: u64) -> Result<(), FileError> {
+        if total <= self.bytes {
+            return Ok(());
+        }
+        let doubled = (self.bytes.max(FIRST_RESERVATION) * 2)
+            .max(total)
+            .min(self.limit.max(total));
+        let mut client = app.pool.get().await?;
+        for want in [doubled, total] {
+            let more = (want - self.bytes) as i64;
+            let tx = client.transaction().await?;
+            // As the first reservation: the upload's final commit makes it durable.
+            tx.batch_execute("SET LOCAL synchronous_commit TO off").await?;
+            let grown = tx
+                .query_opt(
+                    &tx.prepare_cached(
+                        "WITH u AS (
+                         UPDATE pulse.storage_usage
+                            SET reserved_bytes = reserved_bytes + $2, updated_at = now()
+                          WHERE tenant = $1 AND ($3::bigint IS NULL OR used_bytes + reserved_bytes + $2 <= $3)
+                      RETURNING 1)
+                     UPDATE pulse.upload_tickets t SET reserved_bytes = t.reserved_bytes + $2
+                       FROM u WHERE t.id = $4 AND t.reserved_bytes = $5
+                     RETURNING 1",
+                    )
+                    .await?,
+                    &[
+                        &self.tenant,
+                        &more,
+                        &self.quota.map(|q| q as i64),
+                        &self.ticket,
+                        &(self.bytes as i64),
+                    ],
+                )
+                .await?;
+            if grown.is_some() {
+                tx.commit().await?;
+                self.bytes = want;
+                return Ok(());
+            }
+            // Nothing changed (or a ticket no longer ours: rolled back with the usage).
+            tx.rollback().await?;
+            if want == total {
+                break;
+            }
+        }
+        let used: i64 = client
+            .query_opt(
+                &client
+                    .prepare_cached(
+                        "SELECT used_bytes + reserved_bytes FROM pulse.storage_usage WHERE tenant = $1",
+                    )
+                    .await?,
+                &[&self.tenant],
+            )
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        Err(FileError::QuotaExceeded {
+            tenant: self.tenant.clone(),
+            quota: self.quota.unwrap_or(0),
+            used: used as u64,
+            wanted: total - self.bytes,
+        })
+    }
 }
 
 async fn release_reservation(cx: &Ctx<'_>, tenant: &str, bytes: u64, ticket: Uuid) -> Result<(), FileError> {
@@ -700,13 +937,14 @@ async fn release_reservation(cx: &Ctx<'_>, tenant: &str, bytes: u64, ticket: Uui
     // Only release what the ticket still holds, so a release never runs twice.
     let held = tx
         .query_opt(
-            "UPDATE pulse.upload_tickets SET reserved_bytes = 0 WHERE id = $1 AND reserved_bytes = $2 RETURNING 1",
+            &tx.prepare_cached("UPDATE pulse.upload_tickets SET reserved_bytes = 0 WHERE id = $1 AND reserved_bytes = $2 RETURNING 1").await?,
             &[&ticket, &(bytes as i64)],
         )
         .await?;
     if held.is_some() {
-        tx.execute(
-            "UPDATE pulse.storage_usage SET reserved_bytes = greatest(reserved_bytes - $2, 0), updated_at = now() WHERE tenant = $1",
+        tx
+        .execute(
+            &tx.prepare_cached("UPDATE pulse.storage_usage SET reserved_bytes = greatest(reserved_bytes - $2, 0), updated_at = now() WHERE tenant = $1").await?,
             &[&tenant, &(bytes as i64)],
         )
         .await?;
@@ -721,7 +959,7 @@ async fn store_upload<S, E>(
     ticket: Uuid,
     limit: u64,
     content_length: Option<u64>,
-    reserved: u64,
+    reservation: &mut Reservation,
     mut body: S,
 ) -> Result<FileInfo, FileError>
 where
@@ -740,18 +978,22 @@ where
     let files = &app.files;
     let staged_path = files.backend.staging_path();
     let mut guard = StagedGuard(Some(staged_path.clone()));
+    let io = |e: std::io::Error| FileError::Unavailable(format!("cannot stage the upload: {e}"));
     let file = tokio::fs::File::create(&staged_path)
         .await
-        .map_err(|e| FileError::Unavailable(format!("cannot stage the upload: {e}")))?;
-    let mut out = tokio::io::BufWriter::with_capacity(512 * 1024, file);
+        .map_err(io)?
+        .into_std()
+        .await;
     let key_id = files.keys.current_id().map(String::from);
-    let mut encryptor = files.keys.encryptor(&aad_for(&tenant));
-    let mut sealed = Vec::new();
-    let mut hasher = Sha256::new();
+    let mut stager = Stager::new(Sink {
+        file,
+        hasher: Sha256::new(),
+        encryptor: files.keys.encryptor(&aad_for(&tenant)),
+        sealed: Vec::new(),
+    });
     let mut head: Vec<u8> = Vec::with_capacity(sniff::SNIFF_LEN);
     let mut sniffed = false;
     let mut total: u64 = 0;
-    let io = |e: std::io::Error| FileError::Unavailable(format!("cannot stage the upload: {e}"));
 
     while let Some(chunk) = body.next().await {
         let chunk =
@@ -765,6 +1007,7 @@ where
         {
             return Err(FileError::invalid("body", "more bytes than Content-Length"));
         }
+        reservation.cover(app, total).await?;
         if !sniffed {
             let want = sniff::SNIFF_LEN - head.len();
             head.extend_from_slice(&chunk[..want.min(chunk.len())]);
@@ -773,15 +1016,7 @@ where
                 sniffed = true;
             }
         }
-        hasher.update(&chunk);
-        match encryptor.as_mut() {
-            Some(enc) => {
-                sealed.clear();
-                enc.push(&chunk, &mut sealed);
-                out.write_all(&sealed).await.map_err(io)?;
-            }
-            None => out.write_all(&chunk).await.map_err(io)?,
-        }
+        stager.write(&chunk).await.map_err(io)?;
     }
     if let Some(len) = content_length
         && total != len
@@ -794,22 +1029,15 @@ where
     if !sniffed {
         sniff::check(&content_type, &head).map_err(|m| FileError::invalid("content_type", m))?;
     }
-    if let Some(enc) = encryptor.take() {
-        sealed.clear();
-        enc.finish(&mut sealed);
-        out.write_all(&sealed).await.map_err(io)?;
-    }
-    out.flush().await.map_err(io)?;
-    let file = out.into_inner();
-    file.sync_all().await.map_err(io)?;
-    drop(file);
+    let sha = stager.finish().await.map_err(io)?;
 
-    let sha = hex::encode(hasher.finalize());
     let key = storage_key(&tenant, &sha, key_id.as_deref());
     let mut client = app.pool.get().await?;
     let exists = client
         .query_opt(
-            "SELECT 1 FROM pulse.file_blobs WHERE tenant = $1 AND sha256 = $2",
+            &client
+                .prepare_cached("SELECT 1 FROM pulse.file_blobs WHERE tenant = $1 AND sha256 = $2")
+                .await?,
             &[&tenant, &sha],
         )
         .await?
@@ -825,14 +1053,18 @@ where
     let tx = client.transaction().await?;
     let before: i64 = tx
         .query_one(
-            "SELECT used_bytes FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE",
+            &tx.prepare_cached("SELECT used_bytes FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE")
+                .await?,
             &[&tenant],
         )
         .await?
         .get(0);
     let blob = tx
         .query_opt(
-            "SELECT storage_key FROM pulse.file_blobs WHERE tenant = $1 AND sha256 = $2 FOR UPDATE",
+            &tx.prepare_cached(
+                "SELECT storage_key FROM pulse.file_blobs WHERE tenant = $1 AND sha256 = $2 FOR UPDATE",
+            )
+            .await?,
             &[&tenant, &sha],
         )
         .await?;
@@ -844,8 +1076,9 @@ where
                 files.backend.commit(&staged_path, &key).await?;
                 guard.0 = None;
             }
-            tx.execute(
-                "INSERT INTO pulse.file_blobs (tenant, sha256, size, storage_key, key_id) VALUES ($1, $2, $3, $4, $5)",
+            tx
+        .execute(
+            &tx.prepare_cached("INSERT INTO pulse.file_blobs (tenant, sha256, size, storage_key, key_id) VALUES ($1, $2, $3, $4, $5)").await?,
                 &[&tenant, &sha, &(total as i64), &key, &key_id],
             )
             .await?;
@@ -861,24 +1094,25 @@ where
     }
     let released = tx
         .query_opt(
-            "UPDATE pulse.upload_tickets SET reserved_bytes = 0, file_id = $2 WHERE id = $1 AND reserved_bytes = $3 RETURNING 1",
-            &[&ticket, &id, &(reserved as i64)],
+            &tx.prepare_cached("UPDATE pulse.upload_tickets SET reserved_bytes = 0, file_id = $2 WHERE id = $1 AND reserved_bytes = $3 RETURNING 1").await?,
+            &[&ticket, &id, &(reservation.bytes as i64)],
         )
         .await?
-        .map(|_| reserved as i64)
+        .map(|_| reservation.bytes as i64)
         .unwrap_or(0);
-    tx.execute(
-        "UPDATE pulse.storage_usage
+    tx
+        .execute(
+            &tx.prepare_cached("UPDATE pulse.storage_usage
             SET used_bytes = used_bytes + $2, reserved_bytes = greatest(reserved_bytes - $3, 0), updated_at = now()
-          WHERE tenant = $1",
+          WHERE tenant = $1").await?,
         &[&tenant, &added, &released],
     )
     .await?;
     let row = tx
         .query_one(
-            "INSERT INTO pulse.files (id, tenant, owner, name, content_type, size, sha256, public, attached_table, attached_id)
+            &tx.prepare_cached("INSERT INTO pulse.files (id, tenant, owner, name, content_type, size, sha256, public, attached_table, attached_id)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-             RETURNING to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+             RETURNING to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')").await?,
             &[&id, &tenant, &owner, &name, &content_type, &(total as i64), &sha, &public, &att_table, &att_id],
         )
         .await?;
@@ -952,15 +1186,13 @@ fn file_from_row(r: &tokio_postgres::Row) -> FileInfo {
 /// A file's metadata, without any permission check (callers decide).
 pub async fn lookup(app: &App, id: Uuid) -> Result<FileInfo, FileError> {
     let client = app.pool.get().await?;
+    let sql = format!(
+        "SELECT {FILE_COLUMNS} FROM pulse.files f
+           JOIN pulse.file_blobs b ON b.tenant = f.tenant AND b.sha256 = f.sha256
+          WHERE f.id = $1"
+    );
     let row = client
-        .query_opt(
-            &format!(
-                "SELECT {FILE_COLUMNS} FROM pulse.files f
-                   JOIN pulse.file_blobs b ON b.tenant = f.tenant AND b.sha256 = f.sha256
-                  WHERE f.id = $1"
-            ),
-            &[&id],
-        )
+        .query_opt(&client.prepare_cached(&sql).await?, &[&id])
         .await?
         .ok_or(FileError::NotFound)?;
     Ok(file_from_row(&row))
