@@ -422,7 +422,10 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
         // The browser API needs the peer address for per-IP limits.
         let token = shutdown.clone();
         let router = api::http_router(app.clone());
-        let http = listeners.http;
+        // Updates are small writes that must leave at once: no Nagle delay.
+        let http = axum::serve::ListenerExt::tap_io(listeners.http, |tcp: &mut tokio::net::TcpStream| {
+            let _ = tcp.set_nodelay(true);
+        });
         tasks.spawn(async move {
             let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
             if let Err(e) = axum::serve(http, service)

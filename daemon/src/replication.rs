@@ -6,8 +6,10 @@
 //! state already holds (`end_lsn <= checkpoint`), lets the [`ChangeSink`] apply the batch
 //! inside one state-database transaction that also records the checkpoint, commits, and
 //! only then reports the batch's end LSN as durable to the reader, which is the only
-//! position it ever confirms to PostgreSQL. Effects reach clients (`committed`) only
-//! after the commit.
+//! position it ever confirms to PostgreSQL. Effects derived from persisted state reach
+//! clients (`committed`) only after the commit; what is sent straight from the stream
+//! (live-table rows, `received`) goes out as soon as the batch is taken, since clients
+//! get at-least-once updates with a cursor and a failed batch is simply replayed.
 //!
 //! It must never confirm a position before the state it covers is committed, and never
 //! drop a replication slot.
@@ -73,8 +75,15 @@ pub trait ChangeSink: Send + 'static {
         state_tx: &tokio_postgres::Transaction<'_>,
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
 
-    /// After the commit: publish effects to clients. Never called before the batch is
-    /// durable.
+    /// The batch was taken from the stream and is about to be applied: publish what
+    /// comes straight from the stream and derives no persisted state (live-table rows),
+    /// so clients do not wait for the group commit. It may be called again for the same
+    /// transactions after a failed batch (the stream replays them): clients get
+    /// at-least-once updates with a cursor. It never moves the slot.
+    fn received(&mut self, _batch: &[Transaction]) {}
+
+    /// After the commit: publish effects derived from persisted state to clients. Never
+    /// called before the batch is durable.
     fn committed(&mut self, batch: &[Transaction]);
 
     /// Whether this sink derives state from the tables, and so needs the initial
@@ -277,6 +286,7 @@ impl Consumer<'_> {
             }
             if !batch.is_empty() {
                 let last = batch.last().map(|t| t.end_lsn).expect("non-empty batch");
+                sink.received(&batch);
                 let tx = self.state.transaction().await?;
                 sink.apply(&batch, &tx).await?;
                 write_checkpoint(&tx, self.name, last).await?;

@@ -201,6 +201,15 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         row: Option<serde_json::Value>,
     },
+    /// Several live-table `update` frames in one WebSocket frame, in the order they
+    /// happened (the server coalesces updates that are ready together, e.g. one engine
+    /// batch, to save frames under load). Each item is a complete `update` frame with its
+    /// own subscription id and cursor: handle them one by one, exactly as if they had come
+    /// separately; the last item's cursor is the one to keep for `resume`.
+    Updates {
+        /// The `update` frames.
+        updates: Vec<ServerFrame>,
+    },
     /// A new value of a metric or of an unread count.
     Value {
         /// The subscription id.
@@ -315,6 +324,30 @@ mod tests {
             serde_json::to_string(&up).unwrap(),
             r#"{"type":"update","id":"s1","cursor":"a-1","op":"delete","key":{"id":1}}"#
         );
+    }
+
+    #[test]
+    fn updates_frame_carries_whole_update_frames() {
+        let one = |n: u64| ServerFrame::Update {
+            id: "s1".into(),
+            cursor: Some(format!("a-{n}")),
+            op: UpdateOp::Insert,
+            key: serde_json::json!({ "id": n }),
+            row: Some(serde_json::json!({ "id": n })),
+        };
+        let frame = ServerFrame::Updates {
+            updates: vec![one(1), one(2)],
+        };
+        let text = serde_json::to_string(&frame).unwrap();
+        assert_eq!(
+            text,
+            concat!(
+                r#"{"type":"updates","updates":["#,
+                r#"{"type":"update","id":"s1","cursor":"a-1","op":"insert","key":{"id":1},"row":{"id":1}},"#,
+                r#"{"type":"update","id":"s1","cursor":"a-2","op":"insert","key":{"id":2},"row":{"id":2}}]}"#
+            )
+        );
+        assert_eq!(serde_json::from_str::<ServerFrame>(&text).unwrap(), frame);
     }
 
     #[test]

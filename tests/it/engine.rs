@@ -120,12 +120,20 @@ pub(crate) fn token(user: &str, tenant: Option<&str>, roles: &[&str]) -> String 
 
 pub(crate) struct Client {
     ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    /// Items of an `updates` frame not handed out yet (`next` yields them one by one).
+    queued: std::collections::VecDeque<ServerFrame>,
+    /// How many `updates` frames arrived (with at least two items each).
+    pub(crate) batches: usize,
 }
 
 impl Client {
     async fn connect(url: &str) -> Client {
         let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        Client { ws }
+        Client {
+            ws,
+            queued: Default::default(),
+            batches: 0,
+        }
     }
 
     pub(crate) async fn send(&mut self, frame: &ClientFrame) {
@@ -143,10 +151,27 @@ impl Client {
     }
 
     /// The next frame within `secs`, or None when the connection closed or nothing came.
+    /// The items of an `updates` frame come one by one, as the protocol says to handle
+    /// them.
     pub(crate) async fn next_within(&mut self, secs: u64) -> Option<ServerFrame> {
+        if let Some(f) = self.queued.pop_front() {
+            return Some(f);
+        }
         loop {
             match tokio::time::timeout(Duration::from_secs(secs), self.ws.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) => return Some(serde_json::from_str(&t).unwrap()),
+                Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str(&t).unwrap() {
+                    ServerFrame::Updates { updates } => {
+                        assert!(updates.len() >= 2, "an updates frame with fewer than two: {t}");
+                        assert!(
+                            updates.iter().all(|u| matches!(u, ServerFrame::Update { .. })),
+                            "an updates frame holds only update frames: {t}"
+                        );
+                        self.batches += 1;
+                        self.queued.extend(updates);
+                        return self.queued.pop_front();
+                    }
+                    f => return Some(f),
+                },
                 Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => return None,
                 Ok(Some(Ok(_))) => continue,
             }
@@ -1107,6 +1132,90 @@ async fn commits_reach_subscribers_resume_gets_what_was_missed_and_metrics_survi
     assert_eq!(persisted, fresh);
     c.send(&ClientFrame::Ping { nonce: 0 }).await;
     assert_eq!(c.next().await, ServerFrame::Pong { nonce: 0 });
+}
+
+/// Live updates reach clients as soon as the batch is taken from the stream, not after
+/// the group commit: while the checkpoint row is locked (the loop's state transaction
+/// cannot commit), the 50 rows of one commit arrive, coalesced into `updates` frames,
+/// in order, each with its own cursor; the metric value (derived, persisted state)
+/// waits for the commit. A resume from a cursor in the middle of that batch gets
+/// exactly the rest of it.
+#[tokio::test]
+async fn live_updates_arrive_before_the_group_commit_coalesced_with_exact_cursors() {
+    let db = members_db("engine_early").await;
+    let d = start(&db, &[]).await;
+    wait_streaming(&d).await;
+    let source = db.connect().await.unwrap();
+    let staff = token("sam", Some("t1"), &["ROLE_STAFF"]);
+    let mut c = Client::open(&d.ws, &staff).await;
+    assert!(matches!(
+        c.subscribe("m", "members", json!({})).await,
+        ServerFrame::Result { .. }
+    ));
+    match c.subscribe("k", "metric:active", json!({})).await {
+        ServerFrame::Result { data, .. } => assert_eq!(data["value"], 2),
+        other => panic!("{other:?}"),
+    }
+    // Hold the checkpoint row: the group commit blocks on it.
+    let mut blocker = db.connect().await.unwrap();
+    let lock = blocker.transaction().await.unwrap();
+    let held = lock
+        .execute("SELECT 1 FROM pulse.checkpoints FOR UPDATE", &[])
+        .await
+        .unwrap();
+    assert!(held >= 1, "no checkpoint row to hold");
+    source
+        .batch_execute(
+            "INSERT INTO members SELECT g, 't1', 'u' || g, 'active' FROM generate_series(10, 59) g",
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 50 {
+        match c.next_within(10).await {
+            Some(f @ ServerFrame::Update { .. }) => got.push(update_of(&f).unwrap()),
+            Some(ServerFrame::Value { .. }) => panic!("the metric was published before its commit"),
+            other => panic!("after {} updates: {other:?}", got.len()),
+        }
+    }
+    assert_eq!(
+        got.iter().map(|(op, id, _)| (*op, *id)).collect::<Vec<_>>(),
+        (10..60).map(|i| (UpdateOp::Insert, i)).collect::<Vec<_>>()
+    );
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|(_, _, cursor)| cursor.rsplit_once('-').unwrap().1.parse().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert!(c.batches >= 1, "50 rows of one commit came as 50 frames");
+    assert!(
+        c.next_within(1).await.is_none(),
+        "something beyond the live updates came before the commit"
+    );
+    lock.rollback().await.unwrap();
+    match c.next_within(10).await {
+        Some(ServerFrame::Value { id, value, .. }) => assert_eq!((id.as_str(), value), ("k", json!(52))),
+        other => panic!("the metric did not follow the commit: {other:?}"),
+    }
+    // Resume from the 25th update of the batch: exactly the other 25.
+    let mut r = Client::open(&d.ws, &staff).await;
+    r.send(&ClientFrame::Resume {
+        cursor: got[24].2.clone(),
+        subscriptions: vec![pulse_shared::protocol::SubscribeSpec {
+            id: "m".into(),
+            query: "members".into(),
+            args: json!({}),
+        }],
+    })
+    .await;
+    let missed: Vec<i64> = collect(&mut r, 25)
+        .await
+        .iter()
+        .filter_map(update_of)
+        .map(|(_, id, _)| id)
+        .collect();
+    assert_eq!(missed, (35..60).collect::<Vec<_>>());
+    assert!(r.next_within(1).await.is_none(), "more than what was missed");
 }
 
 /// The demo's schema file matches the demo database, and a wrong entry is named.

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::App;
 use crate::engine::Caller;
-use crate::engine::hub::Outgoing;
+use crate::engine::hub::{Outgoing, encode_updates};
 
 /// How the client reached us, which decides how `hello` authenticates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,8 @@ pub enum Transport {
 const OUTBOX_FRAMES: usize = 1024;
 /// Most frames written between two flushes.
 const WRITE_BATCH: usize = 64;
+/// Live updates queued side by side are merged into one `updates` frame up to this size.
+const MERGE_BYTES: usize = 256 * 1024;
 /// How long a client has to send `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -58,18 +60,48 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
     let kill = CancellationToken::new();
     let writer = tokio::spawn(async move {
         // Frames that are already waiting go out in one flush: under load that is one
-        // write for many frames instead of one each.
-        'writing: while let Some(out) = rx.recv().await {
-            if sink.feed(Message::Text(out.into_text().into())).await.is_err() {
-                break;
-            }
-            for _ in 0..WRITE_BATCH {
-                match rx.try_recv() {
-                    Ok(more) => {
-                        if sink.feed(Message::Text(more.into_text().into())).await.is_err() {
-                            break 'writing;
+        // write for many frames instead of one each; live updates waiting side by side
+        // go out as one `updates` frame.
+        let mut held: Option<Outgoing> = None;
+        'writing: loop {
+            let mut out = match held.take() {
+                Some(o) => o,
+                None => match rx.recv().await {
+                    Some(o) => o,
+                    None => break,
+                },
+            };
+            let mut frames = 0;
+            loop {
+                let text = match out {
+                    Outgoing::Frame(f) => serde_json::to_string(&f).expect("server frames serialize"),
+                    Outgoing::Updates(mut pieces) => {
+                        let mut bytes: usize = pieces.iter().map(|p| p.len()).sum();
+                        while bytes < MERGE_BYTES {
+                            match rx.try_recv() {
+                                Ok(Outgoing::Updates(more)) => {
+                                    bytes += more.iter().map(|p| p.len()).sum::<usize>();
+                                    pieces.extend(more);
+                                }
+                                Ok(other) => {
+                                    held = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
                         }
+                        encode_updates(&pieces)
                     }
+                };
+                if sink.feed(Message::Text(text.into())).await.is_err() {
+                    break 'writing;
+                }
+                frames += 1;
+                if frames >= WRITE_BATCH {
+                    break;
+                }
+                match held.take().map(Ok).unwrap_or_else(|| rx.try_recv()) {
+                    Ok(more) => out = more,
                     Err(_) => break,
                 }
             }

@@ -25,15 +25,71 @@ pub const ONLINE_METRIC: &str = "online";
 /// A session's id, unique within the process.
 pub type SessionId = u64;
 
-/// What goes into a session's writer queue: a frame, or one already serialized (a
-/// live update is serialized once per group and only its subscription id differs
-/// between members).
+/// One live-table update ready for the wire. It is serialized once per group: `tail`
+/// (everything after the subscription id) is shared by every member of the group, and
+/// `id` (the member's subscription id, already JSON-quoted) is shared by every update of
+/// that subscription, so queueing it for a client copies two pointers.
+#[derive(Debug, Clone)]
+pub struct UpdatePiece {
+    /// The subscription id as a JSON string (quotes included).
+    pub id: Arc<str>,
+    /// The rest of the `update` frame, from the `,"cursor":` after the id to the end.
+    pub tail: Arc<str>,
+}
+
+const UPDATE_HEAD: &str = r#"{"type":"update","id":"#;
+const UPDATES_HEAD: &str = r#"{"type":"updates","updates":["#;
+
+impl UpdatePiece {
+    /// Bytes of its `update` frame.
+    pub fn len(&self) -> usize {
+        UPDATE_HEAD.len() + self.id.len() + self.tail.len()
+    }
+
+    /// Whether it is empty (never: an update frame has a head).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    fn write(&self, out: &mut String) {
+        out.push_str(UPDATE_HEAD);
+        out.push_str(&self.id);
+        out.push_str(&self.tail);
+    }
+}
+
+/// The wire text of live updates: one `update` frame, or an `updates` frame holding
+/// them all in order.
+pub fn encode_updates<'a>(pieces: impl IntoIterator<Item = &'a UpdatePiece> + Clone) -> String {
+    let (count, bytes) = pieces
+        .clone()
+        .into_iter()
+        .fold((0usize, 0usize), |(n, b), p| (n + 1, b + p.len() + 1));
+    let mut out = String::with_capacity(bytes + UPDATES_HEAD.len() + 2);
+    if count == 1 {
+        pieces.into_iter().for_each(|p| p.write(&mut out));
+        return out;
+    }
+    out.push_str(UPDATES_HEAD);
+    for (i, p) in pieces.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        p.write(&mut out);
+    }
+    out.push_str("]}");
+    out
+}
+
+/// What goes into a session's writer queue: a frame, or live updates already
+/// serialized (see [`UpdatePiece`]); the writer sends updates that are queued together
+/// as one `updates` frame.
 #[derive(Debug)]
 pub enum Outgoing {
     /// A frame, serialized by the writer.
     Frame(ServerFrame),
-    /// JSON text of a frame.
-    Text(String),
+    /// Live-table updates for this session, in order (one engine batch).
+    Updates(Vec<UpdatePiece>),
 }
 
 impl Outgoing {
@@ -41,7 +97,7 @@ impl Outgoing {
     pub fn into_text(self) -> String {
         match self {
             Outgoing::Frame(f) => serde_json::to_string(&f).expect("server frames serialize"),
-            Outgoing::Text(t) => t,
+            Outgoing::Updates(u) => encode_updates(&u),
         }
     }
 
@@ -49,7 +105,9 @@ impl Outgoing {
     pub fn into_frame(self) -> ServerFrame {
         match self {
             Outgoing::Frame(f) => f,
-            Outgoing::Text(t) => serde_json::from_str(&t).expect("pre-serialized frames parse"),
+            Outgoing::Updates(u) => {
+                serde_json::from_str(&encode_updates(&u)).expect("pre-serialized frames parse")
+            }
         }
     }
 }
@@ -157,7 +215,25 @@ fn update_frame(id: &str, cursor: String, op: UpdateOp, change: &LiveChange) -> 
 
 struct Group {
     filter: RowFilter,
-    members: Vec<(SessionId, String)>,
+    members: Vec<Member>,
+}
+
+/// A live subscription inside its group.
+struct Member {
+    session: SessionId,
+    id: String,
+    /// `id` as a JSON string, shared by all its updates.
+    quoted: Arc<str>,
+}
+
+impl Member {
+    fn new(session: SessionId, id: &str) -> Member {
+        Member {
+            session,
+            id: id.to_string(),
+            quoted: serde_json::to_string(id).expect("strings serialize").into(),
+        }
+    }
 }
 
 /// What a subscription is, so it can be removed.
@@ -224,6 +300,9 @@ pub struct Hub {
     presence_subs: HashMap<Option<String>, Vec<PresenceSub>>,
     /// Subscriptions whose initial result is still being read: their updates wait here.
     pending: HashMap<(SessionId, String), Vec<Outgoing>>,
+    /// Live updates of the batch being published, per session, in order; sent as one
+    /// queue entry per session by [`Hub::flush_live`].
+    staged: HashMap<SessionId, Vec<UpdatePiece>>,
     /// tenant -> user -> tabs.
     presence: HashMap<String, HashMap<String, UserPresence>>,
     clock: u64,
@@ -367,16 +446,18 @@ impl Hub {
             .entry(tenant)
             .or_default();
         match groups.iter_mut().find(|g| g.filter == filter) {
-            Some(g) => g.members.push((session, id.to_string())),
+            Some(g) => g.members.push(Member::new(session, id)),
             None => groups.push(Group {
                 filter,
-                members: vec![(session, id.to_string())],
+                members: vec![Member::new(session, id)],
             }),
         }
     }
 
     /// Sends a pending subscription's initial result, then what arrived meanwhile.
     pub fn complete(&mut self, session: SessionId, id: &str, result: ServerFrame) {
+        // Staged updates are older than the result's cursor only if already flushed.
+        self.flush_live();
         let waiting = self
             .pending
             .remove(&(session, id.to_string()))
@@ -447,7 +528,7 @@ impl Hub {
         Some((updates, self.current_cursor()))
     }
 
-    /// Publishes one live-table change: history, then every group it reaches.
+    /// Publishes one live-table change now: [`Hub::stage_live`] then [`Hub::flush_live`].
     pub fn publish_live(
         &mut self,
         table: &str,
@@ -455,6 +536,15 @@ impl Hub {
         old: Option<LiveRow>,
         new: Option<LiveRow>,
     ) {
+        self.stage_live(table, tenant_col, old, new);
+        self.flush_live();
+    }
+
+    /// Takes one live-table change into the history and stages its update for every
+    /// group it reaches (serialized once per group). Staged updates go out at the next
+    /// [`Hub::flush_live`], one queue entry per session for the whole batch; call it
+    /// before letting go of the hub.
+    pub fn stage_live(&mut self, table: &str, tenant_col: &str, old: Option<LiveRow>, new: Option<LiveRow>) {
         self.seq += 1;
         let change = Arc::new(LiveChange {
             seq: self.seq,
@@ -476,17 +566,16 @@ impl Hub {
                 .and_then(|r| r.vals.get(tenant_col))
                 .map(value::key_text)
         };
-        let mut tenants = vec![None, tenant_of(&change.old)];
-        let new_tenant = tenant_of(&change.new);
-        if !tenants.contains(&new_tenant) {
-            tenants.push(new_tenant);
+        let mut tenant_keys: Vec<Option<String>> = vec![None];
+        for t in [tenant_of(&change.old), tenant_of(&change.new)]
+            .into_iter()
+            .flatten()
+        {
+            if !tenant_keys.iter().any(|k| k.as_deref() == Some(t.as_str())) {
+                tenant_keys.push(Some(t));
+            }
         }
         let cursor = self.cursor(self.seq);
-        let mut out: Vec<(SessionId, String, String)> = Vec::new();
-        let mut tenant_keys: Vec<Option<String>> = vec![None];
-        for t in tenants.into_iter().skip(1).flatten() {
-            tenant_keys.push(Some(t));
-        }
         for key in tenant_keys {
             let Some(groups) = by_tenant.get(&key) else {
                 continue;
@@ -498,30 +587,45 @@ impl Hub {
                 // Serialized once for the group: everything after the id is the same.
                 let whole = serde_json::to_string(&update_frame("", cursor.clone(), op, &change))
                     .expect("server frames serialize");
-                let tail = whole
-                    .strip_prefix(r#"{"type":"update","id":"""#)
+                let tail: Arc<str> = whole
+                    .strip_prefix(UPDATE_HEAD)
+                    .and_then(|t| t.strip_prefix(r#""""#))
                     .expect("update frames start with their type and id")
-                    .to_string();
-                for (session, id) in &g.members {
-                    let text = format!(
-                        r#"{{"type":"update","id":{}{tail}"#,
-                        serde_json::to_string(id).expect("strings serialize")
-                    );
-                    out.push((*session, id.clone(), text));
+                    .into();
+                for m in &g.members {
+                    let piece = UpdatePiece {
+                        id: m.quoted.clone(),
+                        tail: tail.clone(),
+                    };
+                    if !self.pending.is_empty()
+                        && let Some(buf) = self.pending.get_mut(&(m.session, m.id.clone()))
+                    {
+                        match buf.last_mut() {
+                            Some(Outgoing::Updates(u)) => u.push(piece),
+                            _ => buf.push(Outgoing::Updates(vec![piece])),
+                        }
+                    } else {
+                        self.staged.entry(m.session).or_default().push(piece);
+                    }
                 }
             }
         }
-        for (session, id, text) in out {
-            if let Some(buf) = self.pending.get_mut(&(session, id)) {
-                buf.push(Outgoing::Text(text));
-            } else {
-                self.deliver_out(session, Outgoing::Text(text));
-            }
+    }
+
+    /// Sends the staged live updates: one queue entry per session.
+    pub fn flush_live(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        let staged = std::mem::take(&mut self.staged);
+        for (session, pieces) in staged {
+            self.deliver_out(session, Outgoing::Updates(pieces));
         }
     }
 
     /// The table was truncated: every subscriber starts again from an empty result.
     pub fn resnapshot_table(&mut self, table: &str) {
+        self.flush_live();
         self.seq += 1;
         // Resuming across a truncate would replay rows that are gone.
         self.history.clear();
@@ -532,7 +636,7 @@ impl Hub {
             .map(|t| {
                 t.values()
                     .flatten()
-                    .flat_map(|g| g.members.iter().cloned())
+                    .flat_map(|g| g.members.iter().map(|m| (m.session, m.id.clone())))
                     .collect()
             })
             .unwrap_or_default();
@@ -865,7 +969,7 @@ impl Hub {
                 let tenant = filter.tenant.as_ref().map(|(_, t)| t.clone());
                 if let Some(groups) = self.live.get_mut(&table).and_then(|t| t.get_mut(&tenant)) {
                     for g in groups.iter_mut() {
-                        g.members.retain(|m| !me(m));
+                        g.members.retain(|m| !(m.session == session && m.id == id));
                     }
                     groups.retain(|g| !g.members.is_empty());
                 }
@@ -953,8 +1057,14 @@ mod tests {
     fn ops(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<(UpdateOp, i64)> {
         let mut out = Vec::new();
         while let Ok(f) = rx.try_recv() {
-            if let ServerFrame::Update { op, key, .. } = f.into_frame() {
-                out.push((op, key["id"].as_i64().unwrap()));
+            let frames = match f.into_frame() {
+                ServerFrame::Updates { updates } => updates,
+                other => vec![other],
+            };
+            for f in frames {
+                if let ServerFrame::Update { op, key, .. } = f {
+                    out.push((op, key["id"].as_i64().unwrap()));
+                }
             }
         }
         out
@@ -1015,6 +1125,66 @@ mod tests {
             row: Some(serde_json::json!({ "id": 9, "status": "ok" })),
         };
         assert_eq!(text, serde_json::to_string(&expected).unwrap());
+    }
+
+    #[test]
+    fn a_batch_goes_out_as_one_entry_per_session_and_encodes_as_its_frames() {
+        let mut hub = Hub::new(100, 1);
+        let mut a = session(&mut hub, 1);
+        let mut b = session(&mut hub, 2);
+        for s in [1, 2] {
+            hub.subscribe_live(s, "s", "m", filter("t1", None), 10).unwrap();
+            hub.complete(s, "s", ServerFrame::Pong { nonce: 0 });
+        }
+        let _ = (a.try_recv(), b.try_recv());
+        // b's second subscription is still reading its initial result.
+        hub.subscribe_live(2, "late", "m", filter("t1", Some("active")), 10)
+            .unwrap();
+        let first = hub.current_cursor();
+        for i in 1..=3 {
+            hub.stage_live("m", "tenant_id", None, Some(row(i, "t1", "active")));
+        }
+        assert!(a.try_recv().is_err(), "staged updates left before the flush");
+        hub.flush_live();
+        let expected = |id: &str, from: u64| {
+            (from..from + 3)
+                .map(|n| ServerFrame::Update {
+                    id: id.into(),
+                    cursor: Some(format!("1-{n}")),
+                    op: UpdateOp::Insert,
+                    key: serde_json::json!({ "id": n }),
+                    row: Some(serde_json::json!({ "id": n, "status": "active" })),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(first, "1-0");
+        for rx in [&mut a, &mut b] {
+            let entry = rx.try_recv().unwrap();
+            assert!(matches!(&entry, Outgoing::Updates(u) if u.len() == 3));
+            assert_eq!(
+                entry.into_text(),
+                serde_json::to_string(&ServerFrame::Updates {
+                    updates: expected("s", 1)
+                })
+                .unwrap()
+            );
+            assert!(rx.try_recv().is_err(), "more than one entry for the batch");
+        }
+        // The pending subscription gets its result first, then the batch, in order.
+        hub.complete(2, "late", ServerFrame::Pong { nonce: 7 });
+        assert_eq!(b.try_recv().unwrap().into_frame(), ServerFrame::Pong { nonce: 7 });
+        assert_eq!(
+            b.try_recv().unwrap().into_frame(),
+            ServerFrame::Updates {
+                updates: expected("late", 1)
+            }
+        );
+        // A single update is a plain update frame.
+        hub.publish_live("m", "tenant_id", None, Some(row(4, "t1", "gone")));
+        assert!(matches!(
+            a.try_recv().unwrap().into_frame(),
+            ServerFrame::Update { id, .. } if id == "s"
+        ));
     }
 
     #[test]

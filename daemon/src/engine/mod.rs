@@ -1152,8 +1152,9 @@ impl Engine {
         Ok(())
     }
 
-    /// The batch is durable: update memory and publish to clients.
-    pub fn committed(self: &Arc<Self>, batch: &[Transaction]) {
+    /// The batch is durable: update memory and publish metric values and notifications
+    /// (live-table rows went out in [`Engine::publish_live`]).
+    pub fn committed(self: &Arc<Self>) {
         let stash = std::mem::take(&mut *self.stash.lock().expect("stash lock"));
         let mut touched = {
             let mut store = self.store.lock().expect("store lock");
@@ -1183,6 +1184,16 @@ impl Engine {
                 }
             });
         }
+    }
+
+    /// Live-table updates of a batch, straight from the stream: they derive nothing the
+    /// state database keeps, so they go to clients as soon as the batch is taken, before
+    /// its state transaction (see [`crate::replication::ChangeSink::received`]). One
+    /// queue entry per client for the whole batch.
+    pub fn publish_live(&self, batch: &[Transaction]) {
+        if self.schema.tables.is_empty() {
+            return;
+        }
         let mut hub = self.hub();
         for tx in batch {
             for change in &tx.changes {
@@ -1194,22 +1205,23 @@ impl Engine {
                     let live = |row: &[Value], old: Option<&[Value]>| live_row(t, &getter(rel, row, old));
                     match &change.kind {
                         ChangeKind::Insert { new } => {
-                            hub.publish_live(&t.name, &t.tenant_column, None, Some(live(new, None)))
+                            hub.stage_live(&t.name, &t.tenant_column, None, Some(live(new, None)))
                         }
-                        ChangeKind::Update { old, new } => hub.publish_live(
+                        ChangeKind::Update { old, new } => hub.stage_live(
                             &t.name,
                             &t.tenant_column,
                             old.as_deref().map(|o| live(o, None)),
                             Some(live(new, old.as_deref())),
                         ),
                         ChangeKind::Delete { old } => {
-                            hub.publish_live(&t.name, &t.tenant_column, Some(live(old, None)), None)
+                            hub.stage_live(&t.name, &t.tenant_column, Some(live(old, None)), None)
                         }
                         ChangeKind::Truncate => hub.resnapshot_table(&t.name),
                     }
                 }
             }
         }
+        hub.flush_live();
     }
 
     /// Every metric cell (tests and the console compare them with a recomputation).
@@ -1445,8 +1457,12 @@ impl crate::replication::ChangeSink for EngineSink {
         Ok(())
     }
 
-    fn committed(&mut self, batch: &[Transaction]) {
-        self.engine.committed(batch);
+    fn received(&mut self, batch: &[Transaction]) {
+        self.engine.publish_live(batch);
+    }
+
+    fn committed(&mut self, _batch: &[Transaction]) {
+        self.engine.committed();
     }
 
     fn needs_snapshot(&self) -> bool {
