@@ -209,6 +209,10 @@ impl<S: ChangeSink> ChangeSink for Recorded<S> {
         self.inner.apply(batch, state_tx).await
     }
 
+    fn received(&mut self, batch: &[Transaction]) {
+        self.inner.received(batch);
+    }
+
     fn committed(&mut self, batch: &[Transaction]) {
         self.feed.record(batch);
         self.inner.committed(batch);

@@ -79,8 +79,9 @@ pub trait ChangeSink: Send + 'static {
     /// comes straight from the stream and derives no persisted state (live-table rows),
     /// so clients do not wait for the group commit. It may be called again for the same
     /// transactions after a failed batch (the stream replays them): clients get
-    /// at-least-once updates with a cursor. It never moves the slot.
-    fn received(&mut self, _batch: &[Transaction]) {}
+    /// at-least-once updates with a cursor. It never moves the slot. No default: a sink
+    /// that wraps another must pass it on, or live tables go silent.
+    fn received(&mut self, batch: &[Transaction]);
 
     /// After the commit: publish effects derived from persisted state to clients. Never
     /// called before the batch is durable.
@@ -165,6 +166,8 @@ impl ChangeSink for CheckpointSink {
     ) -> Result<(), SinkError> {
         Ok(())
     }
+
+    fn received(&mut self, _batch: &[Transaction]) {}
 
     fn committed(&mut self, _batch: &[Transaction]) {}
 
@@ -650,6 +653,8 @@ impl ChangeSink for LedgerSink {
             .await?;
         Ok(())
     }
+
+    fn received(&mut self, _batch: &[Transaction]) {}
 
     fn committed(&mut self, _batch: &[Transaction]) {}
 }
