@@ -216,8 +216,10 @@ pub async fn run(quick: bool) -> Result<()> {
     }
     println!("{clients} clients subscribed");
 
-    // Writers: a few connections, each paced to its share of the rate.
-    let writers = 4u64;
+    // Writers: one connection per 100 commits/s, each paced to its share of the rate, so
+    // that the rate asked is reached even when a commit's round trip takes several
+    // milliseconds on a loaded machine.
+    let writers = rate.div_ceil(100).max(1);
     let stop = Instant::now() + Duration::from_secs(seconds);
     let committed = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
