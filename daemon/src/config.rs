@@ -479,6 +479,12 @@ pub const KEYS: &[KeySpec] = &[
         "Live-table updates kept for resume; older cursors get a resnapshot.",
     ),
     key(
+        "limits.live_batch_ms",
+        "4",
+        KeyKind::Integer,
+        "Live-table updates for one client go out at most once per this many milliseconds, together (0: each change at once); bounds the frames per client under load.",
+    ),
+    key(
         "jobs.enabled",
         "true",
         KeyKind::Bool,
@@ -804,6 +810,8 @@ pub struct Limits {
     pub presence_ttl: Duration,
     /// Updates kept for resume.
     pub history_updates: u64,
+    /// Shortest time between two sends of live-table updates (zero: no wait).
+    pub live_batch: Duration,
 }
 
 /// JWT verification settings (see `crate::auth`).
@@ -1619,6 +1627,7 @@ impl Validator<'_> {
         let subs = self.int("limits.subscriptions_per_user", 1, 100_000);
         let presence_ttl = self.int("limits.presence_ttl_secs", 1, 3600);
         let history = self.int("limits.history_updates", 0, 10_000_000);
+        let live_batch = self.int("limits.live_batch_ms", 0, 1000);
         let leeway = self.int("auth.leeway_secs", 0, 600);
         let opt_path = |v: &Self, k: &str| {
             let t = v.text(k);
@@ -1707,6 +1716,7 @@ impl Validator<'_> {
                 subscriptions_per_user: subs?,
                 presence_ttl: Duration::from_secs(presence_ttl?),
                 history_updates: history?,
+                live_batch: Duration::from_millis(live_batch?),
             },
             auth,
             schema_path,

@@ -345,16 +345,19 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
     // Events the schema file does not send are never written to the outbox.
     outbox::install(schema.events.clone());
     let authenticator = auth::Authenticator::from_config(&config.auth)?;
-    let engine = Arc::new(engine::Engine::new(
-        Arc::new(schema),
-        source_pool.clone(),
-        pool.clone(),
-        engine::EngineLimits {
-            subscriptions: config.limits.subscriptions_per_user as usize,
-            presence_ttl: config.limits.presence_ttl,
-            history: config.limits.history_updates as usize,
-        },
-    ));
+    let engine = Arc::new(
+        engine::Engine::new(
+            Arc::new(schema),
+            source_pool.clone(),
+            pool.clone(),
+            engine::EngineLimits {
+                subscriptions: config.limits.subscriptions_per_user as usize,
+                presence_ttl: config.limits.presence_ttl,
+                history: config.limits.history_updates as usize,
+            },
+        )
+        .with_live_batch(config.limits.live_batch),
+    );
     {
         let state = pool
             .get()

@@ -124,6 +124,7 @@ mod tests {
             subscriptions_per_user: 1,
             presence_ttl: Duration::from_secs(1),
             history_updates: 1,
+            live_batch: Duration::ZERO,
         };
         let e = Arc::new(EdgeLimits::new(&l));
         let a: IpAddr = "10.0.0.1".parse().unwrap();

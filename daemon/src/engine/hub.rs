@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pulse_cdc::Value;
 use pulse_shared::protocol::{PresenceEvent, ServerFrame, UpdateOp};
@@ -303,6 +303,8 @@ pub struct Hub {
     /// Live updates of the batch being published, per session, in order; sent as one
     /// queue entry per session by [`Hub::flush_live`].
     staged: HashMap<SessionId, Vec<UpdatePiece>>,
+    /// When staged updates last went out (see [`Hub::flush_live_within`]).
+    last_flush: Option<Instant>,
     /// tenant -> user -> tabs.
     presence: HashMap<String, HashMap<String, UserPresence>>,
     clock: u64,
@@ -359,8 +361,12 @@ impl Hub {
         self.sessions.insert(id, handle);
     }
 
-    /// Queues a frame for one session; a full queue cuts the session loose.
+    /// Queues a frame for one session; a full queue cuts the session loose. Live updates
+    /// staged for the session go first: they are older.
     pub fn deliver(&mut self, session: SessionId, frame: ServerFrame) {
+        if let Some(pieces) = self.staged.remove(&session) {
+            self.deliver_out(session, Outgoing::Updates(pieces));
+        }
         self.deliver_out(session, Outgoing::Frame(frame));
     }
 
@@ -612,11 +618,37 @@ impl Hub {
         }
     }
 
+    /// Sends the staged live updates unless the last send was less than `window` ago;
+    /// then they stay staged and the instant they are due is returned (a later
+    /// [`Hub::flush_live`] sends them).
+    pub fn flush_live_within(&mut self, now: Instant, window: Duration) -> Option<Instant> {
+        if self.staged.is_empty() {
+            return None;
+        }
+        if let Some(last) = self.last_flush
+            && now < last + window
+        {
+            return Some(last + window);
+        }
+        self.flush_live();
+        None
+    }
+
+    /// When staged live updates may go out (the last send plus `window`); `None` when
+    /// nothing is staged.
+    pub fn live_due(&self, window: Duration) -> Option<Instant> {
+        if self.staged.is_empty() {
+            return None;
+        }
+        Some(self.last_flush.map_or_else(Instant::now, |t| t + window))
+    }
+
     /// Sends the staged live updates: one queue entry per session.
     pub fn flush_live(&mut self) {
         if self.staged.is_empty() {
             return;
         }
+        self.last_flush = Some(Instant::now());
         let staged = std::mem::take(&mut self.staged);
         for (session, pieces) in staged {
             self.deliver_out(session, Outgoing::Updates(pieces));
@@ -1125,6 +1157,40 @@ mod tests {
             row: Some(serde_json::json!({ "id": 9, "status": "ok" })),
         };
         assert_eq!(text, serde_json::to_string(&expected).unwrap());
+    }
+
+    #[test]
+    fn live_updates_wait_for_their_window_and_never_overtake_a_later_frame() {
+        let mut hub = Hub::new(100, 1);
+        let mut a = session(&mut hub, 1);
+        hub.subscribe_live(1, "s", "m", filter("t1", None), 10).unwrap();
+        hub.complete(1, "s", ServerFrame::Pong { nonce: 0 });
+        let _ = a.try_recv();
+        let window = Duration::from_millis(50);
+        let t0 = Instant::now();
+        // Nothing sent yet: the first change goes out at once.
+        hub.stage_live("m", "tenant_id", None, Some(row(1, "t1", "x")));
+        assert_eq!(hub.flush_live_within(t0, window), None);
+        assert_eq!(ops(&mut a), vec![(UpdateOp::Insert, 1)]);
+        // Within the window: staged, due at the end of the window.
+        hub.stage_live("m", "tenant_id", None, Some(row(2, "t1", "x")));
+        let due = hub.flush_live_within(Instant::now(), window).expect("waits");
+        assert!(due > Instant::now() && due <= Instant::now() + window);
+        hub.stage_live("m", "tenant_id", None, Some(row(3, "t1", "x")));
+        assert!(hub.flush_live_within(Instant::now(), window).is_some());
+        assert!(a.try_recv().is_err(), "sent before its window ended");
+        // A frame for the session takes the older staged updates along, first.
+        hub.deliver(1, ServerFrame::Pong { nonce: 7 });
+        assert!(matches!(a.try_recv().unwrap(), Outgoing::Updates(u) if u.len() == 2));
+        assert!(matches!(
+            a.try_recv().unwrap(),
+            Outgoing::Frame(ServerFrame::Pong { nonce: 7 })
+        ));
+        assert_eq!(hub.live_due(window), None, "nothing left staged");
+        // Once the window is over, the next change goes out at once again.
+        hub.stage_live("m", "tenant_id", None, Some(row(4, "t1", "x")));
+        assert_eq!(hub.flush_live_within(Instant::now() + window, window), None);
+        assert_eq!(ops(&mut a), vec![(UpdateOp::Insert, 4)]);
     }
 
     #[test]

@@ -84,6 +84,10 @@ pub struct Engine {
     presence_unsent: Mutex<Vec<events::PresenceChange>>,
     /// Whether schema mutations are handed to Symfony (a broker is configured).
     forwarding: std::sync::atomic::AtomicBool,
+    /// Shortest time between two sends of live-table updates (zero: at once).
+    live_batch: Duration,
+    /// Live updates are staged and wait for the end of the current `live_batch`.
+    live_due: tokio::sync::Notify,
 }
 
 /// Who is asking, as the engine needs it.
@@ -195,7 +199,17 @@ impl Engine {
             presence_events: Mutex::new(None),
             presence_unsent: Mutex::new(Vec::new()),
             forwarding: std::sync::atomic::AtomicBool::new(false),
+            live_batch: Duration::ZERO,
+            live_due: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Sends live-table updates to a client at most once per `window`, together: under
+    /// load that is one frame per client per window instead of one per transaction. The
+    /// updates of a quiet moment still go out at once. Needs [`Engine::spawn_tasks`].
+    pub fn with_live_batch(mut self, window: Duration) -> Engine {
+        self.live_batch = window;
+        self
     }
 
     fn hub(&self) -> std::sync::MutexGuard<'_, Hub> {
@@ -337,6 +351,24 @@ impl Engine {
 
     /// Starts the periodic work: presence expiry, metric windows, notification retention.
     pub fn spawn_tasks(self: &Arc<Self>, tasks: &TaskTracker, shutdown: CancellationToken) {
+        if !self.live_batch.is_zero() {
+            // Sends the live updates left staged by `publish_live` when their window ends.
+            let engine = self.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = engine.live_due.notified() => {}
+                    }
+                    let due = engine.hub().live_due(engine.live_batch);
+                    if let Some(due) = due {
+                        tokio::time::sleep_until(due.into()).await;
+                        engine.hub().flush_live();
+                    }
+                }
+            });
+        }
         let engine = self.clone();
         tasks.spawn(async move {
             let mut presence = tokio::time::interval(Duration::from_millis(500));
@@ -1221,7 +1253,13 @@ impl Engine {
                 }
             }
         }
-        hub.flush_live();
+        if hub
+            .flush_live_within(std::time::Instant::now(), self.live_batch)
+            .is_some()
+        {
+            drop(hub);
+            self.live_due.notify_one();
+        }
     }
 
     /// Every metric cell (tests and the console compare them with a recomputation).
