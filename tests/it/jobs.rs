@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::support::{column, pulsed_bin};
+use crate::support::{column, pairs, pulsed_bin};
 
 /// A job that sleeps in the database, like a slow cleanup would.
 struct Sleep {
@@ -170,18 +170,13 @@ async fn two_instances_never_run_the_same_job_at_once() {
     tasks.wait().await;
 
     let client = db.connect().await.unwrap();
-    let runs: Vec<(f64, f64)> = client
-        .query(
-            "SELECT extract(epoch FROM started_at)::float8, extract(epoch FROM ended_at)::float8
+    let runs: Vec<(f64, f64)> = pairs(
+        &client,
+        "SELECT extract(epoch FROM started_at)::float8, extract(epoch FROM ended_at)::float8
                FROM pulse.job_runs WHERE job = 'slow' AND trigger = 'schedule' AND outcome = 'ok'
               ORDER BY started_at",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    )
+    .await;
     // Four or five ticks, each wanted by both instances: one run per tick at most (without
     // the lock both would run, twice as many runs, overlapping). A loaded machine may make
     // a run outlast a tick, hence the low bound.
@@ -461,16 +456,11 @@ async fn engine_and_file_jobs_run_and_record_their_counts() {
     assert_eq!(run.counts["staged_files"], 1, "{}", run.counts);
     assert!(!staged.exists());
 
-    let recorded: Vec<(String, String)> = client
-        .query(
-            "SELECT job, outcome FROM pulse.job_runs WHERE ended_at IS NOT NULL ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let recorded: Vec<(String, String)> = pairs(
+        &client,
+        "SELECT job, outcome FROM pulse.job_runs WHERE ended_at IS NOT NULL ORDER BY id",
+    )
+    .await;
     assert_eq!(
         recorded,
         [

@@ -154,6 +154,21 @@ where
         .collect()
 }
 
+/// The first two columns of every row `sql` returns.
+pub async fn pairs<A, B>(client: &tokio_postgres::Client, sql: &str) -> Vec<(A, B)>
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 /// pulsed's `/readyz` at `http` (its base URL): the status and the body, or `None` while
 /// it does not answer.
 pub async fn readyz(http: &str) -> Option<(u16, Value)> {

@@ -10,7 +10,7 @@ use pulse_shared::protocol::{ClientFrame, ServerFrame, UpdateOp};
 use serde_json::{Value, json};
 
 use crate::engine::{AUDIENCE, Client, ISSUER, SECRET, token};
-use crate::support::{Broker, Seen, fresh_db_with, pulsed_bin, wait_processed, wait_streaming};
+use crate::support::{Broker, Seen, fresh_db_with, pairs, pulsed_bin, wait_processed, wait_streaming};
 
 const DEPLOY_KEY: &str = "wire-deploy-key-0123456789abcdef0123456789";
 
@@ -286,16 +286,11 @@ async fn engine_and_file_events_reach_the_broker_and_commands_act_on_them() {
     );
 
     // Every command was applied, none dead-lettered.
-    let outcomes: Vec<(String, String)> = state
-        .query(
-            "SELECT command_id, outcome FROM pulse.processed_commands ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let outcomes: Vec<(String, String)> = pairs(
+        &state,
+        "SELECT command_id, outcome FROM pulse.processed_commands ORDER BY 1",
+    )
+    .await;
     assert_eq!(
         outcomes,
         ["w-erase", "w-export", "w-send"].map(|c| (c.to_string(), "applied".to_string()))
