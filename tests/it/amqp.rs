@@ -20,7 +20,9 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
-use crate::support::{Broker, Seen, column, component, header_text, pulsed_bin, readyz, tap, wait_processed};
+use crate::support::{
+    Broker, Seen, column, component, header_text, metrics_text, pulsed_bin, readyz, tap, wait_processed,
+};
 
 fn distinct(seen: &Mutex<Vec<Seen>>) -> usize {
     seen.lock()
@@ -496,12 +498,7 @@ async fn commands_are_applied_once_and_invalid_ones_go_to_the_dead_letter_queue(
     assert!(reasons["c-end"].contains("userId"), "{reasons:?}");
     assert!(reasons["c-bad"].contains("sync_interval_ms"), "{reasons:?}");
 
-    let metrics = reqwest::get(format!("{}/metrics", pulsed.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&pulsed).await;
     assert!(
         metrics.contains("pulse_commands_total{kind=\"ChangeSetting\",outcome=\"duplicate\"} 1"),
         "{metrics}"

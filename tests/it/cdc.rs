@@ -10,7 +10,7 @@ use pulse_cdc::{ChangeKind, Event, Lsn, Transaction, Value};
 use pulse_harness::{ClusterOptions, PgCluster, Pulsed, TestDb, unique_slot, wait_for};
 use tokio::sync::mpsc;
 
-use crate::support::{InProcess, component, fresh_db_with, pulsed_bin, readyz};
+use crate::support::{InProcess, component, fresh_db_with, metrics_text, pulsed_bin, readyz};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -651,12 +651,7 @@ async fn pulsed_stopped_and_killed_mid_stream_loses_nothing() {
     wait_for("more changes after the kill", WAIT, || applied(second + 20))
         .await
         .unwrap();
-    let metrics = reqwest::get(format!("{}/metrics", pulsed.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&pulsed).await;
     assert!(metrics.contains("pulse_replication_rows_total"), "{metrics}");
     stop_writer.cancel();
     writer.await.unwrap();

@@ -13,7 +13,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::support::{column, pulsed_bin};
+use crate::support::{column, metrics_text, pulsed_bin};
 
 const DEPLOY_KEY: &str = "files-test-deploy-key-0123456789abcdef-0123";
 const SIGNING: &str = "files-test-signing-secret-0123456789abcdef";
@@ -706,13 +706,7 @@ async fn every_upload_error_has_its_code_and_leaves_nothing() {
     assert_eq!(env.objects().len(), 1, "only the one good upload is stored");
     let (used, reserved) = env.usage("club-a").await;
     assert_eq!((used, reserved), (10, 0));
-    let r = env
-        .http
-        .get(format!("{}/metrics", env.pulsed.metrics))
-        .send()
-        .await
-        .unwrap();
-    let metrics = r.text().await.unwrap();
+    let metrics = metrics_text(&env.pulsed).await;
     assert!(
         metrics.contains("pulse_storage_bytes{tenant=\"club-a\"} 10"),
         "{metrics}"

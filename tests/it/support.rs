@@ -185,6 +185,16 @@ pub fn component<'a>(readyz: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|c| c["name"] == name)
 }
 
+/// pulsed's Prometheus metrics, as text.
+pub async fn metrics_text(pulsed: &Pulsed) -> String {
+    reqwest::get(format!("{}/metrics", pulsed.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Waits until pulsed's change stream is up (`replication` up in `/readyz`: the snapshot
 /// is loaded and streaming runs); fails with pulsed's log.
 pub async fn wait_streaming(pulsed: &Pulsed, timeout: Duration) {
