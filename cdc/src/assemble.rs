@@ -667,20 +667,31 @@ mod fuzz {
         ]
     }
 
+    /// An assembler that knows relation 1, `public.t` with one key column `column`.
+    fn knowing_one_relation(column: &str) -> Assembler {
+        let mut a = Assembler::default();
+        let _ = a.handle(PgOutput::Relation {
+            xid: None,
+            oid: 1,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: b'd',
+            columns: vec![RelationColumn {
+                flags: 1,
+                name: column.into(),
+                type_oid: 1007,
+                type_mod: -1,
+            }],
+        });
+        a
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
         #[test]
         fn well_formed_messages_in_any_order_never_panic(msgs in proptest::collection::vec(structured(), 0..60)) {
-            let mut a = Assembler::default();
-            let _ = a.handle(PgOutput::Relation {
-                xid: None,
-                oid: 1,
-                namespace: "public".into(),
-                name: "t".into(),
-                replica_identity: b'd',
-                columns: vec![RelationColumn { flags: 1, name: "v".into(), type_oid: 1007, type_mod: -1 }],
-            });
+            let mut a = knowing_one_relation("v");
             for m in msgs {
                 let _ = a.handle(m);
             }
@@ -689,15 +700,7 @@ mod fuzz {
         /// Any sequence of messages: errors at worst, never a panic or a hang.
         #[test]
         fn arbitrary_message_sequences_never_panic(msgs in proptest::collection::vec(message(), 0..40)) {
-            let mut a = Assembler::default();
-            let _ = a.handle(PgOutput::Relation {
-                xid: None,
-                oid: 1,
-                namespace: "public".into(),
-                name: "t".into(),
-                replica_identity: b'd',
-                columns: vec![RelationColumn { flags: 1, name: "id".into(), type_oid: 1007, type_mod: -1 }],
-            });
+            let mut a = knowing_one_relation("id");
             for m in msgs {
                 if let Ok(msg) = parse_pgoutput(Bytes::from(m), a.in_stream()) {
                     let _ = a.handle(msg);

@@ -35,6 +35,22 @@ fn transient(e: impl std::fmt::Display) -> EffectError {
     EffectError::Transient(format!("state database: {e}"))
 }
 
+impl AppEffects {
+    /// Ends the user's tabs on this instance now, and on the others when `tx` commits;
+    /// how many ended here.
+    async fn end_presence_everywhere(
+        &self,
+        tx: &Transaction<'_>,
+        tenant: &str,
+        user: &str,
+    ) -> Result<usize, EffectError> {
+        crate::instances::end_presence_everywhere(tx, tenant, user)
+            .await
+            .map_err(transient)?;
+        Ok(self.app.engine.end_presence(tenant, user))
+    }
+}
+
 impl CommandEffects for AppEffects {
     fn send_notification<'a>(
         &'a self,
@@ -109,11 +125,9 @@ impl CommandEffects for AppEffects {
         c: &'a EndPresence,
     ) -> BoxFuture<'a, Result<Applied, EffectError>> {
         Box::pin(async move {
-            // Other instances end their tabs of the user when this commits.
-            crate::instances::end_presence_everywhere(tx, &c.tenant_id.0, &c.user_id.0)
-                .await
-                .map_err(transient)?;
-            let tabs = self.app.engine.end_presence(&c.tenant_id.0, &c.user_id.0);
+            let tabs = self
+                .end_presence_everywhere(tx, &c.tenant_id.0, &c.user_id.0)
+                .await?;
             Ok(Applied {
                 detail: json!({ "sessions": tabs }),
             })
@@ -127,10 +141,7 @@ impl CommandEffects for AppEffects {
     ) -> BoxFuture<'a, Result<Applied, EffectError>> {
         Box::pin(async move {
             let (tenant, user) = (&c.tenant_id.0, &c.user_id.0);
-            crate::instances::end_presence_everywhere(tx, tenant, user)
-                .await
-                .map_err(transient)?;
-            let tabs = self.app.engine.end_presence(tenant, user);
+            let tabs = self.end_presence_everywhere(tx, tenant, user).await?;
             let config = self.app.config();
             let files =
                 crate::files::erase_user_files(&crate::files::Ctx::new(&self.app, &config), tenant, user)

@@ -12,149 +12,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, ExchangeKind};
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use pulse_daemon::outbox::{self, OutboxEvent};
 use pulse_harness::{PgCluster, Pulsed, Rabbit, TestDb, wait_for};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
-use crate::support::pulsed_bin;
-
-/// Uniquely named broker objects of one test, deleted at the end.
-pub(crate) struct Names {
-    pub(crate) exchange: String,
-    pub(crate) commands: String,
-    pub(crate) dead: String,
-    /// The test's own queue, bound to the events exchange.
-    pub(crate) tap: String,
-}
-
-impl Names {
-    pub(crate) fn new(label: &str) -> Names {
-        Names {
-            exchange: Rabbit::unique(&format!("{label}-x")),
-            commands: Rabbit::unique(&format!("{label}-cmd")),
-            dead: Rabbit::unique(&format!("{label}-dead")),
-            tap: Rabbit::unique(&format!("{label}-tap")),
-        }
-    }
-
-    pub(crate) fn env(&self, db: &TestDb, amqp_url: &str) -> Vec<(&'static str, String)> {
-        vec![
-            ("PULSE__SOURCE__URL", db.url()),
-            ("PULSE__AMQP__URL", amqp_url.to_string()),
-            ("PULSE__AMQP__EXCHANGE", self.exchange.clone()),
-            ("PULSE__AMQP__COMMANDS_QUEUE", self.commands.clone()),
-            ("PULSE__AMQP__COMMANDS_DEAD_LETTER_QUEUE", self.dead.clone()),
-            ("PULSE__AMQP__RETRY_MAX_MS", "1000".into()),
-            ("PULSE__AMQP__RETRY_BASE_MS", "50".into()),
-            ("PULSE__JOBS__ENABLED", "false".into()),
-        ]
-    }
-
-    pub(crate) async fn cleanup(&self, channel: &lapin::Channel) {
-        for q in [&self.commands, &self.dead, &self.tap] {
-            let _ = channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        let _ = channel
-            .exchange_delete(self.exchange.as_str().into(), Default::default())
-            .await;
-    }
-}
-
-/// Declares the events exchange as pulsed does, and the test's queue bound to it.
-pub(crate) async fn tap(channel: &lapin::Channel, names: &Names, binding: &str) {
-    channel
-        .exchange_declare(
-            names.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_declare(
-            names.tap.as_str().into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            names.tap.as_str().into(),
-            names.exchange.as_str().into(),
-            binding.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-}
-
-/// One delivery seen by the test's consumer.
-#[derive(Debug, Clone)]
-pub(crate) struct Seen {
-    pub(crate) message_id: String,
-    pub(crate) routing_key: String,
-    pub(crate) body: Value,
-    pub(crate) class: Option<String>,
-    pub(crate) content_type: Option<String>,
-    pub(crate) persistent: bool,
-}
-
-/// Consumes a queue in the background, recording every delivery.
-pub(crate) fn collect(channel: lapin::Channel, queue: String) -> Arc<Mutex<Vec<Seen>>> {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let out = seen.clone();
-    tokio::spawn(async move {
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "test-tap".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        while let Some(Ok(d)) = consumer.next().await {
-            let class = d.properties.headers().as_ref().and_then(|h| {
-                h.inner().get("type").and_then(|v| match v {
-                    AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-                    _ => None,
-                })
-            });
-            out.lock().unwrap().push(Seen {
-                message_id: d
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-                routing_key: d.routing_key.to_string(),
-                body: serde_json::from_slice(&d.data).unwrap_or(Value::Null),
-                class,
-                content_type: d.properties.content_type().as_ref().map(|s| s.to_string()),
-                persistent: d.properties.delivery_mode() == &Some(2),
-            });
-            d.ack(BasicAckOptions::default()).await.unwrap();
-        }
-    });
-    seen
-}
+use crate::support::{
+    Broker, Seen, column, component, header_text, metrics_text, pulsed_bin, readyz, tap, wait_processed,
+};
 
 fn distinct(seen: &Mutex<Vec<Seen>>) -> usize {
     seen.lock()
@@ -200,6 +68,26 @@ async fn pending(db: &TestDb) -> i64 {
         .await
         .unwrap()
         .get(0)
+}
+
+/// Waits until `total` distinct events reached the broker and the outbox is empty.
+async fn wait_all_delivered(
+    seen: &Mutex<Vec<Seen>>,
+    db: &TestDb,
+    pulsed: &Pulsed,
+    total: u32,
+    timeout: Duration,
+) {
+    wait_for("every event", timeout, || async {
+        (distinct(seen) as u32 >= total).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", pulsed.log()));
+    wait_for("an empty outbox", Duration::from_secs(10), || async {
+        (pending(db).await == 0).then_some(())
+    })
+    .await
+    .unwrap();
 }
 
 /// Every expected event arrived at least once, duplicates are identical to the first
@@ -309,31 +197,16 @@ fn broker_target(rabbit: &Rabbit) -> String {
     format!("{}:{}", u.host_str().unwrap(), u.port().unwrap_or(5672))
 }
 
-async fn readyz(pulsed: &Pulsed) -> (u16, Value) {
-    let r = reqwest::get(format!("{}/readyz", pulsed.http)).await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
-}
-
-fn component<'a>(readyz: &'a Value, name: &str) -> Option<&'a Value> {
-    readyz["components"]
-        .as_array()?
-        .iter()
-        .find(|c| c["name"] == name)
-}
-
 #[tokio::test]
 async fn a_broker_outage_mid_stream_loses_nothing() {
     let db = PgCluster::shared().fresh_db("amqp_outage").await.unwrap();
     migrated(&db).await;
-    let rabbit = Rabbit::from_env();
-    let conn = rabbit.connect().await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let names = Names::new("outage");
-    tap(&channel, &names, "#").await;
-    let seen = collect(conn.create_channel().await.unwrap(), names.tap.clone());
+    let broker = Broker::new("outage").await;
+    let seen = broker.record("#").await;
 
-    let proxy = Proxy::start(broker_target(&rabbit)).await;
-    let mut pulsed = Pulsed::spawn(&pulsed_bin(), &names.env(&db, &proxy.url(&rabbit))).unwrap();
+    let proxy = Proxy::start(broker_target(&broker.rabbit)).await;
+    let mut pulsed =
+        Pulsed::spawn(&pulsed_bin(), &broker.names.env(&db, &proxy.url(&broker.rabbit))).unwrap();
     pulsed.wait_ready(Duration::from_secs(20)).await.unwrap();
 
     // A steady stream: 300 transactions of 10 events over 20 aggregates.
@@ -365,7 +238,7 @@ async fn a_broker_outage_mid_stream_loses_nothing() {
     proxy.cut();
     // pulsed stays up and ready, says the broker is degraded, and the outbox grows.
     wait_for("broker degraded in /readyz", Duration::from_secs(20), || async {
-        let (status, body) = readyz(&pulsed).await;
+        let (status, body) = readyz(&pulsed.http).await.expect("pulsed answers /readyz");
         let broker = component(&body, "broker")?;
         (status == 200 && broker["state"] == "degraded").then(|| broker["detail"].clone())
     })
@@ -383,59 +256,29 @@ async fn a_broker_outage_mid_stream_loses_nothing() {
     proxy.restore();
 
     producer.await.unwrap();
-    wait_for(
-        "every event after the outage",
-        Duration::from_secs(60),
-        || async { (distinct(&seen) as u32 >= TOTAL).then_some(()) },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}; pulsed log:\n{}", pulsed.log()));
-    wait_for("an empty outbox", Duration::from_secs(10), || async {
-        (pending(&db).await == 0).then_some(())
-    })
-    .await
-    .unwrap();
+    wait_all_delivered(&seen, &db, &pulsed, TOTAL, Duration::from_secs(60)).await;
     wait_for("broker up again", Duration::from_secs(10), || async {
-        let (_, body) = readyz(&pulsed).await;
+        let (_, body) = readyz(&pulsed.http).await.expect("pulsed answers /readyz");
         (component(&body, "broker")?["state"] == "up").then_some(())
     })
     .await
     .unwrap();
     // The command consumer came back with the new session too.
-    channel
-        .basic_publish(
-            "".into(),
-            names.commands.as_str().into(),
-            BasicPublishOptions::default(),
-            json!({"commandId": "after-outage", "key": "sync_interval_ms", "value": 900})
-                .to_string()
-                .as_bytes(),
-            command_properties(Some("App\\Message\\Pulse\\Command\\ChangeSetting")),
+    broker
+        .send_command(
+            Some("App\\Message\\Pulse\\Command\\ChangeSetting"),
+            &json!({"commandId": "after-outage", "key": "sync_interval_ms", "value": 900}),
         )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        .await;
     let client = db.connect().await.unwrap();
-    wait_for("a command after the outage", Duration::from_secs(20), || async {
-        client
-            .query_opt(
-                "SELECT 1 FROM pulse.processed_commands WHERE command_id = 'after-outage'",
-                &[],
-            )
-            .await
-            .ok()
-            .flatten()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}; log:\n{}", pulsed.log()));
+    wait_processed(&client, "after-outage", &pulsed).await;
     let all = seen.lock().unwrap().clone();
     let dups = check_delivery(&all, "outage", TOTAL, 20);
     eprintln!(
         "outage: {} deliveries, {dups} duplicates, {received_during} distinct before the restore",
         all.len()
     );
-    names.cleanup(&channel).await;
+    broker.cleanup().await;
 }
 
 #[tokio::test]
@@ -447,14 +290,10 @@ async fn pulsed_killed_mid_relay_resends_with_the_same_message_ids() {
     for chunk in events.chunks(2000) {
         enqueue(&db, chunk).await;
     }
-    let rabbit = Rabbit::from_env();
-    let conn = rabbit.connect().await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let names = Names::new("kill9");
-    tap(&channel, &names, "#").await;
-    let seen = collect(conn.create_channel().await.unwrap(), names.tap.clone());
+    let broker = Broker::new("kill9").await;
+    let seen = broker.record("#").await;
 
-    let mut env = names.env(&db, &rabbit.url);
+    let mut env = broker.names.env(&db, &broker.rabbit.url);
     env.push(("PULSE__AMQP__PUBLISH_BATCH", "200".into()));
     let mut first = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
     wait_for("the relay to be under way", Duration::from_secs(30), || async {
@@ -471,43 +310,28 @@ async fn pulsed_killed_mid_relay_resends_with_the_same_message_ids() {
 
     let mut second = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
     second.wait_ready(Duration::from_secs(20)).await.unwrap();
-    wait_for(
-        "every event after the restart",
-        Duration::from_secs(120),
-        || async { (distinct(&seen) as u32 >= TOTAL).then_some(()) },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}; log:\n{}", second.log()));
-    wait_for("an empty outbox", Duration::from_secs(10), || async {
-        (pending(&db).await == 0).then_some(())
-    })
-    .await
-    .unwrap();
+    wait_all_delivered(&seen, &db, &second, TOTAL, Duration::from_secs(120)).await;
     let all = seen.lock().unwrap().clone();
     let dups = check_delivery(&all, "kill", TOTAL, 50);
     eprintln!(
         "kill -9 with {left} pending: {} deliveries, {dups} duplicates",
         all.len()
     );
-    names.cleanup(&channel).await;
+    broker.cleanup().await;
 }
 
 #[tokio::test]
 async fn a_returned_event_is_retried_then_dead_lettered_then_requeued() {
     let db = PgCluster::shared().fresh_db("amqp_returned").await.unwrap();
     migrated(&db).await;
-    let rabbit = Rabbit::from_env();
-    let conn = rabbit.connect().await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let names = Names::new("returned");
+    let broker = Broker::new("returned").await;
     // Only presence events are routed: file events come back to pulsed.
-    tap(&channel, &names, "presence.#").await;
-    let seen = collect(conn.create_channel().await.unwrap(), names.tap.clone());
+    let seen = broker.record("presence.#").await;
     let unroutable =
         OutboxEvent::new("file.deleted", "file-gone-1", "file:1", json!({"fileId": "1"})).unwrap();
     enqueue(&db, &[event("ret", 0, 1), unroutable, event("ret", 1, 1)]).await;
 
-    let mut env = names.env(&db, &rabbit.url);
+    let mut env = broker.names.env(&db, &broker.rabbit.url);
     env.push(("PULSE__AMQP__MAX_ATTEMPTS", "3".into()));
     let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
     pulsed.wait_ready(Duration::from_secs(20)).await.unwrap();
@@ -537,10 +361,11 @@ async fn a_returned_event_is_retried_then_dead_lettered_then_requeued() {
     .unwrap();
 
     // Once Symfony binds file events, the console requeues the dead letter.
-    channel
+    broker
+        .channel
         .queue_bind(
-            names.tap.as_str().into(),
-            names.exchange.as_str().into(),
+            broker.names.tap.as_str().into(),
+            broker.names.exchange.as_str().into(),
             "file.#".into(),
             QueueBindOptions::default(),
             FieldTable::default(),
@@ -576,111 +401,48 @@ async fn a_returned_event_is_retried_then_dead_lettered_then_requeued() {
         assert_eq!(body, json!({"fileId": "1"}));
     })
     .unwrap();
-    names.cleanup(&channel).await;
-}
-
-pub(crate) fn command_properties(class: Option<&str>) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    if let Some(class) = class {
-        headers.insert(
-            ShortString::from("type"),
-            AMQPValue::LongString(LongString::from(class)),
-        );
-    }
-    // A stamp header pulsed knows nothing about: ignored.
-    headers.insert(
-        ShortString::from("X-Message-Stamp-App\\Stamp\\TraceStamp"),
-        AMQPValue::LongString(LongString::from("[{\"traceId\":\"abc\"}]")),
-    );
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_headers(headers)
+    broker.cleanup().await;
 }
 
 #[tokio::test]
 async fn commands_are_applied_once_and_invalid_ones_go_to_the_dead_letter_queue() {
     let db = PgCluster::shared().fresh_db("amqp_commands").await.unwrap();
-    let rabbit = Rabbit::from_env();
-    let conn = rabbit.connect().await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let names = Names::new("commands");
-    let mut pulsed = Pulsed::spawn(&pulsed_bin(), &names.env(&db, &rabbit.url)).unwrap();
+    let broker = Broker::new("commands").await;
+    let mut pulsed = Pulsed::spawn(&pulsed_bin(), &broker.names.env(&db, &broker.rabbit.url)).unwrap();
     pulsed.wait_ready(Duration::from_secs(20)).await.unwrap();
     // pulsed declares its queues (amqp.declare_topology defaults to true).
-    wait_for("the commands queue", Duration::from_secs(10), || async {
-        let probe = conn.create_channel().await.ok()?;
-        probe
-            .queue_declare(
-                names.commands.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok()
-    })
-    .await
-    .unwrap();
+    broker.wait_commands_queue().await;
 
-    let ns = "App\\Message\\Pulse\\Command\\";
-    let send = |class: Option<String>, body: Value| {
-        let channel = channel.clone();
-        let queue = names.commands.clone();
-        async move {
-            channel
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions::default(),
-                    body.to_string().as_bytes(),
-                    command_properties(class.as_deref()),
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
-    };
-    send(None, json!({"commandId": "no-type"})).await;
-    send(
-        Some(format!("{ns}EndPresence")),
-        json!({"commandId": "c-end", "tenantId": 1}),
-    )
-    .await;
-    send(
-        Some(format!("{ns}EndPresence")),
-        json!({"commandId": "c-presence", "tenantId": 1, "userId": 2}),
-    )
-    .await;
-    send(
-        Some(format!("{ns}ChangeSetting")),
-        json!({"commandId": "c-bad", "key": "sync_interval_ms", "value": "soon"}),
-    )
-    .await;
+    let end_presence = Some("App\\Message\\Pulse\\Command\\EndPresence");
+    let change_setting = Some("App\\Message\\Pulse\\Command\\ChangeSetting");
+    broker.send_command(None, &json!({"commandId": "no-type"})).await;
+    broker
+        .send_command(end_presence, &json!({"commandId": "c-end", "tenantId": 1}))
+        .await;
+    broker
+        .send_command(
+            end_presence,
+            &json!({"commandId": "c-presence", "tenantId": 1, "userId": 2}),
+        )
+        .await;
+    broker
+        .send_command(
+            change_setting,
+            &json!({"commandId": "c-bad", "key": "sync_interval_ms", "value": "soon"}),
+        )
+        .await;
     let good = json!({"commandId": "c-ok", "key": "sync_interval_ms", "value": 750, "actor": "alice"});
-    send(Some(format!("{ns}ChangeSetting")), good.clone()).await;
-    send(Some(format!("{ns}ChangeSetting")), good).await;
-    send(
-        Some(format!("{ns}ChangeSetting")),
-        json!({"commandId": "c-last", "key": "enable_realtime", "value": false}),
-    )
-    .await;
+    broker.send_command(change_setting, &good).await;
+    broker.send_command(change_setting, &good).await;
+    broker
+        .send_command(
+            change_setting,
+            &json!({"commandId": "c-last", "key": "enable_realtime", "value": false}),
+        )
+        .await;
 
     let client = db.connect().await.unwrap();
-    wait_for("the last command", Duration::from_secs(20), || async {
-        client
-            .query_opt(
-                "SELECT 1 FROM pulse.processed_commands WHERE command_id = 'c-last'",
-                &[],
-            )
-            .await
-            .ok()
-            .flatten()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}; log:\n{}", pulsed.log()));
+    wait_processed(&client, "c-last", &pulsed).await;
     let value: Value = client
         .query_one(
             "SELECT value FROM pulse.settings WHERE key = 'sync_interval_ms'",
@@ -699,30 +461,28 @@ async fn commands_are_applied_once_and_invalid_ones_go_to_the_dead_letter_queue(
         .unwrap()
         .get(0);
     assert_eq!(audits, 1, "the duplicate command was applied again");
-    let processed: Vec<String> = client
-        .query("SELECT command_id FROM pulse.processed_commands ORDER BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let processed: Vec<String> = column(
+        &client,
+        "SELECT command_id FROM pulse.processed_commands ORDER BY 1",
+    )
+    .await;
     // EndPresence is carried out by the engine (nobody was online: nothing to end).
     assert_eq!(processed, vec!["c-last", "c-ok", "c-presence"]);
 
     // Three refusals, each with its reason; bodies and headers kept for a retry.
     let reasons = Mutex::new(BTreeMap::new());
-    let dead = conn.create_channel().await.unwrap();
+    let dead = broker.conn.create_channel().await.unwrap();
     wait_for("three dead letters", Duration::from_secs(10), || async {
         while let Some(m) = dead
-            .basic_get(names.dead.as_str().into(), BasicGetOptions { no_ack: true })
+            .basic_get(
+                broker.names.dead.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
             .await
             .unwrap()
         {
-            let headers = m.delivery.properties.headers().clone().unwrap_or_default();
-            let reason = match headers.inner().get("x-pulse-reason") {
-                Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-                other => panic!("no reason header: {other:?}"),
-            };
+            let reason = header_text(&m.delivery.properties, "x-pulse-reason")
+                .unwrap_or_else(|| panic!("no reason header: {:?}", m.delivery.properties));
             let body: Value = serde_json::from_slice(&m.delivery.data).unwrap();
             reasons
                 .lock()
@@ -738,17 +498,12 @@ async fn commands_are_applied_once_and_invalid_ones_go_to_the_dead_letter_queue(
     assert!(reasons["c-end"].contains("userId"), "{reasons:?}");
     assert!(reasons["c-bad"].contains("sync_interval_ms"), "{reasons:?}");
 
-    let metrics = reqwest::get(format!("{}/metrics", pulsed.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&pulsed).await;
     assert!(
         metrics.contains("pulse_commands_total{kind=\"ChangeSetting\",outcome=\"duplicate\"} 1"),
         "{metrics}"
     );
-    names.cleanup(&channel).await;
+    broker.cleanup().await;
 }
 
 /// Runs a PHP fixture of tests/symfony and returns its standard output.
@@ -774,10 +529,8 @@ fn php(script: &str, args: &[String]) -> String {
 async fn symfony_messenger_decodes_events_and_sends_commands() {
     let db = PgCluster::shared().fresh_db("amqp_symfony").await.unwrap();
     migrated(&db).await;
-    let rabbit = Rabbit::from_env();
-    let conn = rabbit.connect().await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let names = Names::new("symfony");
+    let broker = Broker::new("symfony").await;
+    let names = &broker.names;
     let commands_exchange = Rabbit::unique("symfony-cmdx");
     let dead_exchange = Rabbit::unique("symfony-deadx");
     // Symfony owns the topology here, as in docs/symfony.md: it declares, pulsed checks.
@@ -793,7 +546,7 @@ async fn symfony_messenger_decodes_events_and_sends_commands() {
         "exchange": {"name": dead_exchange, "type": "fanout"},
         "queues": {names.dead.clone(): {}},
     });
-    let dsn = rabbit.url.clone();
+    let dsn = broker.rabbit.url.clone();
     php(
         "setup.php",
         &[
@@ -804,7 +557,7 @@ async fn symfony_messenger_decodes_events_and_sends_commands() {
         ],
     );
 
-    let mut env = names.env(&db, &rabbit.url);
+    let mut env = names.env(&db, &broker.rabbit.url);
     env.push(("PULSE__AMQP__DECLARE_TOPOLOGY", "false".into()));
     let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
     pulsed.wait_ready(Duration::from_secs(20)).await.unwrap();
@@ -889,22 +642,12 @@ async fn symfony_messenger_decodes_events_and_sends_commands() {
     assert_eq!(value, json!(1250));
     assert_eq!(by, "symfony:admin@club");
     // EndPresence is carried out by the engine too.
-    wait_for("the presence command from Symfony", Duration::from_secs(20), || async {
-        client
-            .query_opt(
-                "SELECT 1 FROM pulse.processed_commands WHERE command_id = 'sf-cmd-2' AND outcome = 'applied'",
-                &[],
-            )
-            .await
-            .ok()
-            .flatten()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}; log:\n{}", pulsed.log()));
+    assert_eq!(wait_processed(&client, "sf-cmd-2", &pulsed).await, "applied");
 
-    names.cleanup(&channel).await;
+    broker.cleanup().await;
     for x in [commands_exchange, dead_exchange] {
-        let _ = channel
+        let _ = broker
+            .channel
             .exchange_delete(x.as_str().into(), Default::default())
             .await;
     }
@@ -913,21 +656,19 @@ async fn symfony_messenger_decodes_events_and_sends_commands() {
 #[tokio::test]
 async fn missing_topology_owned_by_symfony_is_reported_until_it_exists() {
     let db = PgCluster::shared().fresh_db("amqp_passive").await.unwrap();
-    let rabbit = Rabbit::from_env();
-    let conn = rabbit.connect().await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let names = Names::new("passive");
-    let mut env = names.env(&db, &rabbit.url);
+    let broker = Broker::new("passive").await;
+    let names = &broker.names;
+    let mut env = names.env(&db, &broker.rabbit.url);
     env.push(("PULSE__AMQP__DECLARE_TOPOLOGY", "false".into()));
     let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
     pulsed.wait_ready(Duration::from_secs(20)).await.unwrap();
     // The exchange exists (Symfony set up its events transport), the queues do not yet.
-    tap(&channel, &names, "#").await;
+    tap(&broker.channel, names, "#").await;
     let detail = wait_for(
         "the missing queue in /readyz",
         Duration::from_secs(20),
         || async {
-            let (status, body) = readyz(&pulsed).await;
+            let (status, body) = readyz(&pulsed.http).await.expect("pulsed answers /readyz");
             let broker = component(&body, "broker")?;
             let detail = broker["detail"].as_str()?.to_string();
             (status == 200 && broker["state"] == "degraded" && detail.contains(&names.commands))
@@ -938,7 +679,8 @@ async fn missing_topology_owned_by_symfony_is_reported_until_it_exists() {
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", pulsed.log()));
     assert!(detail.contains("declare_topology"), "{detail}");
     for q in [&names.commands, &names.dead] {
-        channel
+        broker
+            .channel
             .queue_declare(
                 q.as_str().into(),
                 QueueDeclareOptions {
@@ -954,11 +696,11 @@ async fn missing_topology_owned_by_symfony_is_reported_until_it_exists() {
         "the broker up once the topology exists",
         Duration::from_secs(20),
         || async {
-            let (_, body) = readyz(&pulsed).await;
+            let (_, body) = readyz(&pulsed.http).await.expect("pulsed answers /readyz");
             (component(&body, "broker")?["state"] == "up").then_some(())
         },
     )
     .await
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", pulsed.log()));
-    names.cleanup(&channel).await;
+    broker.cleanup().await;
 }

@@ -12,7 +12,7 @@ use pulse_harness::{PgCluster, Pulsed};
 use pulse_shared::protocol::{ClientFrame, PROTOCOL_VERSION, ServerFrame};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::support::pulsed_bin;
+use crate::support::{fresh_db_with, pulsed_bin};
 
 /// pulsetop, built in the same target directory as pulsed.
 fn pulsetop_bin() -> PathBuf {
@@ -34,6 +34,17 @@ struct Tmux {
 }
 
 impl Tmux {
+    /// pulsetop reaching pulsed as `connect` says (`--socket …`, `--url …`), logging to
+    /// `log`.
+    fn pulsetop(connect: &str, log: &Path) -> Tmux {
+        let command = format!(
+            "{} {connect} --log-file {}",
+            pulsetop_bin().display(),
+            log.display()
+        );
+        Tmux::start(&command, log)
+    }
+
     fn start(command: &str, log: &Path) -> Tmux {
         static N: AtomicU32 = AtomicU32::new(0);
         let socket = format!(
@@ -187,7 +198,6 @@ const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
-    let bin = pulsetop_bin();
     let db = PgCluster::shared().fresh_db("console").await.unwrap();
     let client = db.connect().await.unwrap();
     let slot = format!("console_{}", std::process::id());
@@ -211,15 +221,7 @@ async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
     pulsed.wait_ready(WAIT).await.unwrap();
 
     let log = dir.path().join("pulsetop.log");
-    let tui = Tmux::start(
-        &format!(
-            "{} --socket {} --log-file {}",
-            bin.display(),
-            socket.display(),
-            log.display()
-        ),
-        &log,
-    );
+    let tui = Tmux::pulsetop(&format!("--socket {}", socket.display()), &log);
 
     // Overview: live health from pulsed.
     tui.wait_for(
@@ -340,31 +342,18 @@ async fn pulsetop_shows_live_data_edits_settings_and_reconnects() {
     let key_file = dir.path().join("deploy.key");
     std::fs::write(&key_file, &new_key).unwrap();
     let tcp_log = dir.path().join("pulsetop-tcp.log");
-    let tcp = Tmux::start(
-        &format!(
-            "{} --url {}/ws --deploy-key-file {} --log-file {}",
-            bin.display(),
-            pulsed.http.replace("http://", "ws://"),
-            key_file.display(),
-            tcp_log.display()
-        ),
-        &tcp_log,
+    let tcp_connect = format!(
+        "--url {}/ws --deploy-key-file {}",
+        pulsed.http.replace("http://", "ws://"),
+        key_file.display()
     );
+    let tcp = Tmux::pulsetop(&tcp_connect, &tcp_log);
     tcp.wait_for(&["● connected", "state_db"], WAIT).await;
     tcp.keys(&["q"]);
     tcp.wait_for(&["pulsetop exited with 0"], WAIT).await;
     // With the old key it is refused, says why, and keeps trying.
     std::fs::write(&key_file, &old_key).unwrap();
-    let refused = Tmux::start(
-        &format!(
-            "{} --url {}/ws --deploy-key-file {} --log-file {}",
-            bin.display(),
-            pulsed.http.replace("http://", "ws://"),
-            key_file.display(),
-            tcp_log.display()
-        ),
-        &tcp_log,
-    );
+    let refused = Tmux::pulsetop(&tcp_connect, &tcp_log);
     refused
         .wait_for(&["○ disconnected", "the deploy key is wrong"], WAIT)
         .await;
@@ -445,17 +434,9 @@ async fn console_requests_answer_with_data_or_a_clear_error() {
     let db = PgCluster::shared().fresh_db("console_requests").await.unwrap();
     let mut pulsed = Pulsed::spawn(&pulsed_bin(), &[("PULSE__SOURCE__URL", db.url())]).unwrap();
     pulsed.wait_ready(WAIT).await.unwrap();
-    let mut c = crate::support::AdminClient::connect(&pulsed.admin_socket)
+    let mut c = crate::support::AdminClient::welcomed(&pulsed.admin_socket)
         .await
         .unwrap();
-    c.send(&ClientFrame::Hello {
-        protocol: PROTOCOL_VERSION,
-        token: None,
-        deploy_key: None,
-    })
-    .await
-    .unwrap();
-    assert!(matches!(c.recv().await.unwrap(), ServerFrame::Welcome { .. }));
 
     // Logs come from the daemon's own buffer, in order, and page by sequence.
     let Ok(A::Logs(page)) = ask(&mut c, "1", R::Logs { after: 0, limit: 500 }).await else {
@@ -664,7 +645,6 @@ async fn console_requests_answer_with_data_or_a_clear_error() {
 async fn a_presence_change_appears_on_the_console() {
     use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 
-    let bin = pulsetop_bin();
     let db = PgCluster::shared().fresh_db("console_presence").await.unwrap();
     let secret = "console-presence-secret-0123456789abcdef";
     let mut pulsed = Pulsed::spawn(
@@ -680,15 +660,7 @@ async fn a_presence_change_appears_on_the_console() {
     pulsed.wait_ready(WAIT).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("pulsetop.log");
-    let tui = Tmux::start(
-        &format!(
-            "{} --socket {} --log-file {}",
-            bin.display(),
-            pulsed.admin_socket.display(),
-            log.display()
-        ),
-        &log,
-    );
+    let tui = Tmux::pulsetop(&format!("--socket {}", pulsed.admin_socket.display()), &log);
     tui.keys(&["2"]);
     tui.wait_for(&["Online: 0 of 0"], WAIT).await;
 
@@ -753,19 +725,15 @@ roles = ["platform_admin"]
 async fn the_data_explorer_shows_live_tables_and_each_committed_change() {
     use pulse_shared::admin::{AdminRequest as R, AdminResponse as A};
 
-    let bin = pulsetop_bin();
-    let db = PgCluster::shared().fresh_db("console_live").await.unwrap();
-    let source = db.connect().await.unwrap();
-    source
-        .batch_execute(
-            "CREATE TABLE members (id int PRIMARY KEY, tenant_id text NOT NULL, name text NOT NULL,
-                                   api_token text, status text NOT NULL);
-             ALTER TABLE members REPLICA IDENTITY FULL;
-             INSERT INTO members VALUES (1, 't1', 'alice', 'tok-1', 'active'), (2, 't1', 'bob', NULL, 'active'),
-                                        (3, 't2', 'carol', 'tok-3', 'gone');",
-        )
-        .await
-        .unwrap();
+    let (db, source) = fresh_db_with(
+        "console_live",
+        "CREATE TABLE members (id int PRIMARY KEY, tenant_id text NOT NULL, name text NOT NULL,
+                               api_token text, status text NOT NULL);
+         ALTER TABLE members REPLICA IDENTITY FULL;
+         INSERT INTO members VALUES (1, 't1', 'alice', 'tok-1', 'active'), (2, 't1', 'bob', NULL, 'active'),
+                                    (3, 't2', 'carol', 'tok-3', 'gone');",
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let schema = dir.path().join("schema.toml");
     std::fs::write(&schema, LIVE_SCHEMA).unwrap();
@@ -779,32 +747,11 @@ async fn the_data_explorer_shows_live_tables_and_each_committed_change() {
     .unwrap();
     pulsed.wait_ready(WAIT).await.unwrap();
     // Changes reach the feed only once the stream runs (earlier rows are the snapshot).
-    let readyz = format!("{}/readyz", pulsed.http);
-    pulse_harness::wait_for("replication up", WAIT, || {
-        let url = readyz.clone();
-        async move {
-            let body: serde_json::Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
-            body["components"]
-                .as_array()?
-                .iter()
-                .any(|c| c["name"] == "replication" && c["state"] == "up")
-                .then_some(())
-        }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}; log:\n{}", pulsed.log()));
+    crate::support::wait_streaming(&pulsed, WAIT).await;
 
-    let mut c = crate::support::AdminClient::connect(&pulsed.admin_socket)
+    let mut c = crate::support::AdminClient::welcomed(&pulsed.admin_socket)
         .await
         .unwrap();
-    c.send(&ClientFrame::Hello {
-        protocol: PROTOCOL_VERSION,
-        token: None,
-        deploy_key: None,
-    })
-    .await
-    .unwrap();
-    assert!(matches!(c.recv().await.unwrap(), ServerFrame::Welcome { .. }));
 
     // Live tables with their rows per tenant, from the source database.
     let Ok(A::LiveTables { tables }) = ask(&mut c, "1", R::LiveTables).await else {
@@ -819,35 +766,19 @@ async fn the_data_explorer_shows_live_tables_and_each_committed_change() {
         .collect();
     assert_eq!(per_tenant, [("t1", 2), ("t2", 1)]);
     // A page of one tenant's rows, newest key first, the secret-looking column masked.
-    let Ok(A::TableRows(rows)) = ask(
-        &mut c,
-        "2",
-        R::LiveRows {
-            table: "members".into(),
-            tenant: Some("t1".into()),
-            offset: 0,
-            limit: 1,
-        },
-    )
-    .await
-    else {
+    let t1_page = |offset| R::LiveRows {
+        table: "members".into(),
+        tenant: Some("t1".into()),
+        offset,
+        limit: 1,
+    };
+    let Ok(A::TableRows(rows)) = ask(&mut c, "2", t1_page(0)).await else {
         panic!("expected rows")
     };
     assert_eq!(rows.columns[0], "id");
     assert_eq!(rows.rows.len(), 1);
     assert_eq!(rows.rows[0][0], "2");
-    let Ok(A::TableRows(page2)) = ask(
-        &mut c,
-        "3",
-        R::LiveRows {
-            table: "members".into(),
-            tenant: Some("t1".into()),
-            offset: 1,
-            limit: 1,
-        },
-    )
-    .await
-    else {
+    let Ok(A::TableRows(page2)) = ask(&mut c, "3", t1_page(1)).await else {
         panic!("expected rows")
     };
     let token = page2.columns.iter().position(|c| c == "api_token").unwrap();
@@ -896,15 +827,7 @@ async fn the_data_explorer_shows_live_tables_and_each_committed_change() {
 
     // The console: the live table with its tenants, then a change appears as it commits.
     let log = dir.path().join("pulsetop.log");
-    let tui = Tmux::start(
-        &format!(
-            "{} --socket {} --log-file {}",
-            bin.display(),
-            pulsed.admin_socket.display(),
-            log.display()
-        ),
-        &log,
-    );
+    let tui = Tmux::pulsetop(&format!("--socket {}", pulsed.admin_socket.display()), &log);
     tui.wait_for(&["● connected"], WAIT).await;
     tui.keys(&["5"]);
     tui.wait_for(&["» members", "Latest changes", "id=99"], WAIT)

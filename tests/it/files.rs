@@ -9,11 +9,11 @@ use futures_util::StreamExt;
 use pulse_daemon::config::{Config, ConfigSource};
 use pulse_daemon::files::{self, Ctx, Files};
 use pulse_harness::{PgCluster, Pulsed, TestDb, wait_for};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::support::pulsed_bin;
+use crate::support::{column, metrics_text, pulsed_bin};
 
 const DEPLOY_KEY: &str = "files-test-deploy-key-0123456789abcdef-0123";
 const SIGNING: &str = "files-test-signing-secret-0123456789abcdef";
@@ -72,6 +72,15 @@ impl Env {
         rb.bearer_auth(DEPLOY_KEY).header("X-Pulse-Tenant", tenant)
     }
 
+    /// A request about a file, `/files/{path}` (`path` is its id, and what follows),
+    /// as the service for `tenant`.
+    fn file(&self, method: Method, path: &str, tenant: &str) -> reqwest::RequestBuilder {
+        self.service(
+            self.http.request(method, self.url(&format!("/files/{path}"))),
+            tenant,
+        )
+    }
+
     async fn ticket_as(&self, auth: &Auth, body: Value) -> reqwest::Response {
         auth.apply(self.http.post(self.url("/files/upload-url")))
             .json(&body)
@@ -86,13 +95,15 @@ impl Env {
         r.json().await.unwrap()
     }
 
-    async fn put(&self, ticket: &Value, bytes: Vec<u8>) -> reqwest::Response {
+    /// The upload of a ticket's bytes (a `Vec<u8>`, or a stream with no length).
+    fn put_request(&self, ticket: &Value, body: impl Into<reqwest::Body>) -> reqwest::RequestBuilder {
         self.http
             .put(self.url(ticket["path"].as_str().unwrap()))
-            .body(bytes)
-            .send()
-            .await
-            .unwrap()
+            .body(body)
+    }
+
+    async fn put(&self, ticket: &Value, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.put_request(ticket, body).send().await.unwrap()
     }
 
     async fn upload_as(&self, auth: &Auth, name: &str, ctype: &str, bytes: Vec<u8>, public: bool) -> Value {
@@ -115,10 +126,7 @@ impl Env {
     }
 
     async fn get(&self, id: &str, tenant: &str) -> reqwest::Response {
-        self.service(self.http.get(self.url(&format!("/files/{id}"))), tenant)
-            .send()
-            .await
-            .unwrap()
+        self.file(Method::GET, id, tenant).send().await.unwrap()
     }
 
     /// (used, reserved) bytes of a tenant, from the database.
@@ -303,7 +311,7 @@ async fn round_trip_with_etag_range_head_and_signed_urls() {
 
     // If-None-Match: 304 without a body, also with a range.
     for range in [None, Some("bytes=0-9")] {
-        let mut rb = env.service(env.http.get(env.url(&format!("/files/{id}"))), "club-a");
+        let mut rb = env.file(Method::GET, &id, "club-a");
         rb = rb.header("If-None-Match", format!("\"nope\", {etag}"));
         if let Some(r) = range {
             rb = rb.header("Range", r);
@@ -314,7 +322,7 @@ async fn round_trip_with_etag_range_head_and_signed_urls() {
         assert!(r.bytes().await.unwrap().is_empty());
     }
     let r = env
-        .service(env.http.get(env.url(&format!("/files/{id}"))), "club-a")
+        .file(Method::GET, &id, "club-a")
         .header("If-None-Match", "\"other\"")
         .send()
         .await
@@ -322,11 +330,7 @@ async fn round_trip_with_etag_range_head_and_signed_urls() {
     assert_eq!(r.status(), StatusCode::OK);
 
     // HEAD: the headers of GET, no body.
-    let r = env
-        .service(env.http.head(env.url(&format!("/files/{id}"))), "club-a")
-        .send()
-        .await
-        .unwrap();
+    let r = env.file(Method::HEAD, &id, "club-a").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["content-length"], "300000");
     assert_eq!(r.headers()["etag"], etag.as_str());
@@ -353,7 +357,7 @@ async fn round_trip_with_etag_range_head_and_signed_urls() {
     ];
     for (range, status, want) in cases {
         let r = env
-            .service(env.http.get(env.url(&format!("/files/{id}"))), "club-a")
+            .file(Method::GET, &id, "club-a")
             .header("Range", *range)
             .send()
             .await
@@ -375,9 +379,7 @@ async fn round_trip_with_etag_range_head_and_signed_urls() {
     // Several ranges: multipart/byteranges, sorted and coalesced, with a Content-Range
     // per part and a Content-Length that counts the framing; HEAD says the same length.
     let get_ranges = |range: &'static str, if_range: Option<String>| {
-        let mut rb = env
-            .service(env.http.get(env.url(&format!("/files/{id}"))), "club-a")
-            .header("Range", range);
+        let mut rb = env.file(Method::GET, &id, "club-a").header("Range", range);
         if let Some(v) = if_range {
             rb = rb.header("If-Range", v);
         }
@@ -409,7 +411,7 @@ async fn round_trip_with_etag_range_head_and_signed_urls() {
         assert_eq!(&bytes[..], &body[s..e]);
     }
     let r = env
-        .service(env.http.head(env.url(&format!("/files/{id}"))), "club-a")
+        .file(Method::HEAD, &id, "club-a")
         .header("Range", "bytes=200-209, 0-9,5-14,299995-")
         .send()
         .await
@@ -419,7 +421,7 @@ async fn round_trip_with_etag_range_head_and_signed_urls() {
     // More ranges than the cap: ignored, the whole file.
     let many: String = (0..33).map(|i| format!("{}-{},", i * 10, i * 10 + 1)).collect();
     let r = env
-        .service(env.http.get(env.url(&format!("/files/{id}"))), "club-a")
+        .file(Method::GET, &id, "club-a")
         .header("Range", format!("bytes={many}"))
         .send()
         .await
@@ -443,18 +445,32 @@ async fn round_trip_with_etag_range_head_and_signed_urls() {
 
     // Signed URLs: readable without a token, cacheable publicly, forged and expired ones
     // refused.
-    let r = env
-        .service(
-            env.http.post(env.url(&format!("/files/{id}/signed-url"))),
-            "club-a",
-        )
-        .json(&json!({"ttl_secs": 60}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    let signed: Value = r.json().await.unwrap();
-    let path = signed["path"].as_str().unwrap().to_string();
+    let signed_path = |ttl_secs: u64| {
+        let (env, id) = (&env, &id);
+        async move {
+            let r = env
+                .file(Method::POST, &format!("{id}/signed-url"), "club-a")
+                .json(&json!({ "ttl_secs": ttl_secs }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            let signed: Value = r.json().await.unwrap();
+            signed["path"].as_str().unwrap().to_string()
+        }
+    };
+    let refused = |path: String| {
+        let env = &env;
+        async move {
+            expect_error(
+                env.http.get(env.url(&path)).send().await.unwrap(),
+                403,
+                "upload_url_expired",
+            )
+            .await
+        }
+    };
+    let path = signed_path(60).await;
     let r = env.http.get(env.url(&path)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert!(
@@ -464,68 +480,24 @@ async fn round_trip_with_etag_range_head_and_signed_urls() {
             .starts_with("public, max-age=")
     );
     assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..]);
-    let forged = path.replace("sig=", "sig=00");
-    expect_error(
-        env.http.get(env.url(&forged)).send().await.unwrap(),
-        403,
-        "upload_url_expired",
-    )
-    .await;
+    refused(path.replace("sig=", "sig=00")).await;
     // Moving the expiry breaks the signature.
-    let moved = path.replacen("expires=", "expires=9", 1);
-    expect_error(
-        env.http.get(env.url(&moved)).send().await.unwrap(),
-        403,
-        "upload_url_expired",
-    )
-    .await;
-    let r = env
-        .service(
-            env.http.post(env.url(&format!("/files/{id}/signed-url"))),
-            "club-a",
-        )
-        .json(&json!({"ttl_secs": 1}))
-        .send()
-        .await
-        .unwrap();
-    let short: Value = r.json().await.unwrap();
-    let short = short["path"].as_str().unwrap().to_string();
+    refused(path.replacen("expires=", "expires=9", 1)).await;
+    let short = signed_path(1).await;
     wait_for("the signed URL to expire", Duration::from_secs(5), || async {
         let r = env.http.get(env.url(&short)).send().await.ok()?;
         (r.status() == StatusCode::FORBIDDEN).then_some(())
     })
     .await
     .unwrap();
-    let body = expect_error(
-        env.http.get(env.url(&short)).send().await.unwrap(),
-        403,
-        "upload_url_expired",
-    )
-    .await;
+    let body = refused(short).await;
     assert!(body["message"].as_str().unwrap().contains("expired"), "{body}");
 
     // No credentials, wrong credentials, unknown ids.
-    expect_error(
-        env.http
-            .get(env.url(&format!("/files/{id}")))
-            .send()
-            .await
-            .unwrap(),
-        401,
-        "unauthenticated",
-    )
-    .await;
-    expect_error(
-        env.http
-            .get(env.url(&format!("/files/{id}")))
-            .bearer_auth("not-a-jwt")
-            .send()
-            .await
-            .unwrap(),
-        401,
-        "unauthenticated",
-    )
-    .await;
+    let anonymous = env.http.get(env.url(&format!("/files/{id}")));
+    for request in [anonymous.try_clone().unwrap(), anonymous.bearer_auth("not-a-jwt")] {
+        expect_error(request.send().await.unwrap(), 401, "unauthenticated").await;
+    }
     expect_error(
         env.get("00000000-0000-0000-0000-000000000000", "club-a").await,
         404,
@@ -535,35 +507,24 @@ async fn round_trip_with_etag_range_head_and_signed_urls() {
     expect_error(env.get("nonsense", "club-a").await, 404, "not_found").await;
 
     // CORS: the allowed origin gets its header, another does not.
-    let r = env
-        .http
-        .request(reqwest::Method::OPTIONS, env.url("/files/upload-url"))
-        .header("Origin", "https://app.example.org")
-        .header("Access-Control-Request-Method", "POST")
-        .send()
-        .await
-        .unwrap();
+    let preflight = |origin: &'static str| {
+        env.http
+            .request(Method::OPTIONS, env.url("/files/upload-url"))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .send()
+    };
+    let r = preflight("https://app.example.org").await.unwrap();
     assert_eq!(
         r.headers()["access-control-allow-origin"],
         "https://app.example.org"
     );
-    let r = env
-        .http
-        .request(reqwest::Method::OPTIONS, env.url("/files/upload-url"))
-        .header("Origin", "https://evil.example.net")
-        .header("Access-Control-Request-Method", "POST")
-        .send()
-        .await
-        .unwrap();
+    let r = preflight("https://evil.example.net").await.unwrap();
     assert!(r.headers().get("access-control-allow-origin").is_none());
 
     // Delete: gone from the database, the disk and the usage.
     assert_eq!(env.usage("club-a").await, (300_000, 0));
-    let r = env
-        .service(env.http.delete(env.url(&format!("/files/{id}"))), "club-a")
-        .send()
-        .await
-        .unwrap();
+    let r = env.file(Method::DELETE, &id, "club-a").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     expect_error(env.get(&id, "club-a").await, 404, "not_found").await;
     assert!(env.objects().is_empty());
@@ -637,13 +598,7 @@ async fn every_upload_error_has_its_code_and_leaves_nothing() {
         .await;
     assert_eq!(t["max_bytes"], MB);
     let chunks = futures_util::stream::iter((0..40).map(|_| Ok::<_, std::io::Error>(vec![7u8; 64 * 1024])));
-    let r = env
-        .http
-        .put(env.url(t["path"].as_str().unwrap()))
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
+    let r = env.put(&t, reqwest::Body::wrap_stream(chunks)).await;
     let b = expect_error(r, 413, "file_too_large").await;
     assert_eq!(b["details"]["limit_bytes"], MB);
     // Too large by Content-Length.
@@ -670,12 +625,7 @@ async fn every_upload_error_has_its_code_and_leaves_nothing() {
             Err(std::io::Error::other("the client gives up"))
         }
     }));
-    let sent = env
-        .http
-        .put(env.url(t["path"].as_str().unwrap()))
-        .body(reqwest::Body::wrap_stream(half))
-        .send()
-        .await;
+    let sent = env.put_request(&t, reqwest::Body::wrap_stream(half)).send().await;
     assert!(sent.is_err(), "the request was cut: {sent:?}");
     wait_for("the cut upload to clean up", Duration::from_secs(10), || async {
         (env.usage("club-a").await.1 == 0 && env.staged().is_empty()).then_some(())
@@ -756,13 +706,7 @@ async fn every_upload_error_has_its_code_and_leaves_nothing() {
     assert_eq!(env.objects().len(), 1, "only the one good upload is stored");
     let (used, reserved) = env.usage("club-a").await;
     assert_eq!((used, reserved), (10, 0));
-    let r = env
-        .http
-        .get(format!("{}/metrics", env.pulsed.metrics))
-        .send()
-        .await
-        .unwrap();
-    let metrics = r.text().await.unwrap();
+    let metrics = metrics_text(&env.pulsed).await;
     assert!(
         metrics.contains("pulse_storage_bytes{tenant=\"club-a\"} 10"),
         "{metrics}"
@@ -835,9 +779,7 @@ async fn concurrent_uploads_race_for_the_last_bytes_of_the_quota() {
                 .step_by(64 * 1024)
                 .map(move |at| Ok::<_, std::io::Error>(vec![seed; (len - at).min(64 * 1024)])),
         );
-        env.http
-            .put(env.url(ticket["path"].as_str().unwrap()))
-            .body(reqwest::Body::wrap_stream(chunks))
+        env.put_request(&ticket, reqwest::Body::wrap_stream(chunks))
             .send()
     };
     let open_ticket = || {
@@ -965,14 +907,7 @@ async fn identical_content_is_stored_once_per_tenant() {
     assert_eq!(env.objects().len(), 2, "once for club-a, once for club-b");
     assert_eq!(env.usage("club-a").await, (50_000, 0));
     // Deleting one name keeps the content for the other.
-    let del = |id: &Value, t: &str| {
-        env.service(
-            env.http
-                .delete(env.url(&format!("/files/{}", id.as_str().unwrap()))),
-            t,
-        )
-        .send()
-    };
+    let del = |id: &Value, t: &str| env.file(Method::DELETE, id.as_str().unwrap(), t).send();
     assert_eq!(
         del(&a["id"], "club-a").await.unwrap().status(),
         StatusCode::NO_CONTENT
@@ -1075,13 +1010,7 @@ async fn a_20_mb_upload_and_download_keep_memory_flat() {
         .collect();
     let expected = hex::encode(hasher.finalize());
     let stream = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
-    let r = env
-        .http
-        .put(env.url(t["path"].as_str().unwrap()))
-        .body(reqwest::Body::wrap_stream(stream))
-        .send()
-        .await
-        .unwrap();
+    let r = env.put(&t, reqwest::Body::wrap_stream(stream)).await;
     assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
     let f: Value = r.json().await.unwrap();
     assert_eq!(f["size"], size);
@@ -1173,13 +1102,7 @@ async fn encrypted_files_round_trip_and_survive_key_rotation() {
         .upload("club-e", "newer.txt", "text/plain", text(1000, 6))
         .await;
     let c = env.db.connect().await.unwrap();
-    let ids: Vec<String> = c
-        .query("SELECT DISTINCT key_id FROM pulse.file_blobs ORDER BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids: Vec<String> = column(&c, "SELECT DISTINCT key_id FROM pulse.file_blobs ORDER BY 1").await;
     assert_eq!(ids.len(), 2, "one blob per key");
     assert!(g["sha256"].is_string());
 
@@ -1220,13 +1143,12 @@ async fn members_staff_and_admins_follow_the_capability_matrix() {
         .await;
     assert_eq!(private["owner"], "alice");
     assert_eq!(private["tenant"], "club-a");
-    let get = |auth: &Auth, f: &Value| {
-        auth.apply(
-            env.http
-                .get(env.url(&format!("/files/{}", f["id"].as_str().unwrap()))),
-        )
-        .send()
+    // A request about file `f` (and what follows its id) as `auth`.
+    let request = |method: Method, auth: &Auth, f: &Value, rest: &str| {
+        let url = env.url(&format!("/files/{}{rest}", f["id"].as_str().unwrap()));
+        auth.apply(env.http.request(method, url)).send()
     };
+    let get = |auth: &Auth, f: &Value| request(Method::GET, auth, f, "");
     let status = |r: reqwest::Response| r.status().as_u16();
     // Reading.
     assert_eq!(status(get(&alice, &private).await.unwrap()), 200);
@@ -1237,46 +1159,29 @@ async fn members_staff_and_admins_follow_the_capability_matrix() {
     expect_error(get(&outsider, &public).await.unwrap(), 403, "forbidden").await;
     assert_eq!(status(get(&padmin, &private).await.unwrap()), 200);
     // Signed URLs only for readers.
-    let sign = |auth: &Auth, f: &Value| {
-        auth.apply(
-            env.http
-                .post(env.url(&format!("/files/{}/signed-url", f["id"].as_str().unwrap()))),
-        )
-        .send()
-    };
+    let sign = |auth: &Auth, f: &Value| request(Method::POST, auth, f, "/signed-url");
     expect_error(sign(&bob, &private).await.unwrap(), 403, "forbidden").await;
     assert_eq!(status(sign(&alice, &private).await.unwrap()), 200);
     // Uploading: members into their own tenant only, never on another's behalf.
-    let r = env
-        .ticket_as(
+    for (auth, body) in [
+        (
             &alice,
             json!({"tenant": "club-b", "name": "x.txt", "content_type": "text/plain"}),
-        )
-        .await;
-    expect_error(r, 403, "forbidden").await;
-    let r = env
-        .ticket_as(
+        ),
+        (
             &alice,
             json!({"owner": "bob", "name": "x.txt", "content_type": "text/plain"}),
-        )
-        .await;
-    expect_error(r, 403, "forbidden").await;
-    let r = env
-        .ticket_as(
+        ),
+        (
             &outsider,
             json!({"tenant": "club-a", "name": "x.txt", "content_type": "text/plain"}),
-        )
-        .await;
-    expect_error(r, 403, "forbidden").await;
+        ),
+    ] {
+        expect_error(env.ticket_as(auth, body).await, 403, "forbidden").await;
+    }
     // Deleting: members and staff their own files, tenant admins their tenant's,
     // platform admins any.
-    let del = |auth: &Auth, f: &Value| {
-        auth.apply(
-            env.http
-                .delete(env.url(&format!("/files/{}", f["id"].as_str().unwrap()))),
-        )
-        .send()
-    };
+    let del = |auth: &Auth, f: &Value| request(Method::DELETE, auth, f, "");
     expect_error(del(&bob, &public).await.unwrap(), 403, "forbidden").await;
     expect_error(del(&staff, &public).await.unwrap(), 403, "forbidden").await;
     expect_error(del(&outsider, &public).await.unwrap(), 403, "forbidden").await;
@@ -1500,11 +1405,7 @@ async fn the_s3_backend_stores_serves_and_deletes() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &big[..]);
     let r = env
-        .service(
-            env.http
-                .get(env.url(&format!("/files/{}", f["id"].as_str().unwrap()))),
-            "club-s",
-        )
+        .file(Method::GET, f["id"].as_str().unwrap(), "club-s")
         .header("Range", "bytes=8388600-8388700")
         .send()
         .await
@@ -1526,11 +1427,7 @@ async fn the_s3_backend_stores_serves_and_deletes() {
     assert!(bucket.exists(&key).await.unwrap());
     for id in [&g["id"], &dup["id"]] {
         let r = env
-            .service(
-                env.http
-                    .delete(env.url(&format!("/files/{}", id.as_str().unwrap()))),
-                "club-s",
-            )
+            .file(Method::DELETE, id.as_str().unwrap(), "club-s")
             .send()
             .await
             .unwrap();

@@ -9,9 +9,9 @@ use pulse_daemon::migrate::{self, MigrateError};
 use pulse_harness::{PgCluster, Pulsed, wait_for};
 use pulse_shared::ErrorCode;
 use pulse_shared::admin::{AdminRequest, AdminResponse, HealthState};
-use pulse_shared::protocol::{ClientFrame, PROTOCOL_VERSION, ServerFrame};
+use pulse_shared::protocol::{ClientFrame, ServerFrame};
 
-use crate::support::{AdminClient, pulsed_bin};
+use crate::support::{AdminClient, InProcess, pulsed_bin};
 
 fn config_for(url: &str, extra: &[(&str, &str)]) -> Config {
     let mut env = vec![("PULSE__SOURCE__URL".to_string(), url.to_string())];
@@ -222,15 +222,7 @@ async fn admin_socket_speaks_the_protocol() {
         matches!(c.recv().await.unwrap(), ServerFrame::Error { error, .. } if error.code == ErrorCode::InvalidArgument)
     );
 
-    let mut c = AdminClient::connect(&pulsed.admin_socket).await.unwrap();
-    c.send(&ClientFrame::Hello {
-        protocol: PROTOCOL_VERSION,
-        token: None,
-        deploy_key: None,
-    })
-    .await
-    .unwrap();
-    assert!(matches!(c.recv().await.unwrap(), ServerFrame::Welcome { .. }));
+    let mut c = AdminClient::welcomed(&pulsed.admin_socket).await.unwrap();
     // Malformed frames after hello get an error and the session stays up.
     c.send_raw(r#"{"type":"teleport"}"#).await.unwrap();
     assert!(
@@ -287,17 +279,8 @@ async fn admin_socket_speaks_the_protocol() {
 async fn readyz_follows_the_state_database() {
     let cluster: &'static PgCluster = Box::leak(Box::new(PgCluster::start().unwrap()));
     let db = cluster.fresh_db("readyz").await.unwrap();
-    let config = config_for(&db.url(), &[("PULSE__METRICS__LISTEN", "")]);
-    let dir = tempfile::tempdir().unwrap();
-    let listeners = pulse_daemon::Listeners {
-        http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        metrics: None,
-        admin: pulse_daemon::bind_admin_socket(&dir.path().join("a.sock"), 0o600).unwrap(),
-    };
-    let base = format!("http://{}", listeners.http.local_addr().unwrap());
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let (control, _reload) = pulse_daemon::Control::new(shutdown.clone());
-    let daemon = tokio::spawn(pulse_daemon::run(config, listeners, control));
+    let daemon = InProcess::start(&[("PULSE__SOURCE__URL", db.url())]).await;
+    let base = daemon.base.clone();
 
     let http = reqwest::Client::new();
     let status = |http: reqwest::Client, base: String| async move {
@@ -326,12 +309,7 @@ async fn readyz_follows_the_state_database() {
     })
     .await
     .unwrap();
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), daemon)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    daemon.stop().await;
 }
 
 #[tokio::test]

@@ -6,14 +6,16 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use pulse_daemon::config::DbUrl;
-use pulse_daemon::jobs::{Job, JobContext, JobError, JobOutcome, PruneOutbox, Registry, Scheduler};
+use pulse_daemon::jobs::{
+    Job, JobContext, JobError, JobOutcome, PruneOutbox, Registry, RunRecord, Scheduler,
+};
 use pulse_harness::{PgCluster, Pulsed, TestDb, wait_for};
 use pulse_shared::caps::{Principal, Role};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::support::pulsed_bin;
+use crate::support::{column, pairs, pulsed_bin};
 
 /// A job that sleeps in the database, like a slow cleanup would.
 struct Sleep {
@@ -37,6 +39,11 @@ impl Job for Sleep {
     }
 }
 
+/// A [`Sleep`] job.
+fn sleep(name: &'static str, secs: f64) -> Arc<dyn Job> {
+    Arc::new(Sleep { name, secs })
+}
+
 async fn scheduler(db: &TestDb, jobs: Vec<Arc<dyn Job>>, timeout: Duration) -> Scheduler {
     let mut client = db.connect().await.unwrap();
     pulse_daemon::migrate::migrate(&mut client).await.unwrap();
@@ -46,6 +53,13 @@ async fn scheduler(db: &TestDb, jobs: Vec<Arc<dyn Job>>, timeout: Duration) -> S
         registry.register(j);
     }
     Scheduler::new(pool, registry, &[], timeout).unwrap()
+}
+
+/// Runs `job` by hand and checks that it ended well.
+async fn run_ok(s: &Scheduler, job: &str) -> RunRecord {
+    let run = s.run_once(job, "manual", "test").await.unwrap();
+    assert_eq!(run.outcome, JobOutcome::Ok, "{job}: {:?}", run.error);
+    run
 }
 
 fn service() -> Principal {
@@ -59,15 +73,7 @@ fn service() -> Principal {
 #[tokio::test]
 async fn an_overrunning_job_ends_with_timeout() {
     let db = PgCluster::shared().fresh_db("jobs_timeout").await.unwrap();
-    let s = scheduler(
-        &db,
-        vec![Arc::new(Sleep {
-            name: "sleepy",
-            secs: 30.0,
-        })],
-        Duration::from_secs(1),
-    )
-    .await;
+    let s = scheduler(&db, vec![sleep("sleepy", 30.0)], Duration::from_secs(1)).await;
     let started = Instant::now();
     let run = s.run_once("sleepy", "manual", "test").await.unwrap();
     assert_eq!(run.outcome, JobOutcome::Timeout);
@@ -121,18 +127,12 @@ async fn an_overrunning_job_ends_with_timeout() {
 #[tokio::test]
 async fn two_instances_never_run_the_same_job_at_once() {
     let db = PgCluster::shared().fresh_db("jobs_single").await.unwrap();
-    let slow = || -> Vec<Arc<dyn Job>> {
+    let slow = || {
         vec![
-            Arc::new(Sleep {
-                name: "slow",
-                secs: 0.7,
-            }),
+            sleep("slow", 0.7),
             // Long enough that the second instance asks while the first still runs, even
             // on a loaded machine.
-            Arc::new(Sleep {
-                name: "long",
-                secs: 2.0,
-            }),
+            sleep("long", 2.0),
         ]
     };
     // Two instances: separate pools, separate sessions, as two pulsed processes have.
@@ -170,18 +170,13 @@ async fn two_instances_never_run_the_same_job_at_once() {
     tasks.wait().await;
 
     let client = db.connect().await.unwrap();
-    let runs: Vec<(f64, f64)> = client
-        .query(
-            "SELECT extract(epoch FROM started_at)::float8, extract(epoch FROM ended_at)::float8
+    let runs: Vec<(f64, f64)> = pairs(
+        &client,
+        "SELECT extract(epoch FROM started_at)::float8, extract(epoch FROM ended_at)::float8
                FROM pulse.job_runs WHERE job = 'slow' AND trigger = 'schedule' AND outcome = 'ok'
               ORDER BY started_at",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    )
+    .await;
     // Four or five ticks, each wanted by both instances: one run per tick at most (without
     // the lock both would run, twice as many runs, overlapping). A loaded machine may make
     // a run outlast a tick, hence the low bound.
@@ -275,15 +270,7 @@ async fn pulsed_processes_respect_a_held_job_lock() {
 #[tokio::test]
 async fn run_now_is_for_allowed_roles_and_audited() {
     let db = PgCluster::shared().fresh_db("jobs_run_now").await.unwrap();
-    let s = scheduler(
-        &db,
-        vec![Arc::new(Sleep {
-            name: "quick",
-            secs: 0.0,
-        })],
-        Duration::from_secs(5),
-    )
-    .await;
+    let s = scheduler(&db, vec![sleep("quick", 0.0)], Duration::from_secs(5)).await;
     let member = Principal {
         user: Some("u1".into()),
         tenant: Some("t1".into()),
@@ -357,19 +344,12 @@ async fn prune_outbox_deletes_only_old_delivered_rows() {
         )
         .await
         .unwrap();
-    let run = s.run_once("prune_outbox", "manual", "test").await.unwrap();
-    assert_eq!(run.outcome, JobOutcome::Ok, "{:?}", run.error);
+    let run = run_ok(&s, "prune_outbox").await;
     assert_eq!(
         run.counts,
         json!({"deleted": 12000, "processed_commands_deleted": 1})
     );
-    let left: Vec<String> = client
-        .query("SELECT message_id FROM pulse.outbox ORDER BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let left: Vec<String> = column(&client, "SELECT message_id FROM pulse.outbox ORDER BY 1").await;
     assert_eq!(left, vec!["old-pending", "recent"]);
 }
 
@@ -436,8 +416,7 @@ async fn engine_and_file_jobs_run_and_record_their_counts() {
         hub.heartbeat(1, "t1", "alice", "doc", json!({}));
         hub.heartbeat(2, "t1", "bob", "doc", json!({}));
     }
-    let run = s.run_once("sweep_presence", "manual", "test").await.unwrap();
-    assert_eq!(run.outcome, JobOutcome::Ok, "{:?}", run.error);
+    let run = run_ok(&s, "sweep_presence").await;
     assert_eq!(run.counts["removed"], 2, "{}", run.counts);
     assert_eq!(engine.hub.lock().unwrap().online(None, None)["count"], 0);
 
@@ -450,19 +429,9 @@ async fn engine_and_file_jobs_run_and_record_their_counts() {
         )
         .await
         .unwrap();
-    let run = s
-        .run_once("notification_retention", "manual", "test")
-        .await
-        .unwrap();
-    assert_eq!(run.outcome, JobOutcome::Ok, "{:?}", run.error);
+    let run = run_ok(&s, "notification_retention").await;
     assert_eq!(run.counts, json!({"deleted": 1}));
-    let left: Vec<String> = client
-        .query("SELECT title FROM pulse.notifications", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let left: Vec<String> = column(&client, "SELECT title FROM pulse.notifications").await;
     assert_eq!(left, vec!["new"]);
 
     // Upload tickets: one expired and never used, one still valid.
@@ -474,43 +443,24 @@ async fn engine_and_file_jobs_run_and_record_their_counts() {
         )
         .await
         .unwrap();
-    let run = s
-        .run_once("expire_upload_tickets", "manual", "test")
-        .await
-        .unwrap();
-    assert_eq!(run.outcome, JobOutcome::Ok, "{:?}", run.error);
+    let run = run_ok(&s, "expire_upload_tickets").await;
     assert_eq!(run.counts["expired_tickets"], 1, "{}", run.counts);
-    let tickets: Vec<String> = client
-        .query("SELECT name FROM pulse.upload_tickets", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let tickets: Vec<String> = column(&client, "SELECT name FROM pulse.upload_tickets").await;
     assert_eq!(tickets, vec!["b.txt"]);
 
     // A staged upload left behind by a crash.
     let staged = files.backend().staging_path();
     std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
     std::fs::write(&staged, b"half an upload").unwrap();
-    let run = s
-        .run_once("delete_orphaned_files", "manual", "test")
-        .await
-        .unwrap();
-    assert_eq!(run.outcome, JobOutcome::Ok, "{:?}", run.error);
+    let run = run_ok(&s, "delete_orphaned_files").await;
     assert_eq!(run.counts["staged_files"], 1, "{}", run.counts);
     assert!(!staged.exists());
 
-    let recorded: Vec<(String, String)> = client
-        .query(
-            "SELECT job, outcome FROM pulse.job_runs WHERE ended_at IS NOT NULL ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let recorded: Vec<(String, String)> = pairs(
+        &client,
+        "SELECT job, outcome FROM pulse.job_runs WHERE ended_at IS NOT NULL ORDER BY id",
+    )
+    .await;
     assert_eq!(
         recorded,
         [

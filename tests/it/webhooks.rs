@@ -8,15 +8,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lapin::options::BasicPublishOptions;
-use pulse_harness::{PgCluster, Pulsed, Rabbit, TestDb, wait_for};
+use pulse_harness::{PgCluster, Pulsed, TestDb, wait_for};
 use pulse_shared::ErrorCode;
 use pulse_shared::protocol::{ClientFrame, ServerFrame};
 use serde_json::{Value, json};
 
-use crate::amqp::{Names, Seen, collect, command_properties, tap};
 use crate::engine::{AUDIENCE, Client, ISSUER, SECRET, token};
-use crate::support::pulsed_bin;
+use crate::support::{Broker, Seen, fresh_db_with, header_text, pulsed_bin, wait_processed, wait_streaming};
 
 /// A pulsed with a schema file, on the test's broker names.
 struct Daemon {
@@ -25,8 +23,8 @@ struct Daemon {
     _dir: tempfile::TempDir,
 }
 
-fn env(db: &TestDb, names: &Names, rabbit: &Rabbit, schema: &std::path::Path) -> Vec<(&'static str, String)> {
-    let mut env = names.env(db, &rabbit.url);
+fn env(db: &TestDb, broker: &Broker, schema: &std::path::Path) -> Vec<(&'static str, String)> {
+    let mut env = broker.names.env(db, &broker.rabbit.url);
     env.extend([
         ("PULSE__SCHEMA__PATH", schema.display().to_string()),
         ("PULSE__AUTH__ISSUER", ISSUER.to_string()),
@@ -46,46 +44,8 @@ async fn start(env: &[(&'static str, String)], dir: tempfile::TempDir) -> Daemon
         ws,
         _dir: dir,
     };
-    wait_streaming(&d.pulsed).await;
+    wait_streaming(&d.pulsed, Duration::from_secs(30)).await;
     d
-}
-
-async fn wait_streaming(pulsed: &Pulsed) {
-    let url = format!("{}/readyz", pulsed.http);
-    wait_for("replication up", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move {
-            let body: Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
-            body["components"]
-                .as_array()?
-                .iter()
-                .any(|c| c["name"] == "replication" && c["state"] == "up")
-                .then_some(())
-        }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}; log:\n{}", pulsed.log()));
-}
-
-/// Waits until pulsed has declared the commands queue (publishing earlier would drop).
-async fn wait_queue(conn: &lapin::Connection, queue: &str) {
-    wait_for("the commands queue", Duration::from_secs(20), || async {
-        // A failed passive declare closes its channel: a fresh one each time.
-        let probe = conn.create_channel().await.ok()?;
-        probe
-            .queue_declare(
-                queue.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .ok()
-    })
-    .await
-    .unwrap();
 }
 
 fn schema_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
@@ -136,25 +96,17 @@ class_namespace = "Club\\Pulse"
 
 #[tokio::test]
 async fn threshold_crossings_are_sent_once_each_across_a_sigkill() {
-    let db = PgCluster::shared().fresh_db("hooks_thresholds").await.unwrap();
-    db.connect()
-        .await
-        .unwrap()
-        .batch_execute(
-            "CREATE TABLE signup (id serial PRIMARY KEY, tenant_id text NOT NULL);
-             ALTER TABLE signup REPLICA IDENTITY FULL;
-             INSERT INTO signup (tenant_id) SELECT 't1' FROM generate_series(1, 5);",
-        )
-        .await
-        .unwrap();
-    let rabbit = Rabbit::from_env();
-    let conn = rabbit.connect().await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let names = Names::new("thresholds");
-    tap(&channel, &names, "#").await;
-    let seen = collect(conn.create_channel().await.unwrap(), names.tap.clone());
+    let (db, _) = fresh_db_with(
+        "hooks_thresholds",
+        "CREATE TABLE signup (id serial PRIMARY KEY, tenant_id text NOT NULL);
+         ALTER TABLE signup REPLICA IDENTITY FULL;
+         INSERT INTO signup (tenant_id) SELECT 't1' FROM generate_series(1, 5);",
+    )
+    .await;
+    let broker = Broker::new("thresholds").await;
+    let seen = broker.record("#").await;
     let (dir, schema) = schema_file(THRESHOLDS);
-    let mut env = env(&db, &names, &rabbit, &schema);
+    let mut env = env(&db, &broker, &schema);
     // Both runs read the same slot and checkpoint.
     env.push((
         "PULSE__REPLICATION__SLOT",
@@ -266,7 +218,7 @@ async fn threshold_crossings_are_sent_once_each_across_a_sigkill() {
     let sample = &of(&seen, "metric.threshold_crossed")[0];
     assert_eq!(sample.class.as_deref(), Some("Club\\Dashboard\\SignupMilestone"));
     assert_eq!(sample.content_type.as_deref(), Some("application/json"));
-    names.cleanup(&channel).await;
+    broker.cleanup().await;
 }
 
 const USERS: &str = r#"
@@ -287,66 +239,45 @@ roles_column = "roles"
 
 #[tokio::test]
 async fn notifications_fan_out_to_a_tenant_or_a_role_from_symfonys_users() {
-    let db = PgCluster::shared().fresh_db("hooks_users").await.unwrap();
-    db.connect()
-        .await
-        .unwrap()
-        .batch_execute(
-            r#"CREATE TABLE app_user (id serial PRIMARY KEY, organisation_id int NOT NULL, email text, roles json NOT NULL);
-               INSERT INTO app_user (organisation_id, email, roles) VALUES
-                 (1, 'ann', '["ROLE_ADMIN"]'), (1, 'bob', '["ROLE_STAFF"]'), (1, 'cid', '[]'),
-                 (1, 'dee', '["ROLE_STAFF", "ROLE_ADMIN"]'), (2, 'eve', '["ROLE_STAFF"]');"#,
-        )
-        .await
-        .unwrap();
-    let rabbit = Rabbit::from_env();
-    let conn = rabbit.connect().await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let names = Names::new("fanout");
-    tap(&channel, &names, "#").await;
-    let seen = collect(conn.create_channel().await.unwrap(), names.tap.clone());
+    let (db, _) = fresh_db_with(
+        "hooks_users",
+        r#"CREATE TABLE app_user (id serial PRIMARY KEY, organisation_id int NOT NULL, email text, roles json NOT NULL);
+           INSERT INTO app_user (organisation_id, email, roles) VALUES
+             (1, 'ann', '["ROLE_ADMIN"]'), (1, 'bob', '["ROLE_STAFF"]'), (1, 'cid', '[]'),
+             (1, 'dee', '["ROLE_STAFF", "ROLE_ADMIN"]'), (2, 'eve', '["ROLE_STAFF"]');"#,
+    )
+    .await;
+    let broker = Broker::new("fanout").await;
+    let seen = broker.record("#").await;
     let (dir, schema) = schema_file(USERS);
-    let d = start(&env(&db, &names, &rabbit, &schema), dir).await;
-    wait_queue(&conn, &names.commands).await;
+    let d = start(&env(&db, &broker, &schema), dir).await;
+    broker.wait_commands_queue().await;
 
-    let send = |body: Value| {
-        let channel = channel.clone();
-        let queue = names.commands.clone();
-        async move {
-            channel
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions::default(),
-                    body.to_string().as_bytes(),
-                    command_properties(Some("App\\Message\\Pulse\\Command\\SendNotification")),
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
-    };
+    let send = Some("App\\Message\\Pulse\\Command\\SendNotification");
     let staff = json!({"commandId": "to-staff", "tenantId": 1, "role": "staff", "title": "Staff meeting"});
-    send(staff.clone()).await;
-    send(json!({"commandId": "to-all", "tenantId": "1", "title": "Club news"})).await;
-    send(json!({"commandId": "to-admins", "tenantId": 1, "role": "tenant_admin", "title": "Budget"})).await;
+    broker.send_command(send, &staff).await;
+    broker
+        .send_command(
+            send,
+            &json!({"commandId": "to-all", "tenantId": "1", "title": "Club news"}),
+        )
+        .await;
+    broker
+        .send_command(
+            send,
+            &json!({"commandId": "to-admins", "tenantId": 1, "role": "tenant_admin", "title": "Budget"}),
+        )
+        .await;
     // The same command again: carried out once.
-    send(staff).await;
-    send(json!({"commandId": "last", "tenantId": 2, "userId": "9", "title": "x"})).await;
+    broker.send_command(send, &staff).await;
+    broker
+        .send_command(
+            send,
+            &json!({"commandId": "last", "tenantId": 2, "userId": "9", "title": "x"}),
+        )
+        .await;
     let state = db.connect().await.unwrap();
-    wait_for("the commands", Duration::from_secs(20), || async {
-        state
-            .query_opt(
-                "SELECT 1 FROM pulse.processed_commands WHERE command_id = 'last'",
-                &[],
-            )
-            .await
-            .ok()
-            .flatten()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}; log:\n{}", d.pulsed.log()));
+    wait_processed(&state, "last", &d.pulsed).await;
     let inbox = |title: &'static str| {
         let state = &state;
         async move {
@@ -380,20 +311,12 @@ async fn notifications_fan_out_to_a_tenant_or_a_role_from_symfonys_users() {
 
     // An export is carried out, but data_export.ready is not in [events.send]: nothing
     // is written to the outbox for it.
-    channel
-        .basic_publish(
-            "".into(),
-            names.commands.as_str().into(),
-            BasicPublishOptions::default(),
-            json!({"commandId": "exp", "tenantId": "1", "userId": "2"})
-                .to_string()
-                .as_bytes(),
-            command_properties(Some("App\\Message\\Pulse\\Command\\ExportUserData")),
+    broker
+        .send_command(
+            Some("App\\Message\\Pulse\\Command\\ExportUserData"),
+            &json!({"commandId": "exp", "tenantId": "1", "userId": "2"}),
         )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        .await;
     wait_for("the export", Duration::from_secs(20), || async {
         state
             .query_opt("SELECT 1 FROM pulse.data_exports WHERE command_id = 'exp'", &[])
@@ -404,74 +327,48 @@ async fn notifications_fan_out_to_a_tenant_or_a_role_from_symfonys_users() {
     .await
     .unwrap();
     assert!(outbox_rows(&db, "data_export.ready").await.is_empty());
-    names.cleanup(&channel).await;
+    broker.cleanup().await;
 }
 
 #[tokio::test]
 async fn tenant_notifications_are_refused_without_a_users_source() {
     let db = PgCluster::shared().fresh_db("hooks_nousers").await.unwrap();
-    let rabbit = Rabbit::from_env();
-    let conn = rabbit.connect().await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let names = Names::new("nousers");
+    let broker = Broker::new("nousers").await;
     let (dir, schema) = schema_file("");
-    let d = start(&env(&db, &names, &rabbit, &schema), dir).await;
-    wait_queue(&conn, &names.commands).await;
-    channel
-        .basic_publish(
-            "".into(),
-            names.commands.as_str().into(),
-            BasicPublishOptions::default(),
-            json!({"commandId": "t", "tenantId": 1, "title": "x"})
-                .to_string()
-                .as_bytes(),
-            command_properties(Some("X\\SendNotification")),
+    let d = start(&env(&db, &broker, &schema), dir).await;
+    broker.wait_commands_queue().await;
+    broker
+        .send_command(
+            Some("X\\SendNotification"),
+            &json!({"commandId": "t", "tenantId": 1, "title": "x"}),
         )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        .await;
     let reason = wait_for("the dead letter", Duration::from_secs(20), || async {
-        let m = channel
+        let m = broker
+            .channel
             .basic_get(
-                names.dead.as_str().into(),
+                broker.names.dead.as_str().into(),
                 lapin::options::BasicGetOptions { no_ack: true },
             )
             .await
             .ok()??;
-        match m
-            .delivery
-            .properties
-            .headers()
-            .as_ref()?
-            .inner()
-            .get("x-pulse-reason")?
-        {
-            lapin::types::AMQPValue::LongString(s) => {
-                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-            }
-            _ => None,
-        }
+        header_text(&m.delivery.properties, "x-pulse-reason")
     })
     .await
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", d.pulsed.log()));
     assert!(reason.contains("[users]"), "{reason}");
-    names.cleanup(&channel).await;
+    broker.cleanup().await;
 }
 
 #[tokio::test]
 async fn a_join_seen_again_after_a_restart_keeps_its_message_id() {
     let db = PgCluster::shared().fresh_db("hooks_presence").await.unwrap();
-    let rabbit = Rabbit::from_env();
-    let conn = rabbit.connect().await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let names = Names::new("presence");
-    tap(&channel, &names, "presence.#").await;
-    let seen = collect(conn.create_channel().await.unwrap(), names.tap.clone());
+    let broker = Broker::new("presence").await;
+    let seen = broker.record("presence.#").await;
     let (dir, schema) = schema_file("");
     // Keys follow 30-second debounce windows; start early in one so the restart fits.
     const WINDOW_MS: u64 = 30_000;
-    let mut env = env(&db, &names, &rabbit, &schema);
+    let mut env = env(&db, &broker, &schema);
     env.push(("PULSE__AMQP__PRESENCE_DEBOUNCE_MS", WINDOW_MS.to_string()));
     let first = start(&env, dir).await;
     wait_for("the start of a window", Duration::from_secs(31), || async {
@@ -524,7 +421,7 @@ async fn a_join_seen_again_after_a_restart_keeps_its_message_id() {
             .filter(|s| s.body["userId"] == "alice")
             .all(|s| s.message_id == joined.message_id)
     );
-    names.cleanup(&channel).await;
+    broker.cleanup().await;
 }
 
 async fn mutate(c: &mut Client, id: &str, args: Value) -> ServerFrame {
@@ -551,14 +448,10 @@ class = "Club\\Member\\InviteMember"
 #[tokio::test]
 async fn declared_mutations_are_checked_and_handed_to_symfony() {
     let db = PgCluster::shared().fresh_db("hooks_mutations").await.unwrap();
-    let rabbit = Rabbit::from_env();
-    let conn = rabbit.connect().await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let names = Names::new("mutations");
-    tap(&channel, &names, "mutation.#").await;
-    let seen = collect(conn.create_channel().await.unwrap(), names.tap.clone());
+    let broker = Broker::new("mutations").await;
+    let seen = broker.record("mutation.#").await;
     let (dir, schema) = schema_file(MUTATIONS);
-    let d = start(&env(&db, &names, &rabbit, &schema), dir).await;
+    let d = start(&env(&db, &broker, &schema), dir).await;
 
     let mut admin = Client::open(&d.ws, &token("ann", Some("t1"), &["ROLE_ADMIN"])).await;
     let args = json!({"email": "zoe@club.test", "full_name": "Zoe", "send_welcome": true});
@@ -601,21 +494,18 @@ async fn declared_mutations_are_checked_and_handed_to_symfony() {
         other => panic!("{other:?}"),
     }
     assert_eq!(outbox_rows(&db, "mutation.invite_member").await.len(), 1);
-    names.cleanup(&channel).await;
+    broker.cleanup().await;
 }
 
 #[tokio::test]
 async fn end_presence_reaches_the_instance_that_holds_the_session() {
     let db = PgCluster::shared().fresh_db("hooks_instances").await.unwrap();
-    let rabbit = Rabbit::from_env();
-    let conn = rabbit.connect().await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let names = Names::new("instances");
+    let broker = Broker::new("instances").await;
     let (dir_a, schema_a) = schema_file("");
     let (dir_b, schema_b) = schema_file("");
     // A consumes the commands; B has no broker at all and holds alice's session.
-    let a = start(&env(&db, &names, &rabbit, &schema_a), dir_a).await;
-    let mut env_b: Vec<(&'static str, String)> = env(&db, &names, &rabbit, &schema_b)
+    let a = start(&env(&db, &broker, &schema_a), dir_a).await;
+    let mut env_b: Vec<(&'static str, String)> = env(&db, &broker, &schema_b)
         .into_iter()
         .filter(|(k, _)| !k.starts_with("PULSE__AMQP__"))
         .collect();
@@ -636,25 +526,17 @@ async fn end_presence_reaches_the_instance_that_holds_the_session() {
     })
     .await
     .unwrap();
-    wait_queue(&conn, &names.commands).await;
-    channel
-        .basic_publish(
-            "".into(),
-            names.commands.as_str().into(),
-            BasicPublishOptions::default(),
-            json!({"commandId": "end-b", "tenantId": "t1", "userId": "alice"})
-                .to_string()
-                .as_bytes(),
-            command_properties(Some("App\\Message\\Pulse\\Command\\EndPresence")),
+    broker.wait_commands_queue().await;
+    broker
+        .send_command(
+            Some("App\\Message\\Pulse\\Command\\EndPresence"),
+            &json!({"commandId": "end-b", "tenantId": "t1", "userId": "alice"}),
         )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        .await;
     wait_for("alice's presence ended on B", Duration::from_secs(20), || async {
         (online().await == 0).then_some(())
     })
     .await
     .unwrap_or_else(|e| panic!("{e}; A:\n{}\nB:\n{}", a.pulsed.log(), b.pulsed.log()));
-    names.cleanup(&channel).await;
+    broker.cleanup().await;
 }

@@ -5,14 +5,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lapin::options::BasicPublishOptions;
-use pulse_harness::{PgCluster, Pulsed, Rabbit, TestDb, wait_for};
+use pulse_harness::{Pulsed, TestDb, wait_for};
 use pulse_shared::protocol::{ClientFrame, ServerFrame, UpdateOp};
 use serde_json::{Value, json};
 
-use crate::amqp::{Names, Seen, collect, command_properties, tap};
 use crate::engine::{AUDIENCE, Client, ISSUER, SECRET, token};
-use crate::support::pulsed_bin;
+use crate::support::{Broker, Seen, fresh_db_with, pairs, pulsed_bin, wait_processed, wait_streaming};
 
 const DEPLOY_KEY: &str = "wire-deploy-key-0123456789abcdef0123456789";
 
@@ -26,17 +24,13 @@ body_column = "body"
 "#;
 
 async fn source_db(label: &str) -> TestDb {
-    let db = PgCluster::shared().fresh_db(label).await.unwrap();
-    db.connect()
-        .await
-        .unwrap()
-        .batch_execute(
-            "CREATE TABLE app_notification (id serial PRIMARY KEY, tenant_id text NOT NULL, user_id text NOT NULL,
-                                            title text NOT NULL, body text NOT NULL DEFAULT '')",
-        )
-        .await
-        .unwrap();
-    db
+    fresh_db_with(
+        label,
+        "CREATE TABLE app_notification (id serial PRIMARY KEY, tenant_id text NOT NULL, user_id text NOT NULL,
+                                        title text NOT NULL, body text NOT NULL DEFAULT '')",
+    )
+    .await
+    .0
 }
 
 /// The first delivery of `event` matching `pred`, waited for.
@@ -60,17 +54,13 @@ async fn event(
 #[tokio::test]
 async fn engine_and_file_events_reach_the_broker_and_commands_act_on_them() {
     let db = source_db("wire_e2e").await;
-    let rabbit = Rabbit::from_env();
-    let conn = rabbit.connect().await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let names = Names::new("wire");
-    tap(&channel, &names, "#").await;
-    let seen = collect(conn.create_channel().await.unwrap(), names.tap.clone());
+    let broker = Broker::new("wire").await;
+    let seen = broker.record("#").await;
 
     let dir = tempfile::tempdir().unwrap();
     let schema = dir.path().join("schema.toml");
     std::fs::write(&schema, SCHEMA).unwrap();
-    let mut env = names.env(&db, &rabbit.url);
+    let mut env = broker.names.env(&db, &broker.rabbit.url);
     env.extend([
         ("PULSE__SCHEMA__PATH", schema.display().to_string()),
         ("PULSE__AUTH__ISSUER", ISSUER.to_string()),
@@ -81,13 +71,9 @@ async fn engine_and_file_events_reach_the_broker_and_commands_act_on_them() {
     ]);
     let mut pulsed = Pulsed::spawn(&pulsed_bin(), &env).unwrap();
     pulsed.wait_ready(Duration::from_secs(30)).await.unwrap();
-    let d = crate::engine::Daemon {
-        ws: format!("{}/ws", pulsed.http.replace("http://", "ws://")),
-        pulsed,
-        _dir: dir,
-    };
-    crate::engine::wait_streaming(&d).await;
-    let pulsed = &d.pulsed;
+    wait_streaming(&pulsed, Duration::from_secs(30)).await;
+    let ws = format!("{}/ws", pulsed.http.replace("http://", "ws://"));
+    let pulsed = &pulsed;
     let state = db.connect().await.unwrap();
 
     // 1. A row Symfony inserts becomes a notification, and its event reaches the broker
@@ -120,30 +106,16 @@ async fn engine_and_file_events_reach_the_broker_and_commands_act_on_them() {
     );
 
     // 2. SendNotification from Symfony: a subscribed client receives it.
-    let mut alice = Client::open(&d.ws, &token("alice", Some("t1"), &["ROLE_USER"])).await;
+    let mut alice = Client::open(&ws, &token("alice", Some("t1"), &["ROLE_USER"])).await;
     match alice.subscribe("n", "notifications", json!({})).await {
         ServerFrame::Result { data, .. } => assert_eq!(data["unread"], 1),
         other => panic!("{other:?}"),
     }
     let ns = "App\\Message\\Pulse\\Command\\";
+    let broker = &broker;
     let send = |kind: &str, body: Value| {
-        let channel = channel.clone();
-        let queue = names.commands.clone();
         let class = format!("{ns}{kind}");
-        async move {
-            channel
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions::default(),
-                    body.to_string().as_bytes(),
-                    command_properties(Some(&class)),
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
+        async move { broker.send_command(Some(&class), &body).await }
     };
     send(
         "SendNotification",
@@ -282,18 +254,7 @@ async fn engine_and_file_events_reach_the_broker_and_commands_act_on_them() {
         json!({"commandId": "w-erase", "tenantId": "t1", "userId": "alice"}),
     )
     .await;
-    wait_for("the erasure", Duration::from_secs(20), || async {
-        state
-            .query_opt(
-                "SELECT 1 FROM pulse.processed_commands WHERE command_id = 'w-erase'",
-                &[],
-            )
-            .await
-            .ok()
-            .flatten()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}; log:\n{}", pulsed.log()));
+    wait_processed(&state, "w-erase", pulsed).await;
     let count = |sql: &'static str| {
         let state = &state;
         async move { state.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
@@ -325,19 +286,14 @@ async fn engine_and_file_events_reach_the_broker_and_commands_act_on_them() {
     );
 
     // Every command was applied, none dead-lettered.
-    let outcomes: Vec<(String, String)> = state
-        .query(
-            "SELECT command_id, outcome FROM pulse.processed_commands ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let outcomes: Vec<(String, String)> = pairs(
+        &state,
+        "SELECT command_id, outcome FROM pulse.processed_commands ORDER BY 1",
+    )
+    .await;
     assert_eq!(
         outcomes,
         ["w-erase", "w-export", "w-send"].map(|c| (c.to_string(), "applied".to_string()))
     );
-    names.cleanup(&channel).await;
+    broker.cleanup().await;
 }

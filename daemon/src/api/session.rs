@@ -197,28 +197,14 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
                     ),
                 )
                 .with_details(serde_json::json!({ "retry_after_ms": wait.as_millis().max(1) as u64 }));
-                metrics::counter!("pulse_errors_total", "code" => "rate_limited").increment(1);
-                if !send(
-                    &tx,
-                    ServerFrame::Error {
-                        id: None,
-                        error: body,
-                    },
-                ) {
+                if !send(&tx, error_body(None, body)) {
                     break;
                 }
                 continue;
             }
             match parse_client_frame(&text) {
                 Err(body) => {
-                    metrics::counter!("pulse_errors_total", "code" => body.code.as_str()).increment(1);
-                    if !send(
-                        &tx,
-                        ServerFrame::Error {
-                            id: None,
-                            error: body,
-                        },
-                    ) {
+                    if !send(&tx, error_body(None, body)) {
                         break;
                     }
                 }
@@ -508,14 +494,7 @@ async fn handle(
                             id,
                             response: Box::new(response),
                         }),
-                        Err(body) => {
-                            metrics::counter!("pulse_errors_total", "code" => body.code.as_str())
-                                .increment(1);
-                            Some(ServerFrame::Error {
-                                id: Some(id),
-                                error: body,
-                            })
-                        }
+                        Err(body) => Some(error_body(Some(id), body)),
                     }
                 }
                 Decision::Denied(reason) => Some(error(
