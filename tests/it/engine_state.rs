@@ -868,10 +868,37 @@ async fn tenant_time_zones_come_from_a_table_and_follow_its_changes() {
         .get(0);
     assert_eq!(buckets, vec![local_today]);
 
-    // A live zone change, then rows: the tenant's "today" is recomputed in its new zone.
+    // A live zone change: the tenant's "today" is recomputed in its new zone. A row
+    // written in a transaction still open then lands inside the recomputation's
+    // snapshot (taking it waits for running transactions) and also reaches the stream
+    // after the zone change: it must count once.
+    let mut writer = db.connect().await.unwrap();
+    let open = writer.transaction().await.unwrap();
+    open.execute(
+        "INSERT INTO payments (tenant_id, created_at) VALUES ('t1', now())",
+        &[],
+    )
+    .await
+    .unwrap();
     c.batch_execute("UPDATE tenants SET timezone = 'Pacific/Pago_Pago' WHERE id = 't1'")
         .await
         .unwrap();
+    pulse_harness::wait_for(
+        "the recomputation's temporary slot",
+        Duration::from_secs(20),
+        || async move {
+            c.query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE temporary AND database = current_database() AND slot_name LIKE '%refresh%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|_| ())
+        },
+    )
+    .await
+    .unwrap();
+    open.commit().await.unwrap();
     settle(&d, "t1 follows its new zone", || {
         today_equal(c, ws, "t1", pago_pago)
     })
