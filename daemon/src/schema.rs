@@ -915,9 +915,9 @@ impl Schema {
             .unwrap_or(self.default_time_zone)
     }
 
-    /// A zone name from the tenants table: the zone, or `None` (with a warning) when it is
-    /// not an IANA name; the tenant then has the default zone.
-    pub fn parse_zone(&self, tenant: &str, name: Option<&str>) -> Option<Tz> {
+    /// A zone name from the tenants table: the zone, or `None` (with a warning when
+    /// `warn`) when it is not an IANA name; the tenant then has the default zone.
+    pub fn parse_zone(&self, tenant: &str, name: Option<&str>, warn: bool) -> Option<Tz> {
         let name = name?.trim();
         if name.is_empty() {
             return None;
@@ -925,6 +925,9 @@ impl Schema {
         match name.parse::<Tz>() {
             Ok(tz) => Some(tz),
             Err(_) => {
+                if !warn {
+                    return None;
+                }
                 tracing::warn!(
                     tenant,
                     zone = name,
@@ -1562,9 +1565,9 @@ roles_column = "roles"
         assert_eq!(s.zone("t1", &table), chrono_tz::Asia::Tokyo);
         assert_eq!(s.zone("t2", &table), chrono_tz::America::New_York);
         assert_eq!(s.zone("t3", &table), chrono_tz::Europe::Paris);
-        assert_eq!(s.parse_zone("t1", Some("Mars/Base")), None);
+        assert_eq!(s.parse_zone("t1", Some("Mars/Base"), true), None);
         assert_eq!(
-            s.parse_zone("t1", Some("Asia/Tokyo")),
+            s.parse_zone("t1", Some("Asia/Tokyo"), true),
             Some(chrono_tz::Asia::Tokyo)
         );
         let e = Schema::parse("s.toml", "[tenants]\nsource = \"a b\"\n").unwrap_err();

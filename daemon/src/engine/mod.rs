@@ -1235,10 +1235,12 @@ impl Engine {
         !r.pending.is_empty() || r.zones_pending
     }
 
-    /// The tenant zones of the tenants table as `source` sees it.
+    /// The tenant zones of the tenants table as `source` sees it; unknown names are
+    /// warned about when `warn` (once per load, not at every recomputation).
     async fn read_zones<S: tokio_postgres::GenericClient>(
         &self,
         source: &S,
+        warn: bool,
     ) -> Result<HashMap<String, Tz>, tokio_postgres::Error> {
         let Some(t) = &self.schema.tenants else {
             return Ok(HashMap::new());
@@ -1252,7 +1254,7 @@ impl Engine {
         let mut zones = HashMap::new();
         for r in source.query(&sql, &[]).await? {
             let tenant: String = r.get(0);
-            if let Some(tz) = self.schema.parse_zone(&tenant, r.get(1)) {
+            if let Some(tz) = self.schema.parse_zone(&tenant, r.get(1), warn) {
                 zones.insert(tenant, tz);
             }
         }
@@ -1338,7 +1340,7 @@ impl Engine {
         S: tokio_postgres::GenericClient,
         T: tokio_postgres::GenericClient,
     {
-        let zones = Arc::new(self.read_zones(source).await?);
+        let zones = Arc::new(self.read_zones(source, true).await?);
         let zone = |t: &str| self.schema.zone(t, &zones);
         let now = Utc::now();
         let mut deltas = Deltas::new();
@@ -1376,7 +1378,7 @@ impl Engine {
             (r.pending.clone(), r.zones_pending)
         };
         let mut stash = Stash::default();
-        let zones = Arc::new(self.read_zones(source).await?);
+        let zones = Arc::new(self.read_zones(source, zones_pending).await?);
         if zones_pending {
             self.write_zones(state, &zones, lsn).await?;
             tracing::info!(tenants = zones.len(), %lsn, table = ?self.schema.tenants.as_ref().map(|t| t.source.to_string()),
@@ -1538,7 +1540,7 @@ impl Engine {
                 Value::Null => None,
                 v => Some(value::key_text(&v)),
             });
-            self.schema.parse_zone(tenant, text.as_deref())
+            self.schema.parse_zone(tenant, text.as_deref(), true)
         };
         // (tenant, its zone in the table from now on: None = none or unknown)
         let mut set: Vec<(String, Option<Tz>)> = Vec::new();
