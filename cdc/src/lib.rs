@@ -14,6 +14,8 @@
 //! - [`reader`]: the task: slot and publication, snapshot, streaming, acknowledgement,
 //!   reconnects.
 //! - [`slot`]: slot status and drop, for operators.
+//! - [`snapshot`]: slot creation with an exported snapshot; temporary snapshots at a
+//!   known LSN, for recomputing part of a consumer's state while the slot streams.
 //! - [`stream`]: the hand-over to the consumer.
 //! - [`tls`]: libpq's `sslmode`/`sslrootcert`/`sslcert`/`sslkey` for the replication
 //!   connection and for tokio-postgres connections (rustls, aws-lc-rs).
@@ -27,6 +29,7 @@ pub mod error;
 pub mod model;
 pub mod reader;
 pub mod slot;
+pub mod snapshot;
 pub mod stream;
 pub mod tls;
 pub mod value;

@@ -427,30 +427,11 @@ impl Reader {
 
         let mut repl = ReplConn::connect(&self.config.source, &self.config.tls).await?;
         if existing.is_none() {
-            let export = if self.config.needs_snapshot {
-                "export"
-            } else {
-                "nothing"
-            };
             tracing::info!(%slot, "creating the replication slot");
-            let created = repl
-                .simple_query(&format!(
-                    "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{export}')",
-                    quote_ident(&slot)
-                ))
-                .await?;
-            let point: Lsn = created
-                .first("consistent_point")
-                .and_then(|p| p.parse().ok())
-                .ok_or_else(|| {
-                    CdcError::Protocol("CREATE_REPLICATION_SLOT gave no consistent point".into())
-                })?;
+            let (point, exported) =
+                crate::snapshot::create_slot(&mut repl, &slot, false, self.config.needs_snapshot).await?;
             confirmed = point.0;
-            if self.config.needs_snapshot {
-                let name = created
-                    .first("snapshot_name")
-                    .ok_or_else(|| CdcError::Protocol("CREATE_REPLICATION_SLOT exported no snapshot".into()))?
-                    .to_string();
+            if let Some(name) = exported {
                 let (done, answer) = oneshot::channel();
                 let req = Event::Snapshot(SnapshotRequest {
                     name,

@@ -218,6 +218,23 @@ impl<S: ChangeSink> ChangeSink for Recorded<S> {
         self.inner.committed(batch);
     }
 
+    fn refresh_wanted(&self) -> bool {
+        self.inner.refresh_wanted()
+    }
+
+    async fn refresh(
+        &mut self,
+        source: &tokio_postgres::Transaction<'_>,
+        state_tx: &tokio_postgres::Transaction<'_>,
+        lsn: Lsn,
+    ) -> Result<(), SinkError> {
+        self.inner.refresh(source, state_tx, lsn).await
+    }
+
+    async fn housekeeping(&mut self, state_tx: &tokio_postgres::Transaction<'_>) -> Result<bool, SinkError> {
+        self.inner.housekeeping(state_tx).await
+    }
+
     fn needs_snapshot(&self) -> bool {
         self.inner.needs_snapshot()
     }

@@ -338,7 +338,18 @@ pub async fn run(config: Config, listeners: Listeners, mut control: Control) -> 
                     source,
                 })?;
             s.check(&catalog).await?;
-            tracing::info!(path = %path.display(), tables = s.tables.len(), metrics = s.metrics.len(), "schema checked");
+            let publication = &config.replication.publication;
+            match s.unpublished(&catalog, publication).await {
+                Ok(Some(missing)) => {
+                    for (entry, table) in missing {
+                        tracing::warn!(%entry, %table, %publication,
+                            "the publication does not carry this table, so its changes never arrive: ALTER PUBLICATION … ADD TABLE it (or list it in replication.tables before the publication is created)");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot read the publication's tables"),
+            }
+            tracing::info!(path = %path.display(), tables = s.tables.len(), metrics = s.metrics.len(), tenants = ?s.tenants.as_ref().map(|t| t.source.to_string()), "schema checked");
             s
         }
     };

@@ -84,8 +84,38 @@ pub trait ChangeSink: Send + 'static {
     fn received(&mut self, batch: &[Transaction]);
 
     /// After the commit: publish effects derived from persisted state to clients. Never
-    /// called before the batch is durable.
+    /// called before the batch is durable. Also called with an empty batch after a
+    /// [`ChangeSink::refresh`] or a [`ChangeSink::housekeeping`] that changed something.
     fn committed(&mut self, batch: &[Transaction]);
+
+    /// Whether part of the derived state must be recomputed from the source (a changed
+    /// definition, a tenant whose time zone changed). Asked once a checkpoint exists, at
+    /// start and after every commit; when true the loop calls [`ChangeSink::refresh`]
+    /// before the next batch. No default: a wrapper must pass it on.
+    fn refresh_wanted(&self) -> bool;
+
+    /// Recomputes what [`ChangeSink::refresh_wanted`] asked for, reading `source` (a
+    /// REPEATABLE READ transaction in a snapshot holding exactly the transactions with
+    /// `end_lsn <= lsn`) and writing to `state_tx`, which the caller commits WITHOUT
+    /// moving the checkpoint (the stream still resumes from it). From then on the sink
+    /// must ignore, for what it recomputed and only for that, the streamed transactions
+    /// with `end_lsn <= lsn`, and remember so durably (in `state_tx`), so that neither a
+    /// replay nor a crash counts them twice.
+    fn refresh(
+        &mut self,
+        source: &tokio_postgres::Transaction<'_>,
+        state_tx: &tokio_postgres::Transaction<'_>,
+        lsn: Lsn,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Periodic upkeep (every [`HOUSEKEEPING_EVERY`], between batches, in the loop's own
+    /// state transaction, so it never races a batch): for the engine, deleting metric
+    /// buckets no window reads any more. Returns whether it changed anything; then the
+    /// loop calls `committed(&[])` after the commit.
+    fn housekeeping(
+        &mut self,
+        state_tx: &tokio_postgres::Transaction<'_>,
+    ) -> impl Future<Output = Result<bool, SinkError>> + Send;
 
     /// Whether this sink derives state from the tables, and so needs the initial
     /// snapshot. A sink that does not (like [`CheckpointSink`]) may start on a slot
@@ -171,10 +201,30 @@ impl ChangeSink for CheckpointSink {
 
     fn committed(&mut self, _batch: &[Transaction]) {}
 
+    fn refresh_wanted(&self) -> bool {
+        false
+    }
+
+    async fn refresh(
+        &mut self,
+        _source: &tokio_postgres::Transaction<'_>,
+        _state_tx: &tokio_postgres::Transaction<'_>,
+        _lsn: Lsn,
+    ) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    async fn housekeeping(&mut self, _state_tx: &tokio_postgres::Transaction<'_>) -> Result<bool, SinkError> {
+        Ok(false)
+    }
+
     fn needs_snapshot(&self) -> bool {
         false
     }
 }
+
+/// How often the loop gives the sink its [`ChangeSink::housekeeping`] call.
+pub const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
 
 /// Bounds of one group commit: a batch takes what is already waiting, up to these.
 #[derive(Debug, Clone, Copy)]
@@ -238,10 +288,29 @@ impl Consumer<'_> {
         progress: &Progress,
     ) -> Result<Option<Lsn>, SinkError> {
         let mut batch: Vec<Transaction> = Vec::new();
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Recomputations the sink asked for, before anything more is applied (only
+            // once there is a checkpoint: a new slot's initial load covers everything).
+            if let Some(checkpoint) = persisted
+                && sink.refresh_wanted()
+            {
+                self.refresh(sink, checkpoint).await?;
+            }
             let first = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(persisted),
+                // Ready once per period, so it never starves the stream.
+                _ = housekeeping.tick() => {
+                    let tx = self.state.transaction().await?;
+                    let changed = sink.housekeeping(&tx).await?;
+                    tx.commit().await?;
+                    if changed {
+                        sink.committed(&[]);
+                    }
+                    continue;
+                }
                 e = events.recv() => match e {
                     Some(e) => e,
                     None => return Ok(persisted),
@@ -320,6 +389,39 @@ impl Consumer<'_> {
         }
     }
 
+    /// Opens a connection to the source for reading in an exported snapshot.
+    async fn snapshot_connection(
+        &self,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), SinkError> {
+        let (source, conn) = self.source.config().connect(self.source.connector()).await?;
+        let conn = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "snapshot connection ended");
+            }
+        });
+        Ok((source, conn))
+    }
+
+    /// A read-only REPEATABLE READ transaction on `source` in the exported snapshot `name`.
+    async fn in_snapshot<'c>(
+        source: &'c mut tokio_postgres::Client,
+        name: &str,
+    ) -> Result<tokio_postgres::Transaction<'c>, SinkError> {
+        let stx = source
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        // The name comes from the server; quote it all the same.
+        stx.batch_execute(&format!(
+            "SET TRANSACTION SNAPSHOT '{}'",
+            name.replace('\'', "''")
+        ))
+        .await?;
+        Ok(stx)
+    }
+
     async fn load_snapshot<S: ChangeSink>(
         &mut self,
         sink: &mut S,
@@ -327,25 +429,9 @@ impl Consumer<'_> {
     ) -> Result<(), SinkError> {
         tracing::info!(snapshot = %req.name, lsn = %req.lsn, "loading the initial state through the slot's snapshot");
         let started = std::time::Instant::now();
-        let (mut source, conn) = self.source.config().connect(self.source.connector()).await?;
-        let conn = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "snapshot connection ended");
-            }
-        });
+        let (mut source, conn) = self.snapshot_connection().await?;
         let result = async {
-            let stx = source
-                .build_transaction()
-                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await?;
-            // The name comes from the server; quote it all the same.
-            stx.batch_execute(&format!(
-                "SET TRANSACTION SNAPSHOT '{}'",
-                req.name.replace('\'', "''")
-            ))
-            .await?;
+            let stx = Self::in_snapshot(&mut source, &req.name).await?;
             let tx = self.state.transaction().await?;
             sink.load_snapshot(&stx, &tx, req.lsn).await?;
             write_checkpoint(&tx, self.name, req.lsn).await?;
@@ -360,6 +446,52 @@ impl Consumer<'_> {
             tracing::info!(lsn = %req.lsn, elapsed = ?started.elapsed(), "initial state loaded");
         }
         result
+    }
+
+    /// Recomputes what the sink asked for in a snapshot of its own, at a known LSN: a
+    /// temporary slot on a replication connection of its own exports it (the slot being
+    /// streamed cannot, and keeps its position), the same snapshot hand-over as the
+    /// initial load reads it, and the checkpoint does not move.
+    async fn refresh<S: ChangeSink>(&mut self, sink: &mut S, checkpoint: Lsn) -> Result<(), SinkError> {
+        let started = std::time::Instant::now();
+        let base: String = self.name.chars().take(40).collect();
+        let temp = format!("{base}_refresh_{:08x}", rand::random::<u32>());
+        let snap =
+            pulse_cdc::snapshot::TemporarySnapshot::create(self.source.config(), self.source.tls(), &temp)
+                .await
+                .map_err(|e| SinkError::Other(format!("cannot take a snapshot to recompute metrics: {e}")))?;
+        let lsn = snap.lsn;
+        // A new slot's consistent point is past everything committed when it was made,
+        // so past the checkpoint; were it not, the changes between would be missed.
+        if lsn < checkpoint {
+            snap.close().await;
+            return Err(SinkError::Other(format!(
+                "the snapshot for a recomputation is at {lsn}, behind the checkpoint {checkpoint}"
+            )));
+        }
+        let (mut source, conn) = match self.snapshot_connection().await {
+            Ok(c) => c,
+            Err(e) => {
+                snap.close().await;
+                return Err(e);
+            }
+        };
+        let result = async {
+            let stx = Self::in_snapshot(&mut source, &snap.name).await?;
+            let tx = self.state.transaction().await?;
+            sink.refresh(&stx, &tx, lsn).await?;
+            tx.commit().await?;
+            stx.commit().await?;
+            Ok::<(), SinkError>(())
+        }
+        .await;
+        drop(source);
+        let _ = conn.await;
+        snap.close().await;
+        result?;
+        tracing::debug!(%lsn, elapsed = ?started.elapsed(), "recomputation committed");
+        sink.committed(&[]);
+        Ok(())
     }
 }
 
@@ -657,4 +789,21 @@ impl ChangeSink for LedgerSink {
     fn received(&mut self, _batch: &[Transaction]) {}
 
     fn committed(&mut self, _batch: &[Transaction]) {}
+
+    fn refresh_wanted(&self) -> bool {
+        false
+    }
+
+    async fn refresh(
+        &mut self,
+        _source: &tokio_postgres::Transaction<'_>,
+        _state_tx: &tokio_postgres::Transaction<'_>,
+        _lsn: Lsn,
+    ) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    async fn housekeeping(&mut self, _state_tx: &tokio_postgres::Transaction<'_>) -> Result<bool, SinkError> {
+        Ok(false)
+    }
 }

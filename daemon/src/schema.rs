@@ -48,6 +48,21 @@ struct RawSchema {
     mutations: BTreeMap<String, RawMutation>,
     events: Option<RawEvents>,
     users: Option<RawUsers>,
+    tenants: Option<RawTenants>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenants {
+    source: String,
+    #[serde(default = "id")]
+    id_column: String,
+    #[serde(default = "timezone")]
+    time_zone_column: String,
+}
+
+fn timezone() -> String {
+    "timezone".into()
 }
 
 fn utc() -> String {
@@ -236,6 +251,16 @@ pub enum Window {
 }
 
 impl Window {
+    /// The name as the schema file writes it.
+    pub fn name(self) -> String {
+        match self {
+            Window::Today => "today".into(),
+            Window::ThisWeek => "this_week".into(),
+            Window::ThisMonth => "this_month".into(),
+            Window::LastDays(n) => format!("last_{n}_days"),
+        }
+    }
+
     fn parse(s: &str) -> Option<Window> {
         match s {
             "today" => Some(Window::Today),
@@ -280,6 +305,25 @@ pub struct Metric {
     /// Values whose crossing sends `metric.threshold_crossed`, in ascending order.
     pub thresholds: Vec<Threshold>,
     filter_src: Option<String>,
+}
+
+/// Where tenants' time zones are read (`[tenants]`): loaded from a snapshot of the
+/// source, then kept live from the change stream.
+#[derive(Debug, Clone)]
+pub struct TenantsSource {
+    /// The Symfony table.
+    pub source: TableName,
+    /// The tenant id column (the values metrics' tenant columns hold).
+    pub id_column: String,
+    /// The column holding an IANA time zone name.
+    pub time_zone_column: String,
+}
+
+impl TenantsSource {
+    /// A description that changes when the entry does.
+    pub fn describe(&self) -> String {
+        format!("{} {} {}", self.source, self.id_column, self.time_zone_column)
+    }
 }
 
 /// A metric value whose crossing is announced to Symfony (`metric.threshold_crossed`).
@@ -467,6 +511,8 @@ pub struct Schema {
     pub events: crate::outbox::EventCatalog,
     /// Symfony's user table, when declared (`[users]`).
     pub users: Option<UsersSource>,
+    /// The table of tenants' time zones, when declared (`[tenants]`).
+    pub tenants: Option<TenantsSource>,
 }
 
 impl Default for Schema {
@@ -483,6 +529,7 @@ impl Default for Schema {
             mutations: BTreeMap::new(),
             events: crate::outbox::EventCatalog::default(),
             users: None,
+            tenants: None,
         }
     }
 }
@@ -825,6 +872,14 @@ impl Schema {
                 })
             }
         };
+        let tenants = match raw.tenants {
+            None => None,
+            Some(t) => Some(TenantsSource {
+                source: table_name("tenants.source".into(), &t.source)?,
+                id_column: t.id_column,
+                time_zone_column: t.time_zone_column,
+            }),
+        };
         Ok(Schema {
             file: file.to_string(),
             roles,
@@ -837,15 +892,119 @@ impl Schema {
             mutations,
             events,
             users,
+            tenants,
         })
     }
 
-    /// The time zone of a tenant.
+    /// The time zone of a tenant as the file alone says: `time_zones.<tenant>`, else
+    /// `default_time_zone` (see [`Schema::zone`] for the tenants table).
     pub fn time_zone(&self, tenant: &str) -> Tz {
         self.time_zones
             .get(tenant)
             .copied()
             .unwrap_or(self.default_time_zone)
+    }
+
+    /// The time zone of a tenant: pinned in the file (`time_zones.<tenant>`), else from
+    /// the tenants table (`table`, as the engine follows it), else `default_time_zone`.
+    pub fn zone(&self, tenant: &str, table: &HashMap<String, Tz>) -> Tz {
+        self.time_zones
+            .get(tenant)
+            .or_else(|| table.get(tenant))
+            .copied()
+            .unwrap_or(self.default_time_zone)
+    }
+
+    /// A zone name from the tenants table: the zone, or `None` (with a warning when
+    /// `warn`) when it is not an IANA name; the tenant then has the default zone.
+    pub fn parse_zone(&self, tenant: &str, name: Option<&str>, warn: bool) -> Option<Tz> {
+        let name = name?.trim();
+        if name.is_empty() {
+            return None;
+        }
+        match name.parse::<Tz>() {
+            Ok(tz) => Some(tz),
+            Err(_) => {
+                if !warn {
+                    return None;
+                }
+                tracing::warn!(
+                    tenant,
+                    zone = name,
+                    default = %self.default_time_zone,
+                    "unknown time zone in the tenants table; the tenant gets the default zone"
+                );
+                None
+            }
+        }
+    }
+
+    /// What a metric's cells depend on, as (field, value) pairs in a fixed order: its
+    /// table, tenant column, aggregate, filter (parsed, so spacing does not count),
+    /// window, the catalog types of the columns it reads and, for windowed metrics, the
+    /// time zone settings (buckets are local dates). Persisted with its SHA-256
+    /// ([`Schema::fingerprint`]); a difference at start means the cells are recomputed.
+    pub fn definition(&self, m: &Metric) -> Vec<(&'static str, String)> {
+        let (aggregate, column) = match &m.aggregate {
+            Aggregate::Count => ("count", String::new()),
+            Aggregate::Sum(c) => ("sum", c.clone()),
+            Aggregate::CountDistinct(c) => ("count_distinct", c.clone()),
+        };
+        let filter = match &m.filter_src {
+            None => String::new(),
+            Some(src) => match filter::parse(src) {
+                Ok(e) => format!("{e:?}"),
+                Err(_) => src.clone(),
+            },
+        };
+        let types = Schema::metric_columns(m)
+            .into_iter()
+            .map(|c| format!("{c}:{}", m.types.get(&c).map(String::as_str).unwrap_or("?")))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut out = vec![
+            ("source", m.source.to_string()),
+            ("tenant_column", m.tenant_column.clone()),
+            ("aggregate", aggregate.to_string()),
+            ("column", column),
+            ("filter", filter),
+            (
+                "window",
+                m.window.as_ref().map(|(w, _)| w.name()).unwrap_or_default(),
+            ),
+            (
+                "time_column",
+                m.window.as_ref().map(|(_, c)| c.clone()).unwrap_or_default(),
+            ),
+            ("types", types),
+        ];
+        if m.window.is_some() {
+            let mut pinned: Vec<String> = self.time_zones.iter().map(|(t, z)| format!("{t}={z}")).collect();
+            pinned.sort();
+            out.push(("default_time_zone", self.default_time_zone.to_string()));
+            out.push(("time_zones", pinned.join(",")));
+            out.push((
+                "tenants",
+                self.tenants
+                    .as_ref()
+                    .map(TenantsSource::describe)
+                    .unwrap_or_default(),
+            ));
+        }
+        out
+    }
+
+    /// The SHA-256 (hex) of [`Schema::definition`].
+    pub fn fingerprint(&self, m: &Metric) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (k, v) in self.definition(m) {
+            h.update(k.as_bytes());
+            h.update([0]);
+            h.update(v.as_bytes());
+            h.update([0]);
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Maps Symfony role names to Pulse roles; unknown names are ignored.
@@ -868,6 +1027,7 @@ impl Schema {
             .map(|t| t.source.clone())
             .chain(self.metrics.values().map(|m| m.source.clone()))
             .chain(self.notifications.iter().map(|n| n.source.clone()))
+            .chain(self.tenants.iter().map(|t| t.source.clone()))
             .collect();
         out.sort();
         out.dedup();
@@ -1020,6 +1180,38 @@ impl Schema {
                 need_col("notifications.body_column".into(), info, &n.source, b)?;
             }
         }
+        if let Some(t) = &self.tenants {
+            let info = lookup("tenants.source".into(), &t.source)?;
+            need_col("tenants.id_column".into(), info, &t.source, &t.id_column)?;
+            need_col(
+                "tenants.time_zone_column".into(),
+                info,
+                &t.source,
+                &t.time_zone_column,
+            )?;
+            let ty = &info.types[&t.time_zone_column];
+            if !matches!(ty.as_str(), "text" | "varchar" | "bpchar" | "citext") {
+                return Err(err(
+                    "tenants.time_zone_column".into(),
+                    format!(
+                        "{:?} is {ty}; a time zone column holds IANA names as text or varchar",
+                        t.time_zone_column
+                    ),
+                ));
+            }
+            // A delete must carry the tenant id: the key is the id, or the whole row.
+            if !(info.replica_full || info.key == [t.id_column.clone()]) {
+                return Err(err(
+                    "tenants.source".into(),
+                    format!(
+                        "table {} needs {:?} as its primary key or REPLICA IDENTITY FULL so deleted rows carry the tenant id: run ALTER TABLE {} REPLICA IDENTITY FULL",
+                        t.source,
+                        t.id_column,
+                        t.source.quoted()
+                    ),
+                ));
+            }
+        }
         if let Some(u) = &self.users {
             let info = lookup("users.source".into(), &u.source)?;
             need_col("users.id_column".into(), info, &u.source, &u.id_column)?;
@@ -1038,6 +1230,56 @@ impl Schema {
             }
         }
         Ok(())
+    }
+
+    /// The schema entries whose table the publication does not carry (their changes
+    /// would never arrive), as (entry, table); `None` when the publication does not
+    /// exist yet (pulsed creates it with the tables of `replication.tables`, or every
+    /// table of `replication.schema`).
+    pub async fn unpublished(
+        &self,
+        db: &tokio_postgres::Client,
+        publication: &str,
+    ) -> Result<Option<Vec<(String, TableName)>>, tokio_postgres::Error> {
+        if db
+            .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+            .await?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let published: Vec<TableName> = db
+            .query(
+                "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+                &[&publication],
+            )
+            .await?
+            .iter()
+            .map(|r| TableName {
+                schema: r.get(0),
+                table: r.get(1),
+            })
+            .collect();
+        let entries = self
+            .tables
+            .iter()
+            .map(|(n, t)| (format!("tables.{n}.source"), t.source.clone()))
+            .chain(
+                self.metrics
+                    .iter()
+                    .map(|(n, m)| (format!("metrics.{n}.source"), m.source.clone())),
+            )
+            .chain(
+                self.notifications
+                    .iter()
+                    .map(|n| ("notifications.source".to_string(), n.source.clone())),
+            )
+            .chain(
+                self.tenants
+                    .iter()
+                    .map(|t| ("tenants.source".to_string(), t.source.clone())),
+            );
+        Ok(Some(entries.filter(|(_, t)| !published.contains(t)).collect()))
     }
 
     /// The columns of a metric's table the engine needs to evaluate it.
@@ -1298,6 +1540,63 @@ roles_column = "roles"
         // An unquoted dotted name is a nested table in TOML: the error names the line.
         let e = Schema::parse("s.toml", "[events.send]\npresence.joined = true\n").unwrap_err();
         assert!(e.entry.starts_with("line"), "{e}");
+    }
+
+    #[test]
+    fn tenants_parse_and_definitions_fingerprint_what_counts() {
+        let text = format!("{GOOD}[tenants]\nsource = \"public.organisation\"\n");
+        let s = Schema::parse("s.toml", &text).unwrap();
+        let t = s.tenants.as_ref().unwrap();
+        assert_eq!(
+            (
+                t.source.to_string(),
+                t.id_column.as_str(),
+                t.time_zone_column.as_str()
+            ),
+            ("public.organisation".to_string(), "id", "timezone")
+        );
+        let table: HashMap<String, Tz> = [
+            ("t1".to_string(), chrono_tz::Asia::Tokyo),
+            ("t2".to_string(), chrono_tz::Asia::Tokyo),
+        ]
+        .into_iter()
+        .collect();
+        // The file pins t2; t1 comes from the table; others get the default.
+        assert_eq!(s.zone("t1", &table), chrono_tz::Asia::Tokyo);
+        assert_eq!(s.zone("t2", &table), chrono_tz::America::New_York);
+        assert_eq!(s.zone("t3", &table), chrono_tz::Europe::Paris);
+        assert_eq!(s.parse_zone("t1", Some("Mars/Base"), true), None);
+        assert_eq!(
+            s.parse_zone("t1", Some("Asia/Tokyo"), true),
+            Some(chrono_tz::Asia::Tokyo)
+        );
+        let e = Schema::parse("s.toml", "[tenants]\nsource = \"a b\"\n").unwrap_err();
+        assert_eq!(e.entry, "tenants.source");
+
+        let plain = Schema::parse("s.toml", GOOD).unwrap();
+        let m = &plain.metrics["active"];
+        let spaced = Schema::parse(
+            "s.toml",
+            &GOOD.replace("status = 'active'", "status  =  'active'"),
+        )
+        .unwrap();
+        assert_eq!(
+            plain.fingerprint(m),
+            spaced.fingerprint(&spaced.metrics["active"])
+        );
+        for changed in [
+            GOOD.replace("status = 'active'", "status = 'gone'"),
+            GOOD.replace("last_7_days", "today"),
+            GOOD.replace("Europe/Paris", "Europe/Berlin"),
+            text.clone(),
+        ] {
+            let other = Schema::parse("s.toml", &changed).unwrap();
+            assert_ne!(
+                plain.fingerprint(m),
+                other.fingerprint(&other.metrics["active"]),
+                "{changed}"
+            );
+        }
     }
 
     #[test]

@@ -65,8 +65,10 @@ impl Tmux {
             "console",
             "-x",
             "120",
+            // Tall enough for every table of the pulse schema above the live tables on
+            // the Data screen.
             "-y",
-            "40",
+            "50",
             "sh",
             "-c",
             &script,

@@ -8,15 +8,24 @@
 //! millionths. The same deltas go to memory and to `pulse.metric_cells` (in the
 //! caller's state transaction), so after a crash the persisted state equals a fresh
 //! recomputation at the checkpoint LSN. Nothing here polls the source tables.
+//!
+//! A bucket before the first date the window reads (in the tenant's zone, now) is dead:
+//! no value ever reads it again, since local dates only move forward. Rows in dead
+//! buckets contribute nothing (neither from a snapshot nor from the stream), and
+//! [`MetricStore::dead`] finds the cells that died as days rolled over, for pruning.
 
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::{NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
+use chrono_tz::Tz;
 use pulse_cdc::Value;
 use serde_json::Value as Json;
 
 use super::value;
-use crate::schema::{Aggregate, Metric, Schema};
+use crate::schema::{Aggregate, Metric};
+
+/// A tenant's time zone, as the engine knows it at that point of the stream.
+pub type ZoneOf<'a> = &'a (dyn Fn(&str) -> Tz + Sync);
 
 /// Position of one aggregate cell.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -69,11 +78,13 @@ pub fn micros(v: &Value) -> i64 {
     }
 }
 
-/// The cell a row contributes to, with its sum, when it counts at all.
+/// The cell a row contributes to, with its sum, when it counts at all (rows in a bucket
+/// dead at `now` do not).
 pub fn contribution(
-    schema: &Schema,
+    zone: ZoneOf<'_>,
     m: &Metric,
     get: &dyn Fn(&str) -> Option<Value>,
+    now: DateTime<Utc>,
 ) -> Option<(CellKey, i64)> {
     let tenant = get(&m.tenant_column)?;
     if matches!(tenant, Value::Null) {
@@ -96,7 +107,14 @@ pub fn contribution(
     }
     let bucket = match &m.window {
         None => String::new(),
-        Some((_, col)) => local_date(schema, &tenant, &get(col)?)?.to_string(),
+        Some((w, col)) => {
+            let tz = zone(&tenant);
+            let date = local_date(tz, &get(col)?)?;
+            if date < w.start(now.with_timezone(&tz).date_naive()) {
+                return None;
+            }
+            date.to_string()
+        }
     };
     let (dkey, sum) = match &m.aggregate {
         Aggregate::Count => (String::new(), 0),
@@ -120,8 +138,7 @@ pub fn contribution(
     ))
 }
 
-fn local_date(schema: &Schema, tenant: &str, v: &Value) -> Option<NaiveDate> {
-    let tz = schema.time_zone(tenant);
+fn local_date(tz: Tz, v: &Value) -> Option<NaiveDate> {
     match v {
         Value::TimestampTz(t) => Some(t.with_timezone(&tz).date_naive()),
         // A timestamp without time zone is taken as already local.
@@ -172,22 +189,93 @@ impl MetricStore {
         touched
     }
 
-    /// Removes every cell of a metric (its table was truncated); returns the tenants.
-    pub fn clear_metric(&mut self, metric: &str) -> Vec<String> {
+    /// Removes every cell of a metric (its table was truncated), except those of the
+    /// tenants in `keep`; returns the tenants whose cells went.
+    pub fn clear_metric(&mut self, metric: &str, keep: &[String]) -> Vec<String> {
+        let gone = |k: &CellKey| k.metric == metric && !keep.contains(&k.tenant);
         let mut tenants: Vec<String> = self
             .cells
             .keys()
-            .filter(|k| k.metric == metric)
+            .filter(|k| gone(k))
             .map(|k| k.tenant.clone())
             .collect();
-        self.cells.retain(|k, _| k.metric != metric);
+        self.cells.retain(|k, _| !gone(k));
         tenants.dedup();
         tenants
     }
 
-    /// The metric's value for a tenant now.
-    pub fn value(&self, schema: &Schema, m: &Metric, tenant: &str) -> Json {
-        value_over(schema, m, tenant, self.cells_of(&m.name, tenant))
+    /// Replaces the cells of a metric (every tenant, or only `tenants`) with `cells`
+    /// (recomputed); returns the tenants whose value may have changed.
+    pub fn replace_metric(
+        &mut self,
+        metric: &str,
+        tenants: Option<&[String]>,
+        cells: impl IntoIterator<Item = (CellKey, Cell)>,
+    ) -> Vec<String> {
+        let hit = |k: &CellKey| k.metric == metric && tenants.is_none_or(|t| t.contains(&k.tenant));
+        let mut touched: Vec<String> = self
+            .cells
+            .keys()
+            .filter(|k| hit(k))
+            .map(|k| k.tenant.clone())
+            .collect();
+        self.cells.retain(|k, _| !hit(k));
+        for (k, c) in cells {
+            if c.n != 0 && hit(&k) {
+                touched.push(k.tenant.clone());
+                self.cells.insert(k, c);
+            }
+        }
+        touched.extend(tenants.into_iter().flatten().cloned());
+        touched.sort();
+        touched.dedup();
+        touched
+    }
+
+    /// The (metric, tenant) pairs of windowed metrics holding buckets dead at `now`, each
+    /// with the first live bucket (every bucket before it is dead).
+    pub fn dead(
+        &self,
+        metrics: &BTreeMap<String, Metric>,
+        zone: ZoneOf<'_>,
+        now: DateTime<Utc>,
+    ) -> Vec<(String, String, String)> {
+        let mut out: Vec<(String, String, String)> = Vec::new();
+        let mut starts: HashMap<(&str, &str), String> = HashMap::new();
+        for k in self.cells.keys() {
+            if k.bucket.is_empty() {
+                continue;
+            }
+            let Some((w, _)) = metrics.get(&k.metric).and_then(|m| m.window.as_ref()) else {
+                continue;
+            };
+            let start = starts
+                .entry((k.metric.as_str(), k.tenant.as_str()))
+                .or_insert_with(|| {
+                    let tz = zone(&k.tenant);
+                    w.start(now.with_timezone(&tz).date_naive()).to_string()
+                });
+            if k.bucket.as_str() < start.as_str()
+                && out
+                    .last()
+                    .is_none_or(|(m, t, _)| *m != k.metric || *t != k.tenant)
+            {
+                out.push((k.metric.clone(), k.tenant.clone(), start.clone()));
+            }
+        }
+        out
+    }
+
+    /// Removes the cells of (metric, tenant) in buckets before `start`.
+    pub fn remove_before(&mut self, metric: &str, tenant: &str, start: &str) {
+        self.cells.retain(|k, _| {
+            !(k.metric == metric && k.tenant == tenant && !k.bucket.is_empty() && k.bucket.as_str() < start)
+        });
+    }
+
+    /// The metric's value for a tenant (in time zone `tz`) now.
+    pub fn value(&self, m: &Metric, tz: Tz, tenant: &str) -> Json {
+        value_over(tz, m, self.cells_of(&m.name, tenant))
     }
 
     /// The cells of one (metric, tenant).
@@ -213,16 +301,11 @@ impl MetricStore {
     }
 }
 
-/// A metric's value for a tenant now, over its cells (from the store, or a copy that a
-/// batch is changing).
-pub fn value_over<'a>(
-    schema: &Schema,
-    m: &Metric,
-    tenant: &str,
-    cells: impl Iterator<Item = (&'a CellKey, &'a Cell)>,
-) -> Json {
+/// A metric's value for a tenant (in time zone `tz`) now, over its cells (from the
+/// store, or a copy that a batch is changing).
+pub fn value_over<'a>(tz: Tz, m: &Metric, cells: impl Iterator<Item = (&'a CellKey, &'a Cell)>) -> Json {
     let start = m.window.as_ref().map(|(w, _)| {
-        let today = Utc::now().with_timezone(&schema.time_zone(tenant)).date_naive();
+        let today = Utc::now().with_timezone(&tz).date_naive();
         (w.start(today).to_string(), today.to_string())
     });
     let cells = cells.filter(|(k, _)| match &start {
@@ -272,7 +355,7 @@ aggregate = "sum"
 column = "fee"
 filter = "status = 'active'"
 "#;
-        let mut schema = Schema::parse("s", text).unwrap();
+        let mut schema = crate::schema::Schema::parse("s", text).unwrap();
         let m = schema.metrics.get_mut("active").unwrap();
         m.types = [("tenant_id", "text"), ("fee", "numeric"), ("status", "text")]
             .into_iter()
@@ -285,6 +368,7 @@ filter = "status = 'active'"
                 .unwrap(),
         );
         let m = schema.metrics["active"].clone();
+        let zone = |_: &str| chrono_tz::UTC;
         let row = |status: &str, fee: &str| {
             let vals: HashMap<String, Value> = [
                 ("tenant_id", Value::Text("t1".into())),
@@ -298,16 +382,96 @@ filter = "status = 'active'"
         };
         let mut store = MetricStore::default();
         let mut d = Deltas::new();
-        add(&mut d, contribution(&schema, &m, &row("active", "10.25")), 1);
-        add(&mut d, contribution(&schema, &m, &row("active", "5")), 1);
+        add(
+            &mut d,
+            contribution(&zone, &m, &row("active", "10.25"), Utc::now()),
+            1,
+        );
+        add(
+            &mut d,
+            contribution(&zone, &m, &row("active", "5"), Utc::now()),
+            1,
+        );
         store.apply(&d);
-        assert_eq!(store.value(&schema, &m, "t1"), serde_json::json!(15.25));
+        assert_eq!(store.value(&m, chrono_tz::UTC, "t1"), serde_json::json!(15.25));
         // One row leaves the filter.
         let mut d = Deltas::new();
-        add(&mut d, contribution(&schema, &m, &row("active", "5")), -1);
-        add(&mut d, contribution(&schema, &m, &row("gone", "5")), 1);
+        add(
+            &mut d,
+            contribution(&zone, &m, &row("active", "5"), Utc::now()),
+            -1,
+        );
+        add(&mut d, contribution(&zone, &m, &row("gone", "5"), Utc::now()), 1);
         assert_eq!(store.apply(&d), vec![("active".to_string(), "t1".to_string())]);
-        assert_eq!(store.value(&schema, &m, "t1"), serde_json::json!(10.25));
-        assert_eq!(store.value(&schema, &m, "t2"), serde_json::json!(0));
+        assert_eq!(store.value(&m, chrono_tz::UTC, "t1"), serde_json::json!(10.25));
+        assert_eq!(store.value(&m, chrono_tz::UTC, "t2"), serde_json::json!(0));
+    }
+
+    #[test]
+    fn dead_buckets_count_nothing_and_are_found_for_pruning() {
+        let text = r#"
+[metrics.today]
+source = "public.m"
+tenant_column = "tenant_id"
+aggregate = "count"
+window = "today"
+time_column = "at"
+"#;
+        let mut schema = crate::schema::Schema::parse("s", text).unwrap();
+        schema.metrics.get_mut("today").unwrap().types = [("tenant_id", "text"), ("at", "timestamptz")]
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let m = schema.metrics["today"].clone();
+        // 23:30 UTC on the 1st is already the 2nd in Tokyo (UTC+9).
+        let now: DateTime<Utc> = "2026-03-01T23:30:00Z".parse().unwrap();
+        let tokyo = |t: &str| {
+            if t == "tk" {
+                chrono_tz::Asia::Tokyo
+            } else {
+                chrono_tz::UTC
+            }
+        };
+        let row = |tenant: &'static str, at: &'static str| {
+            move |c: &str| match c {
+                "tenant_id" => Some(Value::Text(tenant.into())),
+                "at" => Some(Value::TimestampTz(at.parse().unwrap())),
+                _ => None,
+            }
+        };
+        // In UTC the row is today's; in Tokyo it is yesterday's, so it counts nothing.
+        let early = "2026-03-01T10:00:00Z";
+        assert_eq!(
+            contribution(&tokyo, &m, &row("utc", early), now)
+                .unwrap()
+                .0
+                .bucket,
+            "2026-03-01"
+        );
+        assert_eq!(contribution(&tokyo, &m, &row("tk", early), now), None);
+        let mut store = MetricStore::default();
+        let mut d = Deltas::new();
+        add(&mut d, contribution(&tokyo, &m, &row("utc", early), now), 1);
+        add(
+            &mut d,
+            contribution(&tokyo, &m, &row("tk", "2026-03-01T16:00:00Z"), now),
+            1,
+        );
+        store.apply(&d);
+        assert!(store.dead(&schema.metrics, &tokyo, now).is_empty());
+        // Two hours later it is the 2nd in UTC too: the UTC tenant's bucket died.
+        let later: DateTime<Utc> = "2026-03-02T01:30:00Z".parse().unwrap();
+        assert_eq!(
+            store.dead(&schema.metrics, &tokyo, later),
+            vec![("today".to_string(), "utc".to_string(), "2026-03-02".to_string())]
+        );
+        store.remove_before("today", "utc", "2026-03-02");
+        assert_eq!(store.cells().len(), 1);
+        assert!(
+            store
+                .cells()
+                .keys()
+                .all(|k| k.tenant == "tk" && k.bucket == "2026-03-02")
+        );
     }
 }

@@ -16,13 +16,15 @@ pub mod notifications;
 pub mod thresholds;
 pub mod value;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
 use deadpool_postgres::Pool;
-use pulse_cdc::{ChangeKind, Relation, Transaction, Value};
+use pulse_cdc::{ChangeKind, Lsn, Relation, Transaction, Value};
 use pulse_shared::caps::{Capability, Decision, Principal, Role, Scope, Target, authorize};
 use pulse_shared::protocol::{ServerFrame, UpdateOp};
 use pulse_shared::{ErrorBody, ErrorCode};
@@ -30,7 +32,7 @@ use serde_json::{Value as Json, json};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::schema::{LiveTable, Schema, quote_ident};
+use crate::schema::{LiveTable, Metric, Schema, quote_ident};
 use hub::{Hub, LiveRow, RowFilter, SessionHandle, SessionId, SubError};
 use metrics::{Deltas, MetricStore};
 
@@ -52,12 +54,70 @@ pub struct EngineLimits {
     pub history: usize,
 }
 
-/// What `apply` derived, waiting for the commit to be published.
+/// What `apply` (or a refresh, or housekeeping) derived, waiting for the commit to be
+/// installed in memory and published.
 #[derive(Default)]
 struct Stash {
     deltas: Deltas,
-    truncated: Vec<String>,
+    /// Metrics whose table was truncated, with the tenants whose cells stay (recomputed
+    /// after the truncate).
+    truncated: Vec<(String, Vec<String>)>,
     notifications: Vec<notifications::Notification>,
+    /// Tenant zones as of the end of the batch (when the tenants table changed) or of a
+    /// refresh snapshot (when seeded).
+    zones: Option<Arc<HashMap<String, Tz>>>,
+    /// The zones were seeded from a snapshot at this LSN.
+    zones_seeded: Option<Lsn>,
+    /// Recomputed cells: metric, tenants (None: all), cells, valid from this LSN.
+    replaced: Vec<(String, Option<Vec<String>>, Deltas, Lsn)>,
+    /// Recomputations asked for (a tenant's zone changed), with why.
+    wanted: Vec<(RefreshTarget, String)>,
+    /// Recomputations done.
+    done: Vec<RefreshTarget>,
+    /// The checkpoint passed this LSN: recomputations valid up to it are ordinary now.
+    passed: Option<Lsn>,
+    /// Buckets no window reads any more: (metric, tenant, first live bucket).
+    pruned: Vec<(String, String, String)>,
+    /// Tenants whose zone the batch changed.
+    rezoned: Vec<String>,
+}
+
+/// What a recomputation covers: a metric for every tenant (`None`) or for one.
+pub type RefreshTarget = (String, Option<String>);
+
+/// Metric cells recomputed from a snapshot ahead of the checkpoint: the streamed
+/// transactions they already hold (`end_lsn <= lsn`) are skipped for them.
+#[derive(Debug, Default, Clone)]
+struct Ahead {
+    /// Every tenant of the metric.
+    all: Option<Lsn>,
+    /// Single tenants.
+    tenants: HashMap<String, Lsn>,
+}
+
+impl Ahead {
+    /// Whether the cells of `tenant` already hold a transaction ending at `end`.
+    fn covers(&self, tenant: &str, end: Lsn) -> bool {
+        self.all.is_some_and(|l| end <= l) || self.tenants.get(tenant).is_some_and(|l| end <= *l)
+    }
+}
+
+/// What must be recomputed, and what was recomputed ahead of the checkpoint.
+#[derive(Debug, Default)]
+struct Refresh {
+    /// Waiting for a snapshot, with why.
+    pending: BTreeMap<RefreshTarget, String>,
+    /// The tenant zones must be (re)loaded from the tenants table (first use of
+    /// `[tenants]`, or its entry changed).
+    zones_pending: bool,
+    /// Recomputed ahead of the checkpoint, by metric.
+    ahead: HashMap<String, Ahead>,
+    /// Tenants-table changes up to this LSN are already in the zones (seeded from a
+    /// snapshot at it).
+    zones_ahead: Option<Lsn>,
+    /// The quarter hour (Unix seconds / 900) of the last scan for dead buckets: local
+    /// dates roll over only at quarter hours (every zone's offset is a multiple of 15 min).
+    last_prune: Option<i64>,
 }
 
 /// The engine.
@@ -72,6 +132,12 @@ pub struct Engine {
     pub hub: Mutex<Hub>,
     /// Metric cells. Lock order: `store` before `hub`.
     store: Mutex<MetricStore>,
+    /// Tenant time zones from the tenants table (`[tenants]`), as the stream has brought
+    /// them; copied out, never held across other locks.
+    zones: Mutex<Arc<HashMap<String, Tz>>>,
+    /// Recomputations pending and done ahead of the checkpoint (the change stream's task
+    /// is the only writer).
+    refresh: Mutex<Refresh>,
     /// Derived in `apply`, published in `committed`.
     stash: Mutex<Stash>,
     /// Last value sent per (metric, tenant), so window roll-overs are noticed.
@@ -192,6 +258,8 @@ impl Engine {
             state,
             hub: Mutex::new(Hub::new(limits.history, epoch)),
             store: Mutex::new(MetricStore::default()),
+            zones: Mutex::new(Arc::new(HashMap::new())),
+            refresh: Mutex::new(Refresh::default()),
             stash: Mutex::new(Stash::default()),
             last_values: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
@@ -214,6 +282,17 @@ impl Engine {
 
     fn hub(&self) -> std::sync::MutexGuard<'_, Hub> {
         self.hub.lock().expect("hub lock")
+    }
+
+    /// The tenant zones from the tenants table, as the engine follows them.
+    fn table_zones(&self) -> Arc<HashMap<String, Tz>> {
+        self.zones.lock().expect("zones lock").clone()
+    }
+
+    /// A tenant's time zone now: pinned in the schema file, else from the tenants table,
+    /// else the default.
+    pub fn zone_of(&self, tenant: &str) -> Tz {
+        self.schema.zone(tenant, &self.table_zones())
     }
 
     /// Registers a session; returns its id.
@@ -404,6 +483,7 @@ impl Engine {
 
     /// Recomputes watched metrics (all, or only `touched`) and sends those that changed.
     fn refresh_metrics(&self, touched: Option<&[(String, String)]>) {
+        let zones = self.table_zones();
         let store = self.store.lock().expect("store lock");
         let mut hub = self.hub();
         let mut last = self.last_values.lock().expect("last values lock");
@@ -415,7 +495,7 @@ impl Engine {
             let Some(m) = self.schema.metrics.get(&metric) else {
                 continue;
             };
-            let v = store.value(&self.schema, m, &tenant);
+            let v = store.value(m, self.schema.zone(&tenant, &zones), &tenant);
             let key = (metric.clone(), tenant.clone());
             if last.get(&key) != Some(&v) {
                 hub.publish_metric(&metric, &tenant, &v);
@@ -559,8 +639,9 @@ impl Engine {
                     ),
                     "metrics",
                 )?;
+                let tz = self.zone_of(&tenant);
                 let store = self.store.lock().expect("store lock");
-                let v = store.value(&self.schema, m, &tenant);
+                let v = store.value(m, tz, &tenant);
                 let mut hub = self.hub();
                 hub.subscribe_metric(c.session, id, name, &tenant, max)
                     .map_err(|e| sub_error(e, id))?;
@@ -823,7 +904,8 @@ impl Engine {
                     ),
                     "metrics",
                 )?;
-                Ok(json!({ "value": self.store.lock().expect("store lock").value(&self.schema, m, &tenant) }))
+                let tz = self.zone_of(&tenant);
+                Ok(json!({ "value": self.store.lock().expect("store lock").value(m, tz, &tenant) }))
             }
             other => Err(err(
                 ErrorCode::NotFound,
@@ -1013,69 +1095,535 @@ impl Engine {
 
     // ---- The change stream: state loading, apply (inside the state transaction), committed.
 
-    /// Loads the persisted metric cells (at start, before the stream resumes).
+    /// Loads the persisted metric cells (at start, before the stream resumes), and works
+    /// out what must be recomputed: metrics whose definition is new or changed (their
+    /// fingerprint differs from `pulse.metric_definitions`), recomputations a tenant's
+    /// zone change asked for, the tenant zones when `[tenants]` is new. Cells of metrics
+    /// no longer in the schema file are deleted.
     pub async fn load_state<C: tokio_postgres::GenericClient>(
         &self,
         state: &C,
     ) -> Result<(), tokio_postgres::Error> {
+        let names: Vec<String> = self.schema.metrics.keys().cloned().collect();
+        let removed: Vec<String> = state
+            .query(
+                "SELECT metric FROM pulse.metric_cells WHERE metric <> ALL($1) \
+                 UNION SELECT metric FROM pulse.metric_definitions WHERE metric <> ALL($1) \
+                 UNION SELECT metric FROM pulse.metric_refreshes WHERE metric <> ALL($1)",
+                &[&names],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !removed.is_empty() {
+            for table in ["metric_cells", "metric_definitions", "metric_refreshes"] {
+                state
+                    .execute(
+                        &format!("DELETE FROM pulse.{table} WHERE metric = ANY($1)"),
+                        &[&removed],
+                    )
+                    .await?;
+            }
+            tracing::info!(metrics = ?removed, "metrics no longer in the schema file: their cells were deleted");
+        }
+
+        let mut refresh = Refresh::default();
+        let recorded: HashMap<String, (String, Json)> = state
+            .query(
+                "SELECT metric, fingerprint, definition FROM pulse.metric_definitions",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect();
+        for m in self.schema.metrics.values() {
+            let why = match recorded.get(&m.name) {
+                None => Some(
+                    "no recorded definition: a new metric, or the first start of a pulsed that records them"
+                        .to_string(),
+                ),
+                Some((fp, _)) if *fp == self.schema.fingerprint(m) => None,
+                Some((_, was)) => {
+                    let changed: Vec<&str> = self
+                        .schema
+                        .definition(m)
+                        .iter()
+                        .filter(|(k, v)| was.get(*k).and_then(Json::as_str) != Some(v.as_str()))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    Some(format!("definition changed: {}", changed.join(", ")))
+                }
+            };
+            if let Some(why) = why {
+                refresh.pending.insert((m.name.clone(), None), why);
+            }
+        }
+        for r in state
+            .query(
+                "SELECT metric, tenant, valid_from::text, reason FROM pulse.metric_refreshes",
+                &[],
+            )
+            .await?
+        {
+            let metric: String = r.get(0);
+            let tenant: String = r.get(1);
+            let tenant = (!tenant.is_empty()).then_some(tenant);
+            match r.get::<_, Option<String>>(2).and_then(|l| l.parse::<Lsn>().ok()) {
+                None => {
+                    refresh
+                        .pending
+                        .entry((metric, tenant))
+                        .or_insert_with(|| r.get(3));
+                }
+                Some(lsn) => {
+                    let a = refresh.ahead.entry(metric).or_default();
+                    match tenant {
+                        None => a.all = Some(lsn),
+                        Some(t) => {
+                            a.tenants.insert(t, lsn);
+                        }
+                    }
+                }
+            }
+        }
+        let mut zones = HashMap::new();
+        match &self.schema.tenants {
+            Some(t) => {
+                let seeded = state
+                    .query_opt(
+                        "SELECT valid_from::text FROM pulse.tenant_zone_source WHERE definition = $1",
+                        &[&t.describe()],
+                    )
+                    .await?;
+                match seeded {
+                    Some(row) => {
+                        refresh.zones_ahead = row.get::<_, String>(0).parse().ok();
+                        for r in state
+                            .query("SELECT tenant, zone FROM pulse.tenant_zones", &[])
+                            .await?
+                        {
+                            let zone: String = r.get(1);
+                            if let Ok(tz) = zone.parse::<Tz>() {
+                                zones.insert(r.get(0), tz);
+                            }
+                        }
+                    }
+                    None => {
+                        refresh.zones_pending = true;
+                        for m in self.schema.metrics.values().filter(|m| m.window.is_some()) {
+                            refresh
+                                .pending
+                                .entry((m.name.clone(), None))
+                                .or_insert_with(|| format!("tenant time zones now come from {}", t.source));
+                        }
+                    }
+                }
+            }
+            None => {
+                state
+                    .batch_execute("DELETE FROM pulse.tenant_zones; DELETE FROM pulse.tenant_zone_source")
+                    .await?;
+            }
+        }
+
         let rows = state
             .query(
                 "SELECT metric, tenant, bucket, dkey, n, micros FROM pulse.metric_cells",
                 &[],
             )
             .await?;
-        let cells = rows.iter().map(|r| {
-            (
-                metrics::CellKey {
-                    metric: r.get(0),
-                    tenant: r.get(1),
-                    bucket: r.get(2),
-                    dkey: r.get(3),
-                },
-                metrics::Cell {
-                    n: r.get(4),
-                    micros: r.get(5),
-                },
-            )
-        });
+        // Cells of a metric whose definition changed mean nothing: the metric reads 0
+        // until its recomputation lands (before any change is applied).
+        let stale = |metric: &str| refresh.pending.contains_key(&(metric.to_string(), None));
+        let cells: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                (
+                    metrics::CellKey {
+                        metric: r.get(0),
+                        tenant: r.get(1),
+                        bucket: r.get(2),
+                        dkey: r.get(3),
+                    },
+                    metrics::Cell {
+                        n: r.get(4),
+                        micros: r.get(5),
+                    },
+                )
+            })
+            .filter(|(k, _)| !stale(&k.metric))
+            .collect();
         self.store.lock().expect("store lock").replace(cells);
+        *self.zones.lock().expect("zones lock") = Arc::new(zones);
+        *self.refresh.lock().expect("refresh lock") = refresh;
         Ok(())
     }
 
-    /// Rebuilds the metric cells from the source database as of the exported snapshot.
+    /// Whether something waits for a recomputation from a snapshot.
+    pub fn refresh_wanted(&self) -> bool {
+        let r = self.refresh.lock().expect("refresh lock");
+        !r.pending.is_empty() || r.zones_pending
+    }
+
+    /// The tenant zones of the tenants table as `source` sees it; unknown names are
+    /// warned about when `warn` (once per load, not at every recomputation).
+    async fn read_zones<S: tokio_postgres::GenericClient>(
+        &self,
+        source: &S,
+        warn: bool,
+    ) -> Result<HashMap<String, Tz>, tokio_postgres::Error> {
+        let Some(t) = &self.schema.tenants else {
+            return Ok(HashMap::new());
+        };
+        let sql = format!(
+            "SELECT {id}::text, {zone}::text FROM {table} WHERE {id} IS NOT NULL",
+            id = quote_ident(&t.id_column),
+            zone = quote_ident(&t.time_zone_column),
+            table = t.source.quoted()
+        );
+        let mut zones = HashMap::new();
+        for r in source.query(&sql, &[]).await? {
+            let tenant: String = r.get(0);
+            if let Some(tz) = self.schema.parse_zone(&tenant, r.get(1), warn) {
+                zones.insert(tenant, tz);
+            }
+        }
+        Ok(zones)
+    }
+
+    /// Replaces the persisted tenant zones, seeded from a snapshot at `lsn`.
+    async fn write_zones<T: tokio_postgres::GenericClient>(
+        &self,
+        state: &T,
+        zones: &HashMap<String, Tz>,
+        lsn: Lsn,
+    ) -> Result<(), tokio_postgres::Error> {
+        let Some(t) = &self.schema.tenants else {
+            return Ok(());
+        };
+        let tenants: Vec<String> = zones.keys().cloned().collect();
+        let names: Vec<String> = zones.values().map(|z| z.name().to_string()).collect();
+        state.execute("DELETE FROM pulse.tenant_zones", &[]).await?;
+        state
+            .execute(
+                "INSERT INTO pulse.tenant_zones (tenant, zone) SELECT * FROM unnest($1::text[], $2::text[])",
+                &[&tenants, &names],
+            )
+            .await?;
+        state
+            .execute(
+                "INSERT INTO pulse.tenant_zone_source (id, definition, valid_from) VALUES (true, $1, $2::text::pg_lsn) \
+                 ON CONFLICT (id) DO UPDATE SET definition = EXCLUDED.definition, valid_from = EXCLUDED.valid_from",
+                &[&t.describe(), &lsn.to_string()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Computes a metric's cells over the rows `source` sees (of `tenants` only, when
+    /// given), with `zone` for the buckets, into `deltas`.
+    async fn compute<S: tokio_postgres::GenericClient>(
+        &self,
+        source: &S,
+        m: &Metric,
+        zone: metrics::ZoneOf<'_>,
+        tenants: Option<&[String]>,
+        now: DateTime<Utc>,
+        deltas: &mut Deltas,
+    ) -> Result<u64, tokio_postgres::Error> {
+        let cols = Schema::metric_columns(m);
+        let mut sql = format!(
+            "SELECT jsonb_build_object({}) FROM {}",
+            cols.iter()
+                .map(|c| format!("'{}', {}", c.replace('\'', "''"), quote_ident(c)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            m.source.quoted()
+        );
+        let list: Vec<String> = tenants.map(<[String]>::to_vec).unwrap_or_default();
+        let rows = if tenants.is_some() {
+            sql.push_str(&format!(
+                " WHERE {}::text = ANY($1)",
+                quote_ident(&m.tenant_column)
+            ));
+            source.query(&sql, &[&list]).await?
+        } else {
+            source.query(&sql, &[]).await?
+        };
+        for row in &rows {
+            let obj: Json = row.get(0);
+            let get = |c: &str| {
+                let ty = m.types.get(c)?;
+                value::from_json(ty, obj.get(c)?)
+            };
+            let c = metrics::contribution(zone, m, &get, now)
+                .filter(|(k, _)| tenants.is_none_or(|t| t.contains(&k.tenant)));
+            metrics::add(deltas, c, 1);
+        }
+        Ok(rows.len() as u64)
+    }
+
+    /// Rebuilds the metric cells from the source database as of the exported snapshot
+    /// (a new slot): every metric, the tenant zones, the recorded definitions.
     pub async fn load_snapshot<S, T>(&self, source: &S, state: &T) -> Result<(), tokio_postgres::Error>
     where
         S: tokio_postgres::GenericClient,
         T: tokio_postgres::GenericClient,
     {
+        let zones = Arc::new(self.read_zones(source, true).await?);
+        let zone = |t: &str| self.schema.zone(t, &zones);
+        let now = Utc::now();
         let mut deltas = Deltas::new();
         for m in self.schema.metrics.values() {
-            let cols = Schema::metric_columns(m);
-            let sql = format!(
-                "SELECT jsonb_build_object({}) FROM {}",
-                cols.iter()
-                    .map(|c| format!("'{}', {}", c.replace('\'', "''"), quote_ident(c)))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                m.source.quoted()
-            );
-            for row in source.query(&sql, &[]).await? {
-                let obj: Json = row.get(0);
-                let get = |c: &str| {
-                    let ty = m.types.get(c)?;
-                    value::from_json(ty, obj.get(c)?)
-                };
-                metrics::add(&mut deltas, metrics::contribution(&self.schema, m, &get), 1);
-            }
+            self.compute(source, m, &zone, None, now, &mut deltas).await?;
         }
         state.execute("DELETE FROM pulse.metric_cells", &[]).await?;
+        state.execute("DELETE FROM pulse.metric_refreshes", &[]).await?;
+        state.execute("DELETE FROM pulse.metric_definitions", &[]).await?;
+        for m in self.schema.metrics.values() {
+            record_definition(state, &self.schema, m).await?;
+        }
+        // Valid at the checkpoint the caller writes: nothing to skip.
+        self.write_zones(state, &zones, Lsn(0)).await?;
         write_deltas(state, &deltas).await?;
         self.store.lock().expect("store lock").replace(deltas);
+        *self.zones.lock().expect("zones lock") = zones;
+        *self.refresh.lock().expect("refresh lock") = Refresh::default();
         Ok(())
     }
 
+    /// Recomputes what is pending (see [`Engine::load_state`] and the zone changes seen
+    /// by [`Engine::apply`]) from `source`, a snapshot holding exactly the transactions
+    /// with `end_lsn <= lsn`, inside the caller's state transaction. The recomputed
+    /// cells are recorded as valid from `lsn` (`pulse.metric_refreshes`), so the stream,
+    /// which resumes below it, skips for them what they already hold. Buckets use the
+    /// tenant zones as of the snapshot.
+    pub async fn refresh<S, T>(&self, source: &S, state: &T, lsn: Lsn) -> Result<(), tokio_postgres::Error>
+    where
+        S: tokio_postgres::GenericClient,
+        T: tokio_postgres::GenericClient,
+    {
+        let (pending, zones_pending) = {
+            let r = self.refresh.lock().expect("refresh lock");
+            (r.pending.clone(), r.zones_pending)
+        };
+        let mut stash = Stash::default();
+        let zones = Arc::new(self.read_zones(source, zones_pending).await?);
+        if zones_pending {
+            self.write_zones(state, &zones, lsn).await?;
+            tracing::info!(tenants = zones.len(), %lsn, table = ?self.schema.tenants.as_ref().map(|t| t.source.to_string()),
+                "tenant time zones loaded from the tenants table");
+            stash.zones = Some(zones.clone());
+            stash.zones_seeded = Some(lsn);
+        }
+        let zone = |t: &str| self.schema.zone(t, &zones);
+        // By metric: every tenant, or some; and why.
+        let mut by_metric: BTreeMap<&str, (bool, Vec<String>, Vec<&str>)> = BTreeMap::new();
+        for ((metric, tenant), why) in &pending {
+            let e = by_metric.entry(metric).or_default();
+            match tenant {
+                None => e.0 = true,
+                Some(t) => e.1.push(t.clone()),
+            }
+            if !e.2.contains(&why.as_str()) {
+                e.2.push(why);
+            }
+        }
+        let now = Utc::now();
+        for (name, (all, tenants, why)) in by_metric {
+            let Some(m) = self.schema.metrics.get(name) else {
+                continue;
+            };
+            let started = Instant::now();
+            let scope = (!all).then_some(tenants);
+            let mut deltas = Deltas::new();
+            let rows = self
+                .compute(source, m, &zone, scope.as_deref(), now, &mut deltas)
+                .await?;
+            let lsn_text = lsn.to_string();
+            let why = why.join("; ");
+            match &scope {
+                None => {
+                    state
+                        .execute("DELETE FROM pulse.metric_cells WHERE metric = $1", &[&m.name])
+                        .await?;
+                    state
+                        .execute("DELETE FROM pulse.metric_refreshes WHERE metric = $1", &[&m.name])
+                        .await?;
+                    state
+                        .execute(
+                            "INSERT INTO pulse.metric_refreshes (metric, tenant, valid_from, reason) \
+                             VALUES ($1, '', $2::text::pg_lsn, $3)",
+                            &[&m.name, &lsn_text, &why],
+                        )
+                        .await?;
+                    record_definition(state, &self.schema, m).await?;
+                }
+                Some(tenants) => {
+                    state
+                        .execute(
+                            "DELETE FROM pulse.metric_cells WHERE metric = $1 AND tenant = ANY($2)",
+                            &[&m.name, tenants],
+                        )
+                        .await?;
+                    state
+                        .execute(
+                            "INSERT INTO pulse.metric_refreshes (metric, tenant, valid_from, reason) \
+                             SELECT $1, t, $3::text::pg_lsn, $4 FROM unnest($2::text[]) AS t \
+                             ON CONFLICT (metric, tenant) DO UPDATE SET valid_from = EXCLUDED.valid_from, reason = EXCLUDED.reason",
+                            &[&m.name, tenants, &lsn_text, &why],
+                        )
+                        .await?;
+                }
+            }
+            write_deltas(state, &deltas).await?;
+            tracing::info!(
+                metric = %m.name,
+                tenants = %scope.as_ref().map_or_else(|| "all".to_string(), |t| t.join(",")),
+                reason = %why,
+                %lsn,
+                rows,
+                elapsed = ?started.elapsed(),
+                "metric recomputed from a snapshot"
+            );
+            stash.replaced.push((m.name.clone(), scope, deltas, lsn));
+        }
+        stash.done = pending.into_keys().collect();
+        *self.stash.lock().expect("stash lock") = stash;
+        Ok(())
+    }
+
+    /// Deletes, in `state`, the metric buckets no window reads any more at `now` (see
+    /// [`metrics::MetricStore::dead`]); memory follows in [`Engine::committed`]. Scans at
+    /// most once per quarter hour. Returns whether anything was deleted.
+    pub async fn housekeeping<T: tokio_postgres::GenericClient>(
+        &self,
+        state: &T,
+        now: DateTime<Utc>,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let quarter = now.timestamp().div_euclid(900);
+        {
+            let mut r = self.refresh.lock().expect("refresh lock");
+            if r.last_prune == Some(quarter) {
+                return Ok(false);
+            }
+            r.last_prune = Some(quarter);
+        }
+        let zones = self.table_zones();
+        let zone = |t: &str| self.schema.zone(t, &zones);
+        let dead = self
+            .store
+            .lock()
+            .expect("store lock")
+            .dead(&self.schema.metrics, &zone, now);
+        if dead.is_empty() {
+            return Ok(false);
+        }
+        let col = |i: usize| -> Vec<&str> {
+            dead.iter()
+                .map(|d| match i {
+                    0 => d.0.as_str(),
+                    1 => d.1.as_str(),
+                    _ => d.2.as_str(),
+                })
+                .collect()
+        };
+        let deleted = state
+            .execute(
+                "DELETE FROM pulse.metric_cells c USING unnest($1::text[], $2::text[], $3::text[]) AS d(metric, tenant, start) \
+                 WHERE c.metric = d.metric AND c.tenant = d.tenant AND c.bucket <> '' AND c.bucket < d.start",
+                &[&col(0), &col(1), &col(2)],
+            )
+            .await?;
+        tracing::info!(
+            cells = deleted,
+            pairs = dead.len(),
+            "metric buckets no window reads any more were deleted"
+        );
+        *self.stash.lock().expect("stash lock") = Stash {
+            pruned: dead,
+            ..Stash::default()
+        };
+        Ok(true)
+    }
+
+    /// Follows a change of the tenants table: updates `zones`; returns each tenant it
+    /// touched with its zone in the table from now on (None: none, or not a zone) and,
+    /// when its effective zone changed, the zones before and after.
+    #[allow(clippy::type_complexity)]
+    fn follow_zone(
+        &self,
+        zones: &mut Arc<HashMap<String, Tz>>,
+        rel: &Relation,
+        kind: &ChangeKind,
+    ) -> Vec<(String, Option<Tz>, Option<(Tz, Tz)>)> {
+        let Some(t) = &self.schema.tenants else {
+            return Vec::new();
+        };
+        let id_of = |get: &dyn Fn(&str) -> Option<Value>| {
+            get(&t.id_column)
+                .filter(|v| !matches!(v, Value::Null | Value::UnchangedToast))
+                .map(|v| value::key_text(&v))
+        };
+        let zone_in = |tenant: &str, get: &dyn Fn(&str) -> Option<Value>| {
+            let text = get(&t.time_zone_column).and_then(|v| match v {
+                Value::Null => None,
+                v => Some(value::key_text(&v)),
+            });
+            self.schema.parse_zone(tenant, text.as_deref(), true)
+        };
+        // (tenant, its zone in the table from now on: None = none or unknown)
+        let mut set: Vec<(String, Option<Tz>)> = Vec::new();
+        match kind {
+            ChangeKind::Insert { new } => {
+                let get = getter(rel, new, None);
+                if let Some(id) = id_of(&get) {
+                    let z = zone_in(&id, &get);
+                    set.push((id, z));
+                }
+            }
+            ChangeKind::Update { old, new } => {
+                let get = getter(rel, new, old.as_deref());
+                if let Some(old) = old
+                    && let Some(was) = id_of(&getter(rel, old, None))
+                    && id_of(&get).as_ref() != Some(&was)
+                {
+                    set.push((was, None));
+                }
+                if let Some(id) = id_of(&get) {
+                    let z = zone_in(&id, &get);
+                    set.push((id, z));
+                }
+            }
+            ChangeKind::Delete { old } => {
+                if let Some(id) = id_of(&getter(rel, old, None)) {
+                    set.push((id, None));
+                }
+            }
+            ChangeKind::Truncate => set.extend(zones.keys().map(|k| (k.clone(), None))),
+        }
+        let mut out = Vec::new();
+        for (tenant, z) in set {
+            let before = self.schema.zone(&tenant, zones);
+            if zones.get(&tenant) != z.as_ref() {
+                let map = Arc::make_mut(zones);
+                match z {
+                    Some(z) => map.insert(tenant.clone(), z),
+                    None => map.remove(&tenant),
+                };
+            }
+            let after = self.schema.zone(&tenant, zones);
+            out.push((tenant, z, (before != after).then_some((before, after))));
+        }
+        out
+    }
+
     /// Derives state from a batch of committed transactions inside the caller's state
-    /// transaction: metric cells and notifications from the source table.
+    /// transaction: metric cells, notifications from the source table, tenant zones.
+    /// Changes already held by recomputed cells (`end_lsn` at or below their LSN) are
+    /// skipped for those cells only.
     pub async fn apply<T: tokio_postgres::GenericClient>(
         &self,
         batch: &[Transaction],
@@ -1084,49 +1632,97 @@ impl Engine {
         let mut stash = Stash::default();
         let mut crossings = thresholds::Tracker::wanted(&self.schema).then(thresholds::Tracker::default);
         let mut crossed = Vec::new();
+        let now = Utc::now();
+        let (ahead, zones_ahead) = {
+            let r = self.refresh.lock().expect("refresh lock");
+            (r.ahead.clone(), r.zones_ahead)
+        };
+        let mut zones = self.table_zones();
+        let zones_before = zones.clone();
+        // Tenants whose table zone the batch set: (tenant, zone name or None).
+        let mut zone_writes: BTreeMap<String, Option<String>> = BTreeMap::new();
+        let windowed: Vec<&Metric> = self
+            .schema
+            .metrics
+            .values()
+            .filter(|m| m.window.is_some())
+            .collect();
         for tx in batch {
             // This transaction's own metric deltas, so thresholds are judged per transaction.
             let mut deltas = Deltas::new();
             let mut truncated = Vec::new();
             for (pos, change) in tx.changes.iter().enumerate() {
                 let rel = &change.relation;
+                if let Some(t) = &self.schema.tenants
+                    && t.source.schema == rel.schema
+                    && t.source.table == rel.name
+                    && zones_ahead.is_none_or(|l| tx.end_lsn > l)
+                {
+                    for (tenant, table_zone, moved) in self.follow_zone(&mut zones, rel, &change.kind) {
+                        zone_writes.insert(tenant.clone(), table_zone.map(|z| z.name().to_string()));
+                        let Some((before, after)) = moved else {
+                            continue;
+                        };
+                        let why =
+                            format!("the time zone of tenant {tenant} changed from {before} to {after}");
+                        tracing::info!(%tenant, from = %before, to = %after, lsn = %tx.commit_lsn, "tenant time zone changed; its windowed metrics will be recomputed");
+                        for m in &windowed {
+                            if ahead.get(&m.name).is_some_and(|a| a.covers(&tenant, tx.end_lsn)) {
+                                continue;
+                            }
+                            stash
+                                .wanted
+                                .push(((m.name.clone(), Some(tenant.clone())), why.clone()));
+                        }
+                    }
+                }
+                let zone = |t: &str| self.schema.zone(t, &zones);
                 for m in self.schema.metrics.values() {
                     if m.source.schema != rel.schema || m.source.table != rel.name {
                         continue;
                     }
+                    let ahead = ahead.get(&m.name);
+                    if ahead.is_some_and(|a| a.all.is_some_and(|l| tx.end_lsn <= l)) {
+                        continue;
+                    }
+                    let held = |c: Option<(metrics::CellKey, i64)>| {
+                        c.filter(|(k, _)| !ahead.is_some_and(|a| a.covers(&k.tenant, tx.end_lsn)))
+                    };
+                    let of = |row: &[Value], old: Option<&[Value]>| {
+                        held(metrics::contribution(&zone, m, &getter(rel, row, old), now))
+                    };
                     match &change.kind {
-                        ChangeKind::Insert { new } => metrics::add(
-                            &mut deltas,
-                            metrics::contribution(&self.schema, m, &getter(rel, new, None)),
-                            1,
-                        ),
+                        ChangeKind::Insert { new } => metrics::add(&mut deltas, of(new, None), 1),
                         ChangeKind::Update { old, new } => {
                             if let Some(old) = old {
-                                metrics::add(
-                                    &mut deltas,
-                                    metrics::contribution(&self.schema, m, &getter(rel, old, None)),
-                                    -1,
-                                );
+                                metrics::add(&mut deltas, of(old, None), -1);
                             }
-                            metrics::add(
-                                &mut deltas,
-                                metrics::contribution(&self.schema, m, &getter(rel, new, old.as_deref())),
-                                1,
-                            );
+                            metrics::add(&mut deltas, of(new, old.as_deref()), 1);
                         }
-                        ChangeKind::Delete { old } => metrics::add(
-                            &mut deltas,
-                            metrics::contribution(&self.schema, m, &getter(rel, old, None)),
-                            -1,
-                        ),
+                        ChangeKind::Delete { old } => metrics::add(&mut deltas, of(old, None), -1),
                         ChangeKind::Truncate => {
-                            // Everything of the metric goes, including deltas of this batch.
-                            deltas.retain(|k, _| k.metric != m.name);
-                            stash.deltas.retain(|k, _| k.metric != m.name);
+                            // Everything of the metric goes, including deltas of this
+                            // batch, except cells recomputed after this truncate.
+                            let keep: Vec<String> = ahead
+                                .map(|a| {
+                                    a.tenants
+                                        .iter()
+                                        .filter(|(_, l)| tx.end_lsn <= **l)
+                                        .map(|(t, _)| t.clone())
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            deltas.retain(|k, _| k.metric != m.name || keep.contains(&k.tenant));
+                            stash
+                                .deltas
+                                .retain(|k, _| k.metric != m.name || keep.contains(&k.tenant));
                             state
-                                .execute("DELETE FROM pulse.metric_cells WHERE metric = $1", &[&m.name])
+                                .execute(
+                                    "DELETE FROM pulse.metric_cells WHERE metric = $1 AND tenant <> ALL($2)",
+                                    &[&m.name, &keep],
+                                )
                                 .await?;
-                            stash.truncated.push(m.name.clone());
+                            stash.truncated.push((m.name.clone(), keep));
                             truncated.push(m.name.clone());
                         }
                     }
@@ -1168,8 +1764,9 @@ impl Engine {
                 }
             }
             if let Some(tracker) = crossings.as_mut() {
+                let zone = |t: &str| self.schema.zone(t, &zones);
                 let store = self.store.lock().expect("store lock");
-                crossed.extend(tracker.observe(&self.schema, &store, tx, &deltas, &truncated));
+                crossed.extend(tracker.observe(&self.schema, &zone, &store, tx, &deltas, &truncated));
             }
             for (k, d) in deltas {
                 let e = stash.deltas.entry(k).or_default();
@@ -1180,19 +1777,123 @@ impl Engine {
         // Beside the cells and the checkpoint: durable exactly when the values are.
         crate::outbox::write_all(state, &crossed).await?;
         write_deltas(state, &stash.deltas).await?;
+        for (tenant, zone) in &zone_writes {
+            match zone {
+                Some(z) => {
+                    state
+                        .execute(
+                            "INSERT INTO pulse.tenant_zones (tenant, zone) VALUES ($1, $2) \
+                             ON CONFLICT (tenant) DO UPDATE SET zone = EXCLUDED.zone",
+                            &[tenant, z],
+                        )
+                        .await?
+                }
+                None => {
+                    state
+                        .execute("DELETE FROM pulse.tenant_zones WHERE tenant = $1", &[tenant])
+                        .await?
+                }
+            };
+        }
+        // A zone change asks for a recomputation, durably: a crash before it happens
+        // finds it pending at the next start.
+        for ((metric, tenant), why) in &stash.wanted {
+            state
+                .execute(
+                    "INSERT INTO pulse.metric_refreshes (metric, tenant, valid_from, reason) VALUES ($1, $2, NULL, $3) \
+                     ON CONFLICT (metric, tenant) DO UPDATE SET valid_from = NULL, reason = EXCLUDED.reason",
+                    &[metric, &tenant.clone().unwrap_or_default(), why],
+                )
+                .await?;
+        }
+        // Recomputations the checkpoint (this batch's end) passes are ordinary cells now.
+        if let Some(end) = batch.last().map(|t| t.end_lsn)
+            && ahead
+                .values()
+                .any(|a| a.all.is_some_and(|l| l <= end) || a.tenants.values().any(|l| *l <= end))
+        {
+            state
+                .execute(
+                    "DELETE FROM pulse.metric_refreshes WHERE valid_from <= $1::text::pg_lsn",
+                    &[&end.to_string()],
+                )
+                .await?;
+            stash.passed = Some(end);
+        }
+        if !Arc::ptr_eq(&zones, &zones_before) {
+            stash.zones = Some(zones);
+        }
+        stash.rezoned = stash.wanted.iter().filter_map(|((_, t), _)| t.clone()).collect();
+        stash.rezoned.sort();
+        stash.rezoned.dedup();
         *self.stash.lock().expect("stash lock") = stash;
         Ok(())
     }
 
-    /// The batch is durable: update memory and publish metric values and notifications
-    /// (live-table rows went out in [`Engine::publish_live`]).
+    /// The batch (or refresh, or housekeeping) is durable: update memory and publish
+    /// metric values and notifications (live-table rows went out in
+    /// [`Engine::publish_live`]).
     pub fn committed(self: &Arc<Self>) {
         let stash = std::mem::take(&mut *self.stash.lock().expect("stash lock"));
+        if let Some(z) = &stash.zones {
+            *self.zones.lock().expect("zones lock") = z.clone();
+        }
+        {
+            let mut r = self.refresh.lock().expect("refresh lock");
+            for t in &stash.done {
+                r.pending.remove(t);
+            }
+            if stash.zones_seeded.is_some() {
+                r.zones_pending = false;
+                r.zones_ahead = stash.zones_seeded;
+            }
+            for (metric, tenants, _, lsn) in &stash.replaced {
+                let a = r.ahead.entry(metric.clone()).or_default();
+                match tenants {
+                    None => {
+                        *a = Ahead {
+                            all: Some(*lsn),
+                            tenants: HashMap::new(),
+                        }
+                    }
+                    Some(ts) => a.tenants.extend(ts.iter().map(|t| (t.clone(), *lsn))),
+                }
+            }
+            for (t, why) in &stash.wanted {
+                r.pending.insert(t.clone(), why.clone());
+            }
+            if let Some(end) = stash.passed {
+                r.ahead.retain(|_, a| {
+                    a.all = a.all.filter(|l| *l > end);
+                    a.tenants.retain(|_, l| *l > end);
+                    a.all.is_some() || !a.tenants.is_empty()
+                });
+            }
+        }
+        // "Today" moved for tenants whose zone changed: every windowed metric of theirs.
+        let zone_changed: Vec<(String, String)> = self
+            .schema
+            .metrics
+            .values()
+            .filter(|m| m.window.is_some())
+            .flat_map(|m| stash.rezoned.iter().map(|t| (m.name.clone(), t.clone())))
+            .collect();
         let mut touched = {
             let mut store = self.store.lock().expect("store lock");
-            let mut touched = Vec::new();
-            for m in &stash.truncated {
-                touched.extend(store.clear_metric(m).into_iter().map(|t| (m.clone(), t)));
+            let mut touched = zone_changed;
+            for (m, keep) in &stash.truncated {
+                touched.extend(store.clear_metric(m, keep).into_iter().map(|t| (m.clone(), t)));
+            }
+            for (m, tenants, cells, _) in stash.replaced {
+                touched.extend(
+                    store
+                        .replace_metric(&m, tenants.as_deref(), cells)
+                        .into_iter()
+                        .map(|t| (m.clone(), t)),
+                );
+            }
+            for (m, t, start) in &stash.pruned {
+                store.remove_before(m, t, start);
             }
             touched.extend(store.apply(&stash.deltas));
             touched
@@ -1301,6 +2002,29 @@ fn live_row(t: &LiveTable, get: &dyn Fn(&str) -> Option<Value>) -> LiveRow {
         key: obj(&t.key),
         row: obj(&t.columns),
     }
+}
+
+/// Records the definition a metric's cells are now computed with.
+async fn record_definition<T: tokio_postgres::GenericClient>(
+    state: &T,
+    schema: &Schema,
+    m: &Metric,
+) -> Result<(), tokio_postgres::Error> {
+    let definition = Json::Object(
+        schema
+            .definition(m)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), Json::String(v)))
+            .collect(),
+    );
+    state
+        .execute(
+            "INSERT INTO pulse.metric_definitions (metric, fingerprint, definition, updated_at) VALUES ($1, $2, $3, now()) \
+             ON CONFLICT (metric) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, definition = EXCLUDED.definition, updated_at = now()",
+            &[&m.name, &schema.fingerprint(m), &definition],
+        )
+        .await?;
+    Ok(())
 }
 
 async fn write_deltas<T: tokio_postgres::GenericClient>(
@@ -1501,6 +2225,27 @@ impl crate::replication::ChangeSink for EngineSink {
 
     fn committed(&mut self, _batch: &[Transaction]) {
         self.engine.committed();
+    }
+
+    fn refresh_wanted(&self) -> bool {
+        self.engine.refresh_wanted()
+    }
+
+    async fn refresh(
+        &mut self,
+        source: &tokio_postgres::Transaction<'_>,
+        state_tx: &tokio_postgres::Transaction<'_>,
+        lsn: pulse_cdc::Lsn,
+    ) -> Result<(), crate::replication::SinkError> {
+        self.engine.refresh(source, state_tx, lsn).await?;
+        Ok(())
+    }
+
+    async fn housekeeping(
+        &mut self,
+        state_tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<bool, crate::replication::SinkError> {
+        Ok(self.engine.housekeeping(state_tx, Utc::now()).await?)
     }
 
     fn needs_snapshot(&self) -> bool {

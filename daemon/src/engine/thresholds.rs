@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use pulse_cdc::Transaction;
 use serde_json::json;
 
-use super::metrics::{Cell, CellKey, Deltas, MetricStore, value_over};
+use super::metrics::{Cell, CellKey, Deltas, MetricStore, ZoneOf, value_over};
 use crate::outbox::{self, OutboxEvent};
 use crate::schema::Schema;
 
@@ -44,6 +44,7 @@ impl Tracker {
     pub fn observe(
         &mut self,
         schema: &Schema,
+        zone: ZoneOf<'_>,
         store: &MetricStore,
         tx: &Transaction,
         deltas: &Deltas,
@@ -90,7 +91,7 @@ impl Tracker {
                                 .collect()
                         }
                     });
-                let before = value_over(schema, m, &tenant, cells.iter());
+                let before = value_over(zone(&tenant), m, cells.iter());
                 if cut {
                     cells.clear();
                 }
@@ -105,7 +106,7 @@ impl Tracker {
                         cells.remove(k);
                     }
                 }
-                let after = value_over(schema, m, &tenant, cells.iter());
+                let after = value_over(zone(&tenant), m, cells.iter());
                 let (Some(b), Some(a)) = (before.as_f64(), after.as_f64()) else {
                     continue;
                 };
@@ -177,6 +178,10 @@ below = [1]
         s
     }
 
+    fn utc(_: &str) -> chrono_tz::Tz {
+        chrono_tz::UTC
+    }
+
     fn tx(lsn: u64) -> Transaction {
         Transaction {
             xid: 1,
@@ -221,7 +226,7 @@ below = [1]
         store.apply(&rows("t1", 1));
         let mut t = Tracker::default();
         // 1 -> 3: crosses 2 (both ways) and 3 (above only) upwards.
-        let e = t.observe(&s, &store, &tx(0x10), &rows("t1", 2), &[]);
+        let e = t.observe(&s, &utc, &store, &tx(0x10), &rows("t1", 2), &[]);
         assert_eq!(seen(&e), vec![(2.0, "up".into()), (3.0, "up".into())]);
         assert_eq!(e[0].message_id, "metric.threshold_crossed:lsn:0/10:0");
         assert_eq!(e[1].message_id, "metric.threshold_crossed:lsn:0/10:1");
@@ -229,11 +234,17 @@ below = [1]
         assert_eq!(e[1].payload["previous"], 1);
         // The tracker carries the batch's state: 3 -> 2 crosses nothing downwards
         // (3 is announced only above, 2 is still reached).
-        assert!(t.observe(&s, &store, &tx(0x20), &rows("t1", -1), &[]).is_empty());
+        assert!(
+            t.observe(&s, &utc, &store, &tx(0x20), &rows("t1", -1), &[])
+                .is_empty()
+        );
         // 2 -> 0: crosses 2 and 1 downwards; another tenant is not touched.
-        let e = t.observe(&s, &store, &tx(0x30), &rows("t1", -2), &[]);
+        let e = t.observe(&s, &utc, &store, &tx(0x30), &rows("t1", -2), &[]);
         assert_eq!(seen(&e), vec![(1.0, "down".into()), (2.0, "down".into())]);
-        assert!(t.observe(&s, &store, &tx(0x40), &rows("t2", 1), &[]).is_empty());
+        assert!(
+            t.observe(&s, &utc, &store, &tx(0x40), &rows("t2", 1), &[])
+                .is_empty()
+        );
     }
 
     #[test]
@@ -243,7 +254,14 @@ below = [1]
         store.apply(&rows("t1", 2));
         store.apply(&rows("t2", 5));
         let mut t = Tracker::default();
-        let e = t.observe(&s, &store, &tx(0x10), &Deltas::new(), &["members".to_string()]);
+        let e = t.observe(
+            &s,
+            &utc,
+            &store,
+            &tx(0x10),
+            &Deltas::new(),
+            &["members".to_string()],
+        );
         let mut by_tenant: Vec<(String, f64)> = e
             .iter()
             .map(|e| {
@@ -264,7 +282,7 @@ below = [1]
             ]
         );
         // After the truncate the stored cells no longer count: one row is 0 -> 1.
-        let e = t.observe(&s, &store, &tx(0x20), &rows("t2", 2), &[]);
+        let e = t.observe(&s, &utc, &store, &tx(0x20), &rows("t2", 2), &[]);
         assert_eq!(seen(&e), vec![(2.0, "up".into())]);
     }
 
@@ -274,8 +292,8 @@ below = [1]
         let store = MetricStore::default();
         let run = || {
             let mut t = Tracker::default();
-            let mut all = t.observe(&s, &store, &tx(0x10), &rows("t1", 5), &[]);
-            all.extend(t.observe(&s, &store, &tx(0x20), &rows("t1", -5), &[]));
+            let mut all = t.observe(&s, &utc, &store, &tx(0x10), &rows("t1", 5), &[]);
+            all.extend(t.observe(&s, &utc, &store, &tx(0x20), &rows("t1", -5), &[]));
             all.into_iter().map(|e| e.message_id).collect::<Vec<_>>()
         };
         let first = run();
