@@ -19,7 +19,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{
     GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart,
 };
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::io::AsyncReadExt;
 
 use crate::config::StorageConfig;
 
@@ -202,14 +202,10 @@ impl Backend {
         let result = self.store.get_opts(&ObjectPath::from(key), options).await?;
         let served = result.range.clone();
         match result.payload {
-            // A local file: read it in large chunks rather than object_store's small ones.
-            GetResultPayload::File(file, _) => {
-                let mut file = tokio::fs::File::from_std(file);
-                file.seek(std::io::SeekFrom::Start(served.start)).await?;
-                let limited = file.take(served.end - served.start);
-                let stream = tokio_util::io::ReaderStream::with_capacity(limited, READ_CHUNK);
-                Ok(stream.map_err(StoreError::from).boxed())
-            }
+            // A local file: read in large chunks (rather than object_store's small ones) on
+            // a blocking thread that reads ahead of the socket, so reading the next chunk
+            // overlaps with sending this one.
+            GetResultPayload::File(file, _) => Ok(read_ahead(file, served).boxed()),
             GetResultPayload::Stream(s) => Ok(s.map_err(StoreError::from).boxed()),
         }
     }
@@ -248,5 +244,84 @@ impl Backend {
             .try_collect()
             .await
             .map_err(StoreError::from)
+    }
+}
+
+/// Chunks read ahead of the consumer by [`read_ahead`].
+const READ_AHEAD: usize = 4;
+
+/// Streams `range` of a local file, read by a blocking thread up to [`READ_AHEAD`] chunks
+/// ahead of the consumer. Dropping the stream stops the thread at its next chunk.
+fn read_ahead(
+    mut file: std::fs::File,
+    range: Range<u64>,
+) -> impl futures_util::Stream<Item = Result<Bytes, StoreError>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, StoreError>>(READ_AHEAD);
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Seek};
+        if let Err(e) = file.seek(std::io::SeekFrom::Start(range.start)) {
+            let _ = tx.blocking_send(Err(e.into()));
+            return;
+        }
+        let mut left = range.end - range.start;
+        while left > 0 {
+            let want = left.min(READ_CHUNK as u64) as usize;
+            // read_to_end fills the spare capacity without zeroing it first.
+            let mut buf = Vec::with_capacity(want);
+            if let Err(e) = (&mut file).take(want as u64).read_to_end(&mut buf) {
+                let _ = tx.blocking_send(Err(e.into()));
+                return;
+            }
+            if buf.len() < want {
+                let _ = tx.blocking_send(Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the stored file is shorter than its metadata says",
+                )
+                .into()));
+                return;
+            }
+            left -= want as u64;
+            if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                return;
+            }
+        }
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn collect(file: std::fs::File, range: Range<u64>) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::new();
+        let mut stream = std::pin::pin!(read_ahead(file, range));
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn read_ahead_serves_exact_ranges_across_chunks_and_refuses_a_short_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0..(READ_CHUNK * 3 + 123)).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let open = || std::fs::File::open(&path).unwrap();
+        let len = data.len() as u64;
+        for range in [
+            0..len,
+            1..len - 1,
+            READ_CHUNK as u64 - 1..READ_CHUNK as u64 + 1,
+            5..6,
+            0..0,
+        ] {
+            let got = collect(open(), range.clone()).await.unwrap();
+            assert_eq!(got, data[range.start as usize..range.end as usize], "{range:?}");
+        }
+        // Metadata promising more than the object holds is an error, not a short body.
+        let err = collect(open(), 10..len + 5).await.unwrap_err();
+        assert!(err.to_string().contains("shorter"), "{err}");
     }
 }
