@@ -467,9 +467,10 @@ async fn relay_loop(
                 continue;
             }
             let sent = send(broker, channel, batch).await;
-            if let Some(e) = sent.failure {
-                // What went out before the failure is sent again by the next session.
-                return Err(e);
+            if sent.failure.is_some() {
+                // Record what the broker confirmed before the failure; the rest is sent
+                // again by the next session. Returns the failure.
+                return finish(broker, &leader.client, sent).await;
             }
             in_flight = Some(sent);
         }
