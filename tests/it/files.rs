@@ -1028,6 +1028,14 @@ async fn a_20_mb_upload_and_download_keep_memory_flat() {
     }
     assert_eq!(n, size);
     assert_eq!(hex::encode(got.finalize()), expected);
+    // The body left by sendfile from the stored file, not copied through memory.
+    let metrics = metrics_text(&env.pulsed).await;
+    let sent: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pulse_files_sendfile_bytes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pulse_files_sendfile_bytes_total in {metrics}"));
+    assert!(sent >= (size - 4096) as f64, "only {sent} bytes went by sendfile");
     let after = vm_hwm_kb(pid);
     let grew_mb = (after.saturating_sub(before)) as f64 / 1024.0;
     eprintln!("peak resident memory: {before} kB before, {after} kB after a 20 MB upload and download");

@@ -1285,7 +1285,7 @@ pub async fn read(
 ) -> Result<BoxStream<'static, Result<Bytes, FileError>>, FileError> {
     let backend = &app.files.backend;
     let Some(key_id) = &info.key_id else {
-        let s = backend.get(&info.storage_key, Some(range)).await?;
+        let s = backend.serve(&info.storage_key, range).await?;
         return Ok(s.map(|r| r.map_err(FileError::from)).boxed());
     };
     if range.is_empty() {

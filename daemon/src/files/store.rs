@@ -184,11 +184,33 @@ impl Backend {
         }
     }
 
-    /// Streams bytes `range` (or all) of `key`.
+    /// Streams bytes `range` (or all) of `key`, read in chunks (for callers that read
+    /// the bytes themselves, such as decryption).
     pub async fn get(
         &self,
         key: &str,
         range: Option<Range<u64>>,
+    ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
+        self.stream(key, range, false).await
+    }
+
+    /// Streams bytes `range` of `key` for sending to a client as they are. A local file
+    /// comes back as one `Bytes` mapped from it ([`crate::zerocopy::map_range`]), which
+    /// the HTTP listener sends with `sendfile`, so nothing is read into memory; other
+    /// backends stream as [`Backend::get`] does.
+    pub async fn serve(
+        &self,
+        key: &str,
+        range: Range<u64>,
+    ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
+        self.stream(key, Some(range), true).await
+    }
+
+    async fn stream(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+        mapped: bool,
     ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
         if let Some(r) = &range
             && r.is_empty()
@@ -202,9 +224,13 @@ impl Backend {
         let result = self.store.get_opts(&ObjectPath::from(key), options).await?;
         let served = result.range.clone();
         match result.payload {
+            GetResultPayload::File(file, _) if mapped => {
+                let body = crate::zerocopy::map_range(file, served)?;
+                Ok(futures_util::stream::once(std::future::ready(Ok(body))).boxed())
+            }
             // A local file: read in large chunks (rather than object_store's small ones) on
-            // a blocking thread that reads ahead of the socket, so reading the next chunk
-            // overlaps with sending this one.
+            // a blocking thread that reads ahead of the consumer, so reading the next chunk
+            // overlaps with using this one.
             GetResultPayload::File(file, _) => Ok(read_ahead(file, served).boxed()),
             GetResultPayload::Stream(s) => Ok(s.map_err(StoreError::from).boxed()),
         }
