@@ -209,8 +209,8 @@ impl<S: ChangeSink> ChangeSink for Recorded<S> {
         self.inner.apply(batch, state_tx).await
     }
 
-    fn received(&mut self, batch: &[Transaction]) {
-        self.inner.received(batch);
+    fn live_tap(&self) -> crate::replication::LiveTap {
+        self.inner.live_tap()
     }
 
     fn committed(&mut self, batch: &[Transaction]) {

@@ -8,8 +8,10 @@
 //! only then reports the batch's end LSN as durable to the reader, which is the only
 //! position it ever confirms to PostgreSQL. Effects derived from persisted state reach
 //! clients (`committed`) only after the commit; what is sent straight from the stream
-//! (live-table rows, `received`) goes out as soon as the batch is taken, since clients
-//! get at-least-once updates with a cursor and a failed batch is simply replayed.
+//! (live-table rows, through the sink's [`LiveTap`]) goes out as soon as a transaction
+//! leaves the reader's channel, even while the previous batch's state transaction is in
+//! flight, since clients get at-least-once updates with a cursor and a failed batch is
+//! simply replayed.
 //!
 //! It must never confirm a position before the state it covers is committed, and never
 //! drop a replication slot.
@@ -75,13 +77,16 @@ pub trait ChangeSink: Send + 'static {
         state_tx: &tokio_postgres::Transaction<'_>,
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
 
-    /// The batch was taken from the stream and is about to be applied: publish what
-    /// comes straight from the stream and derives no persisted state (live-table rows),
-    /// so clients do not wait for the group commit. It may be called again for the same
-    /// transactions after a failed batch (the stream replays them): clients get
-    /// at-least-once updates with a cursor. It never moves the slot. No default: a sink
-    /// that wraps another must pass it on, or live tables go silent.
-    fn received(&mut self, batch: &[Transaction]);
+    /// Where the loop publishes what comes straight from the stream and derives no
+    /// persisted state (live-table rows), so clients wait neither for the group commit
+    /// nor for the batch before: the loop calls it for each transaction as it leaves the
+    /// reader's channel, including while the previous batch's state transaction runs, in
+    /// commit order, before the transaction is applied. It may be called again for the
+    /// same transactions after a failed batch (the stream replays them): clients get
+    /// at-least-once updates with a cursor. It never moves the slot. Asked once per
+    /// stream start. No default: a sink that wraps another must pass on the inner tap,
+    /// or live tables go silent.
+    fn live_tap(&self) -> LiveTap;
 
     /// After the commit: publish effects derived from persisted state to clients. Never
     /// called before the batch is durable. Also called with an empty batch after a
@@ -124,6 +129,14 @@ pub trait ChangeSink: Send + 'static {
     fn needs_snapshot(&self) -> bool {
         true
     }
+}
+
+/// Publishes transactions straight from the stream (see [`ChangeSink::live_tap`]).
+pub type LiveTap = Arc<dyn Fn(&[Transaction]) + Send + Sync>;
+
+/// The tap of a sink that publishes nothing from the stream.
+pub fn no_live_tap() -> LiveTap {
+    Arc::new(|_: &[Transaction]| {})
 }
 
 /// Reads the checkpoint of `name` (the slot name) from `pulse.checkpoints`.
@@ -197,7 +210,9 @@ impl ChangeSink for CheckpointSink {
         Ok(())
     }
 
-    fn received(&mut self, _batch: &[Transaction]) {}
+    fn live_tap(&self) -> LiveTap {
+        no_live_tap()
+    }
 
     fn committed(&mut self, _batch: &[Transaction]) {}
 
@@ -290,6 +305,12 @@ impl Consumer<'_> {
         let mut batch: Vec<Transaction> = Vec::new();
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let tap = sink.live_tap();
+        // Events taken from the channel while the last state transaction ran, in order;
+        // their transactions were published through the tap then.
+        let mut early: std::collections::VecDeque<Event> = std::collections::VecDeque::new();
+        // Whether the channel is still open (it closes when the reader stops).
+        let mut open = true;
         loop {
             // Recomputations the sink asked for, before anything more is applied (only
             // once there is a checkpoint: a new slot's initial load covers everything).
@@ -298,22 +319,27 @@ impl Consumer<'_> {
             {
                 self.refresh(sink, checkpoint).await?;
             }
-            let first = tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => return Ok(persisted),
-                // Ready once per period, so it never starves the stream.
-                _ = housekeeping.tick() => {
-                    let tx = self.state.transaction().await?;
-                    let changed = sink.housekeeping(&tx).await?;
-                    tx.commit().await?;
-                    if changed {
-                        sink.committed(&[]);
+            let from_early = !early.is_empty();
+            let first = match early.pop_front() {
+                Some(e) => e,
+                None if !open => return Ok(persisted),
+                None => tokio::select! {
+                    biased;
+                    _ = self.shutdown.cancelled() => return Ok(persisted),
+                    // Ready once per period, so it never starves the stream.
+                    _ = housekeeping.tick() => {
+                        let tx = self.state.transaction().await?;
+                        let changed = sink.housekeeping(&tx).await?;
+                        tx.commit().await?;
+                        if changed {
+                            sink.committed(&[]);
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                e = events.recv() => match e {
-                    Some(e) => e,
-                    None => return Ok(persisted),
+                    e = events.recv() => match e {
+                        Some(e) => e,
+                        None => return Ok(persisted),
+                    },
                 },
             };
             let mut pending_snapshot = None;
@@ -333,15 +359,21 @@ impl Consumer<'_> {
                 Event::Snapshot(s) => Some(s),
             };
             pending_snapshot = pending_snapshot.or(take(first, &mut batch, &mut changes));
+            let full = |batch: &Vec<Transaction>, changes: usize| {
+                batch.len() >= self.limits.max_transactions || changes >= self.limits.max_changes
+            };
+            // What was taken early comes first, already published.
+            while pending_snapshot.is_none() && !full(&batch, changes) {
+                let Some(e) = early.pop_front() else { break };
+                pending_snapshot = take(e, &mut batch, &mut changes);
+            }
+            let published = if from_early { batch.len() } else { 0 };
             // Take what waits; when many were waiting (a backlog, not the steady trickle
             // of a live database), linger a moment for more, so that a backlog is
             // persisted in few commits: each costs round trips, and is WAL the walsender
             // must decode too. Live commits never wait.
             let linger_until = tokio::time::Instant::now() + self.limits.linger;
-            while pending_snapshot.is_none()
-                && batch.len() < self.limits.max_transactions
-                && changes < self.limits.max_changes
-            {
+            while pending_snapshot.is_none() && early.is_empty() && open && !full(&batch, changes) {
                 match events.try_recv() {
                     Ok(e) => pending_snapshot = take(e, &mut batch, &mut changes),
                     Err(_) if batch.len() < self.limits.linger_after => break,
@@ -358,11 +390,38 @@ impl Consumer<'_> {
             }
             if !batch.is_empty() {
                 let last = batch.last().map(|t| t.end_lsn).expect("non-empty batch");
-                sink.received(&batch);
-                let tx = self.state.transaction().await?;
-                sink.apply(&batch, &tx).await?;
-                write_checkpoint(&tx, self.name, last).await?;
-                tx.commit().await?;
+                tap(&batch[published..]);
+                // The state transaction; meanwhile what arrives is published at once and
+                // kept for the next batch (up to one batch of it: then the reader waits).
+                {
+                    let (state, name, max) = (&mut self.state, self.name, self.limits.max_transactions);
+                    let persist = async {
+                        let tx = state.transaction().await?;
+                        sink.apply(&batch, &tx).await?;
+                        write_checkpoint(&tx, name, last).await?;
+                        tx.commit().await?;
+                        Ok::<(), SinkError>(())
+                    };
+                    tokio::pin!(persist);
+                    loop {
+                        let receiving =
+                            open && early.len() < max && !matches!(early.back(), Some(Event::Snapshot(_)));
+                        tokio::select! {
+                            biased;
+                            done = &mut persist => break done?,
+                            e = events.recv(), if receiving => match e {
+                                Some(Event::Commit(tx)) => {
+                                    if persisted.is_none_or(|p| tx.end_lsn > p) {
+                                        tap(std::slice::from_ref(&tx));
+                                    }
+                                    early.push_back(Event::Commit(tx));
+                                }
+                                Some(snapshot) => early.push_back(snapshot),
+                                None => open = false,
+                            },
+                        }
+                    }
+                }
                 persisted = Some(last);
                 self.durable.report(last);
                 sink.committed(&batch);
@@ -786,7 +845,9 @@ impl ChangeSink for LedgerSink {
         Ok(())
     }
 
-    fn received(&mut self, _batch: &[Transaction]) {}
+    fn live_tap(&self) -> LiveTap {
+        no_live_tap()
+    }
 
     fn committed(&mut self, _batch: &[Transaction]) {}
 

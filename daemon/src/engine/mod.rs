@@ -1919,10 +1919,10 @@ impl Engine {
         }
     }
 
-    /// Live-table updates of a batch, straight from the stream: they derive nothing the
-    /// state database keeps, so they go to clients as soon as the batch is taken, before
-    /// its state transaction (see [`crate::replication::ChangeSink::received`]). One
-    /// queue entry per client for the whole batch.
+    /// Live-table updates of transactions straight from the stream: they derive nothing
+    /// the state database keeps, so they go to clients as soon as the transactions leave
+    /// the reader, before any state transaction (see
+    /// [`crate::replication::ChangeSink::live_tap`]).
     pub fn publish_live(&self, batch: &[Transaction]) {
         if self.schema.tables.is_empty() {
             return;
@@ -2219,8 +2219,9 @@ impl crate::replication::ChangeSink for EngineSink {
         Ok(())
     }
 
-    fn received(&mut self, batch: &[Transaction]) {
-        self.engine.publish_live(batch);
+    fn live_tap(&self) -> crate::replication::LiveTap {
+        let engine = self.engine.clone();
+        Arc::new(move |batch: &[Transaction]| engine.publish_live(batch))
     }
 
     fn committed(&mut self, _batch: &[Transaction]) {
