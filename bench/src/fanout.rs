@@ -17,6 +17,8 @@ use pulse_harness::{PgCluster, Pulsed};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::ws::Ws;
+
 const SECRET: &str = "bench-secret-bench-secret-bench-secret-01";
 const ISSUER: &str = "https://symfony.bench";
 
@@ -51,11 +53,9 @@ pub fn pulsed_path() -> Result<std::path::PathBuf> {
     Ok(p)
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 /// Opens a session and waits until its subscriptions answered.
 async fn open(url: &str, hello: serde_json::Value, subs: &[serde_json::Value]) -> Result<Ws> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let mut ws = crate::ws::connect(url).await?;
     ws.send(Message::Text(hello.to_string().into())).await?;
     for s in subs {
         ws.send(Message::Text(s.to_string().into())).await?;

@@ -15,6 +15,7 @@ mod jwt;
 mod latency;
 mod presence_load;
 mod webhooks;
+mod ws;
 
 #[derive(Parser, Debug)]
 #[command(

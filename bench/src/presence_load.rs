@@ -75,9 +75,7 @@ async fn person(load: PresenceLoad, user: String, tenant: String, role: &'static
 }
 
 async fn session(load: &PresenceLoad, user: &str, tenant: &str, role: &str) -> Result<()> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(&load.url)
-        .await
-        .context("connect")?;
+    let mut ws = crate::ws::connect(&load.url).await.context("connect")?;
     let hello = json!({ "type": "hello", "protocol": 1, "token": crate::jwt::hs256(&load.secret, &load.issuer, user, tenant, role) });
     ws.send(Message::Text(hello.to_string().into())).await?;
     ws.send(Message::Text(

@@ -482,7 +482,7 @@ pub const KEYS: &[KeySpec] = &[
         "limits.live_batch_ms",
         "4",
         KeyKind::Integer,
-        "Live-table updates for one client go out at most once per this many milliseconds, together (0: each change at once); bounds the frames per client under load.",
+        "After live-table updates went out to 256 clients or more, the next ones wait this many milliseconds (after fewer clients, proportionally less) and go out together (0: each change at once); bounds the frames per second under load.",
     ),
     key(
         "jobs.enabled",

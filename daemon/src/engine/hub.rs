@@ -25,6 +25,31 @@ pub const ONLINE_METRIC: &str = "online";
 /// A session's id, unique within the process.
 pub type SessionId = u64;
 
+/// Hashes session ids (small sequential integers) with one multiply. The fan-out looks
+/// sessions up once per subscriber per change, and SipHash, the default, was a visible
+/// share of its time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SessionHasher(u64);
+
+impl std::hash::Hasher for SessionHasher {
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 29)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by session id.
+type BySession<V> = HashMap<SessionId, V, std::hash::BuildHasherDefault<SessionHasher>>;
+
 /// One live-table update ready for the wire. It is serialized once per group: `tail`
 /// (everything after the subscription id) is shared by every member of the group, and
 /// `id` (the member's subscription id, already JSON-quoted) is shared by every update of
@@ -282,7 +307,7 @@ type Effective = Option<(String, Json)>;
 /// The hub's state.
 #[derive(Default)]
 pub struct Hub {
-    sessions: HashMap<SessionId, SessionHandle>,
+    sessions: BySession<SessionHandle>,
     subs: HashMap<SessionId, HashMap<String, SubKind>>,
     /// Whose each session is (user id, or the session itself for services), so the
     /// subscription limit holds per user across their sessions.
@@ -302,9 +327,10 @@ pub struct Hub {
     pending: HashMap<(SessionId, String), Vec<Outgoing>>,
     /// Live updates of the batch being published, per session, in order; sent as one
     /// queue entry per session by [`Hub::flush_live`].
-    staged: HashMap<SessionId, Vec<UpdatePiece>>,
-    /// When staged updates last went out (see [`Hub::flush_live_within`]).
-    last_flush: Option<Instant>,
+    staged: BySession<Vec<UpdatePiece>>,
+    /// When staged updates last went out, and to how many sessions (see
+    /// [`Hub::flush_live_within`]).
+    last_flush: Option<(Instant, usize)>,
     /// tenant -> user -> tabs.
     presence: HashMap<String, HashMap<String, UserPresence>>,
     clock: u64,
@@ -321,6 +347,18 @@ pub enum SubError {
     Duplicate,
     /// The session has too many.
     TooMany(usize),
+}
+
+/// From how many sessions a flush of live updates is followed by the whole window.
+pub const FULL_WINDOW_REACH: usize = 256;
+
+/// How long live updates wait after a flush that reached `reach` sessions: the whole
+/// `window` from [`FULL_WINDOW_REACH`] sessions on, proportionally less below. The pause
+/// exists to bound frames per second under load, and a flush costs in proportion to the
+/// sessions it reaches: a flush to a handful of clients is cheap, and making them wait a
+/// whole window would only add latency.
+pub fn live_pause(window: Duration, reach: usize) -> Duration {
+    window.mul_f64((reach as f64 / FULL_WINDOW_REACH as f64).min(1.0))
 }
 
 impl Hub {
@@ -611,36 +649,43 @@ impl Hub {
                             _ => buf.push(Outgoing::Updates(vec![piece])),
                         }
                     } else {
-                        self.staged.entry(m.session).or_default().push(piece);
+                        self.staged
+                            .entry(m.session)
+                            .or_insert_with(|| Vec::with_capacity(16))
+                            .push(piece);
                     }
                 }
             }
         }
     }
 
-    /// Sends the staged live updates unless the last send was less than `window` ago;
-    /// then they stay staged and the instant they are due is returned (a later
-    /// [`Hub::flush_live`] sends them).
+    /// Sends the staged live updates unless the last send was less than its pause ago
+    /// (see [`live_pause`]); then they stay staged and the instant they are due is
+    /// returned (a later [`Hub::flush_live`] sends them).
     pub fn flush_live_within(&mut self, now: Instant, window: Duration) -> Option<Instant> {
         if self.staged.is_empty() {
             return None;
         }
-        if let Some(last) = self.last_flush
-            && now < last + window
-        {
-            return Some(last + window);
+        if let Some((last, reach)) = self.last_flush {
+            let due = last + live_pause(window, reach);
+            if now < due {
+                return Some(due);
+            }
         }
         self.flush_live();
         None
     }
 
-    /// When staged live updates may go out (the last send plus `window`); `None` when
+    /// When staged live updates may go out (the last send plus its pause); `None` when
     /// nothing is staged.
     pub fn live_due(&self, window: Duration) -> Option<Instant> {
         if self.staged.is_empty() {
             return None;
         }
-        Some(self.last_flush.map_or_else(Instant::now, |t| t + window))
+        Some(
+            self.last_flush
+                .map_or_else(Instant::now, |(t, reach)| t + live_pause(window, reach)),
+        )
     }
 
     /// Sends the staged live updates: one queue entry per session.
@@ -648,11 +693,14 @@ impl Hub {
         if self.staged.is_empty() {
             return;
         }
-        self.last_flush = Some(Instant::now());
-        let staged = std::mem::take(&mut self.staged);
-        for (session, pieces) in staged {
+        self.last_flush = Some((Instant::now(), self.staged.len()));
+        // Drained, not dropped: the table keeps its room for the next batch.
+        let mut staged = std::mem::take(&mut self.staged);
+        for (session, pieces) in staged.drain() {
             self.deliver_out(session, Outgoing::Updates(pieces));
         }
+        debug_assert!(self.staged.is_empty(), "nothing is staged while flushing");
+        self.staged = staged;
     }
 
     /// The table was truncated: every subscriber starts again from an empty result.
@@ -1166,19 +1214,22 @@ mod tests {
         hub.subscribe_live(1, "s", "m", filter("t1", None), 10).unwrap();
         hub.complete(1, "s", ServerFrame::Pong { nonce: 0 });
         let _ = a.try_recv();
-        let window = Duration::from_millis(50);
+        // One session: the pause is 1/FULL_WINDOW_REACH of the window (here 50 ms).
+        let window = Duration::from_millis(50) * FULL_WINDOW_REACH as u32;
+        let pause = live_pause(window, 1);
+        assert_eq!(pause, Duration::from_millis(50));
         let t0 = Instant::now();
         // Nothing sent yet: the first change goes out at once.
         hub.stage_live("m", "tenant_id", None, Some(row(1, "t1", "x")));
         assert_eq!(hub.flush_live_within(t0, window), None);
         assert_eq!(ops(&mut a), vec![(UpdateOp::Insert, 1)]);
-        // Within the window: staged, due at the end of the window.
+        // Within the pause: staged, due at its end.
         hub.stage_live("m", "tenant_id", None, Some(row(2, "t1", "x")));
         let due = hub.flush_live_within(Instant::now(), window).expect("waits");
-        assert!(due > Instant::now() && due <= Instant::now() + window);
+        assert!(due > Instant::now() && due <= Instant::now() + pause);
         hub.stage_live("m", "tenant_id", None, Some(row(3, "t1", "x")));
         assert!(hub.flush_live_within(Instant::now(), window).is_some());
-        assert!(a.try_recv().is_err(), "sent before its window ended");
+        assert!(a.try_recv().is_err(), "sent before its pause ended");
         // A frame for the session takes the older staged updates along, first.
         hub.deliver(1, ServerFrame::Pong { nonce: 7 });
         assert!(matches!(a.try_recv().unwrap(), Outgoing::Updates(u) if u.len() == 2));
@@ -1187,10 +1238,41 @@ mod tests {
             Outgoing::Frame(ServerFrame::Pong { nonce: 7 })
         ));
         assert_eq!(hub.live_due(window), None, "nothing left staged");
-        // Once the window is over, the next change goes out at once again.
+        // Once the pause is over, the next change goes out at once again.
         hub.stage_live("m", "tenant_id", None, Some(row(4, "t1", "x")));
-        assert_eq!(hub.flush_live_within(Instant::now() + window, window), None);
+        assert_eq!(hub.flush_live_within(Instant::now() + pause, window), None);
         assert_eq!(ops(&mut a), vec![(UpdateOp::Insert, 4)]);
+    }
+
+    #[test]
+    fn the_pause_after_a_flush_grows_with_the_sessions_it_reached() {
+        let window = Duration::from_millis(4);
+        assert_eq!(live_pause(window, 0), Duration::ZERO);
+        assert_eq!(live_pause(window, FULL_WINDOW_REACH / 4), window / 4);
+        assert_eq!(live_pause(window, FULL_WINDOW_REACH), window);
+        assert_eq!(live_pause(window, 10 * FULL_WINDOW_REACH), window);
+        // A flush to more sessions than that is followed by the whole window.
+        let mut hub = Hub::new(100, 1);
+        let n = FULL_WINDOW_REACH as u64 + 10;
+        let mut rxs: Vec<_> = (1..=n).map(|id| session(&mut hub, id)).collect();
+        for id in 1..=n {
+            hub.subscribe_live(id, "s", "m", filter("t1", None), 10).unwrap();
+            hub.complete(id, "s", ServerFrame::Pong { nonce: 0 });
+        }
+        let window = Duration::from_secs(60);
+        hub.stage_live("m", "tenant_id", None, Some(row(1, "t1", "x")));
+        let before = Instant::now();
+        assert_eq!(hub.flush_live_within(before, window), None);
+        for rx in &mut rxs {
+            let _ = rx.try_recv();
+            assert_eq!(ops(rx), vec![(UpdateOp::Insert, 1)]);
+        }
+        hub.stage_live("m", "tenant_id", None, Some(row(2, "t1", "x")));
+        let due = hub.live_due(window).expect("staged");
+        assert!(
+            due >= before + window,
+            "the whole window after a flush to {n} sessions"
+        );
     }
 
     #[test]
