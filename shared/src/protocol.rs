@@ -78,6 +78,14 @@ pub enum ClientFrame {
         /// Its arguments.
         #[serde(default)]
         args: serde_json::Value,
+        /// For mutations declared in the schema file: a key the client picks once per
+        /// intended action (1 to 128 visible ASCII characters) and sends again when it
+        /// retries, say after a reconnect. The same key from the same user with the same
+        /// mutation and arguments is answered with the first call's `message_id` and
+        /// `duplicate: true`, and nothing is sent to Symfony twice; the same key with
+        /// different arguments is refused (`invalid_argument`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
     },
     /// Presence: "I am here, looking at `resource`". Repeat within the presence TTL.
     Heartbeat {

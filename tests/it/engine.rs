@@ -242,6 +242,7 @@ impl Client {
             id: id.into(),
             name: name.into(),
             args,
+            idempotency_key: None,
         })
         .await;
         self.next().await
@@ -1338,6 +1339,7 @@ async fn notifications_from_the_source_table_arrive_live_and_expire() {
             id: "r".into(),
             name: "mark_read".into(),
             args: json!({ "ids": [id, bobs] }),
+            idempotency_key: None,
         })
         .await;
     let mut marked = None;

@@ -425,13 +425,42 @@ async fn a_join_seen_again_after_a_restart_keeps_its_message_id() {
 }
 
 async fn mutate(c: &mut Client, id: &str, args: Value) -> ServerFrame {
+    mutate_keyed(c, id, "invite_member", args, None).await
+}
+
+async fn mutate_keyed(c: &mut Client, id: &str, name: &str, args: Value, key: Option<&str>) -> ServerFrame {
     c.send(&ClientFrame::Mutate {
         id: id.into(),
-        name: "invite_member".into(),
+        name: name.into(),
         args,
+        idempotency_key: key.map(str::to_string),
     })
     .await;
     c.next().await
+}
+
+/// The `message_id` of an accepted mutation, and whether it was a duplicate.
+fn accepted(frame: ServerFrame) -> (String, bool) {
+    match frame {
+        ServerFrame::MutationResult { result, .. } => {
+            assert_eq!(result["accepted"], true, "{result}");
+            (
+                result["message_id"].as_str().unwrap().to_string(),
+                result["duplicate"] == true,
+            )
+        }
+        other => panic!("not accepted: {other:?}"),
+    }
+}
+
+fn refused_field(frame: ServerFrame) -> String {
+    match frame {
+        ServerFrame::Error { error, .. } => {
+            assert_eq!(error.code, ErrorCode::InvalidArgument, "{error:?}");
+            error.details["field"].as_str().unwrap_or_default().to_string()
+        }
+        other => panic!("not refused: {other:?}"),
+    }
 }
 
 const MUTATIONS: &str = r#"
@@ -494,6 +523,58 @@ async fn declared_mutations_are_checked_and_handed_to_symfony() {
         other => panic!("{other:?}"),
     }
     assert_eq!(outbox_rows(&db, "mutation.invite_member").await.len(), 1);
+
+    // With an idempotency key, a retry (here on a new connection, as after a reconnect)
+    // gets the first call's message_id and sends nothing more.
+    let invite = json!({"email": "yan@club.test", "full_name": "Yan"});
+    let (keyed, dup) =
+        accepted(mutate_keyed(&mut admin, "k1", "invite_member", invite.clone(), Some("inv-42")).await);
+    assert!(!dup);
+    let mut again = Client::open(&d.ws, &token("ann", Some("t1"), &["ROLE_ADMIN"])).await;
+    let (retried, dup) =
+        accepted(mutate_keyed(&mut again, "k2", "invite_member", invite.clone(), Some("inv-42")).await);
+    assert_eq!((retried.as_str(), dup), (keyed.as_str(), true));
+    // The same key with other arguments is a mistake, and says so.
+    let other = json!({"email": "yan@club.test", "full_name": "Yannick"});
+    assert_eq!(
+        refused_field(mutate_keyed(&mut again, "k3", "invite_member", other, Some("inv-42")).await),
+        "idempotency_key"
+    );
+    // Another user's key is theirs: the same text names a different action.
+    let mut ines = Client::open(&d.ws, &token("ines", Some("t1"), &["ROLE_ADMIN"])).await;
+    let (hers, dup) =
+        accepted(mutate_keyed(&mut ines, "k4", "invite_member", invite.clone(), Some("inv-42")).await);
+    assert!(!dup);
+    assert_ne!(hers, keyed);
+    // Keys that are empty, too long or not visible ASCII, and keys on built-in mutations,
+    // are refused.
+    let long = "k".repeat(129);
+    for bad in ["", long.as_str(), "clé", "a b"] {
+        assert_eq!(
+            refused_field(mutate_keyed(&mut again, "k5", "invite_member", invite.clone(), Some(bad)).await),
+            "idempotency_key",
+            "{bad:?}"
+        );
+    }
+    assert_eq!(
+        refused_field(mutate_keyed(&mut again, "k6", "mark_all_read", json!({}), Some("x")).await),
+        "idempotency_key"
+    );
+    // Symfony got each keyed action once.
+    wait_for(
+        "both keyed mutations at the broker",
+        Duration::from_secs(20),
+        || async {
+            let got = of(&seen, "mutation.invite_member");
+            (got.iter().any(|m| m.message_id == keyed) && got.iter().any(|m| m.message_id == hers))
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", d.pulsed.log()));
+    let got = of(&seen, "mutation.invite_member");
+    assert_eq!(got.iter().filter(|m| m.message_id == keyed).count(), 1);
+    assert_eq!(outbox_rows(&db, "mutation.invite_member").await.len(), 3);
     broker.cleanup().await;
 }
 

@@ -148,6 +148,7 @@ async fn engine_and_file_events_reach_the_broker_and_commands_act_on_them() {
             id: "r".into(),
             name: "mark_all_read".into(),
             args: json!({}),
+            idempotency_key: None,
         })
         .await;
     let read = event(&seen, pulsed, "notification.read", |b| b["userId"] == "alice").await;

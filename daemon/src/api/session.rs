@@ -480,10 +480,20 @@ async fn handle(
             .heartbeat(caller, &resource, state)
             .err()
             .map(|e| error_body(None, e)),
-        ClientFrame::Mutate { id, name, args } => Some(match engine.mutate(caller, &name, &args).await {
-            Ok(result) => ServerFrame::MutationResult { id, result },
-            Err(e) => error_body(Some(id), e),
-        }),
+        ClientFrame::Mutate {
+            id,
+            name,
+            args,
+            idempotency_key,
+        } => Some(
+            match engine
+                .mutate(caller, &name, &args, idempotency_key.as_deref())
+                .await
+            {
+                Ok(result) => ServerFrame::MutationResult { id, result },
+                Err(e) => error_body(Some(id), e),
+            },
+        ),
         ClientFrame::Admin { id, request } => {
             match authorize(&caller.principal, Capability::Console, &Target::default()) {
                 Decision::Allowed(_) => {

@@ -7,14 +7,43 @@
 //!
 //! Nothing is answered `accepted` before the event is durable; a mutation that fails its
 //! checks writes nothing.
+//!
+//! A client that may retry (after a reconnect, it cannot know whether its call went
+//! through) sends an idempotency key: the `message_id` is then derived from the caller,
+//! the mutation and the key instead of drawn at random, so the retry finds the first
+//! call's event in the outbox (as long as the outbox keeps it, `jobs.outbox_retention_hours`)
+//! and is answered with its `message_id` instead of sending Symfony a second event.
 
 use pulse_shared::caps::{Principal, Role};
 use pulse_shared::{ErrorBody, ErrorCode};
 use serde_json::{Value as Json, json};
+use sha2::{Digest, Sha256};
 
 use super::{Engine, err, events, internal, invalid};
 use crate::outbox::{self, OutboxEvent};
 use crate::schema::Mutation;
+
+/// The longest idempotency key taken.
+const KEY_MAX: usize = 128;
+
+/// The `message_id` of a keyed call: the same for the same caller (tenant and user),
+/// mutation and key, and for nothing else.
+fn keyed_message_id(event: &str, p: &Principal, name: &str, key: &str) -> Result<String, ErrorBody> {
+    if key.is_empty() || key.len() > KEY_MAX || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "idempotency_key",
+            format!("must be 1 to {KEY_MAX} visible ASCII characters"),
+        ));
+    }
+    let mut h = Sha256::new();
+    for part in [p.tenant.as_deref(), p.user.as_deref(), Some(name), Some(key)] {
+        // Length-prefixed, so that no two different tuples hash the same bytes.
+        let part = part.unwrap_or("\0");
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    Ok(format!("{event}:key:{}", hex::encode(&h.finalize()[..16])))
+}
 
 impl Engine {
     /// Symfony's database (the source), for reads at command time such as the users of
@@ -34,6 +63,7 @@ impl Engine {
         p: &Principal,
         m: &Mutation,
         args: &Json,
+        key: Option<&str>,
     ) -> Result<Json, ErrorBody> {
         // The schema's roles narrow who may call it; services (the deploy key) always may.
         if !p.roles.iter().any(|r| *r == Role::Service || m.roles.contains(r)) {
@@ -56,7 +86,10 @@ impl Engine {
                 ),
             ));
         }
-        let message_id = format!("{}:{}", m.event, uuid::Uuid::new_v4());
+        let message_id = match key {
+            Some(key) => keyed_message_id(m.event, p, &m.name, key)?,
+            None => format!("{}:{}", m.event, uuid::Uuid::new_v4()),
+        };
         let args = if args.is_null() { json!({}) } else { args.clone() };
         let event = OutboxEvent {
             event: m.event,
@@ -79,14 +112,41 @@ impl Engine {
         let mut db = self.state.get().await.map_err(internal)?;
         let tx = db.transaction().await.map_err(internal)?;
         let written = outbox::write(&*tx, &event).await.map_err(internal)?;
+        let first = if written {
+            None
+        } else {
+            // The same message_id is already in the outbox: a retry of a keyed call.
+            tx.query_opt(
+                "SELECT payload FROM pulse.outbox WHERE message_id = $1",
+                &[&message_id],
+            )
+            .await
+            .map_err(internal)?
+            .map(|row| row.get::<_, Json>(0))
+        };
         tx.commit().await.map_err(internal)?;
         if !written {
-            // The schema declares the mutation, so its event is sent; only a fresh key
-            // conflicting would land here.
-            return Err(internal(format!(
-                "mutation {}: its event was not written",
-                m.name
-            )));
+            return match first {
+                Some(first) if first["name"] == json!(m.name) && first["args"] == args => {
+                    tracing::debug!(mutation = %m.name, %message_id, "retried mutation answered from the outbox");
+                    Ok(json!({ "accepted": true, "message_id": message_id, "duplicate": true }))
+                }
+                Some(_) => Err(invalid(
+                    "idempotency_key",
+                    format!(
+                        "this key was already used for mutation {} with other arguments; use a new key for a new action",
+                        m.name
+                    ),
+                )),
+                // Gone between the insert and the read (pruned): nothing to compare with.
+                None => Err(err(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "mutation {}: its earlier event just left the outbox; retry",
+                        m.name
+                    ),
+                )),
+            };
         }
         tracing::debug!(mutation = %m.name, %message_id, "mutation handed to Symfony");
         Ok(json!({ "accepted": true, "message_id": message_id }))

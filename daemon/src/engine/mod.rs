@@ -958,19 +958,39 @@ impl Engine {
         Ok(())
     }
 
-    /// Handles `mutate`.
-    pub async fn mutate(&self, c: &Caller, name: &str, args: &Json) -> Result<Json, ErrorBody> {
+    /// Handles `mutate`; `key` is the client's idempotency key (declared mutations only).
+    pub async fn mutate(
+        &self,
+        c: &Caller,
+        name: &str,
+        args: &Json,
+        key: Option<&str>,
+    ) -> Result<Json, ErrorBody> {
         let started = Instant::now();
-        let r = self.mutate_inner(c, name, args).await;
+        let r = self.mutate_inner(c, name, args, key).await;
         ::metrics::histogram!("pulse_mutation_latency_seconds").record(started.elapsed().as_secs_f64());
         crate::admin::record_function("mutation", r.as_ref().err());
         r
     }
 
-    async fn mutate_inner(&self, c: &Caller, name: &str, args: &Json) -> Result<Json, ErrorBody> {
+    async fn mutate_inner(
+        &self,
+        c: &Caller,
+        name: &str,
+        args: &Json,
+        key: Option<&str>,
+    ) -> Result<Json, ErrorBody> {
         let p = &c.principal;
         if !(args.is_null() || args.is_object()) {
             return Err(invalid("args", "must be an object"));
+        }
+        if key.is_some() && !self.schema.mutations.contains_key(name) {
+            return Err(invalid(
+                "idempotency_key",
+                format!(
+                    "{name} is not a mutation declared in the schema file; only those take an idempotency key"
+                ),
+            ));
         }
         match name {
             "notify" => {
@@ -1069,7 +1089,7 @@ impl Engine {
                     .mutations
                     .get(other)
                     .ok_or_else(|| err(ErrorCode::NotFound, format!("no mutation {other:?}")))?;
-                self.forward_mutation(p, m, args).await
+                self.forward_mutation(p, m, args, key).await
             }
         }
     }
