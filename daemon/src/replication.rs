@@ -265,6 +265,44 @@ impl Default for BatchLimits {
     }
 }
 
+/// Events the loop took from the channel while a state transaction ran (already
+/// published through the tap), waiting for the next batch.
+#[derive(Default)]
+struct Early {
+    events: std::collections::VecDeque<Event>,
+    changes: usize,
+}
+
+impl Early {
+    fn push(&mut self, e: Event) {
+        if let Event::Commit(tx) = &e {
+            self.changes += tx.changes.len();
+        }
+        self.events.push_back(e);
+    }
+
+    fn pop(&mut self) -> Option<Event> {
+        let e = self.events.pop_front()?;
+        if let Event::Commit(tx) = &e {
+            self.changes -= tx.changes.len();
+        }
+        Some(e)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Whether to take more: up to one batch's worth, and nothing after a snapshot
+    /// request (it is handled on its own, after the batch before it). Beyond that the
+    /// reader waits, as it would for a full channel.
+    fn takes_more(&self, limits: &BatchLimits) -> bool {
+        self.events.len() < limits.max_transactions
+            && self.changes < limits.max_changes
+            && !matches!(self.events.back(), Some(Event::Snapshot(_)))
+    }
+}
+
 /// What the group-commit loop needs besides the sink and the channel.
 pub struct Consumer<'a> {
     /// The state database (a connection of its own: it holds the loop's transactions).
@@ -308,7 +346,7 @@ impl Consumer<'_> {
         let tap = sink.live_tap();
         // Events taken from the channel while the last state transaction ran, in order;
         // their transactions were published through the tap then.
-        let mut early: std::collections::VecDeque<Event> = std::collections::VecDeque::new();
+        let mut early = Early::default();
         // Whether the channel is still open (it closes when the reader stops).
         let mut open = true;
         loop {
@@ -320,7 +358,7 @@ impl Consumer<'_> {
                 self.refresh(sink, checkpoint).await?;
             }
             let from_early = !early.is_empty();
-            let first = match early.pop_front() {
+            let first = match early.pop() {
                 Some(e) => e,
                 None if !open => return Ok(persisted),
                 None => tokio::select! {
@@ -364,7 +402,7 @@ impl Consumer<'_> {
             };
             // What was taken early comes first, already published.
             while pending_snapshot.is_none() && !full(&batch, changes) {
-                let Some(e) = early.pop_front() else { break };
+                let Some(e) = early.pop() else { break };
                 pending_snapshot = take(e, &mut batch, &mut changes);
             }
             let published = if from_early { batch.len() } else { 0 };
@@ -394,7 +432,7 @@ impl Consumer<'_> {
                 // The state transaction; meanwhile what arrives is published at once and
                 // kept for the next batch (up to one batch of it: then the reader waits).
                 {
-                    let (state, name, max) = (&mut self.state, self.name, self.limits.max_transactions);
+                    let (state, name, limits) = (&mut self.state, self.name, self.limits);
                     let persist = async {
                         let tx = state.transaction().await?;
                         sink.apply(&batch, &tx).await?;
@@ -404,8 +442,7 @@ impl Consumer<'_> {
                     };
                     tokio::pin!(persist);
                     loop {
-                        let receiving =
-                            open && early.len() < max && !matches!(early.back(), Some(Event::Snapshot(_)));
+                        let receiving = open && early.takes_more(&limits);
                         tokio::select! {
                             biased;
                             done = &mut persist => break done?,
@@ -414,9 +451,9 @@ impl Consumer<'_> {
                                     if persisted.is_none_or(|p| tx.end_lsn > p) {
                                         tap(std::slice::from_ref(&tx));
                                     }
-                                    early.push_back(Event::Commit(tx));
+                                    early.push(Event::Commit(tx));
                                 }
-                                Some(snapshot) => early.push_back(snapshot),
+                                Some(snapshot) => early.push(snapshot),
                                 None => open = false,
                             },
                         }
