@@ -37,8 +37,9 @@ fn keyed_message_id(event: &str, p: &Principal, name: &str, key: &str) -> Result
     }
     let mut h = Sha256::new();
     for part in [p.tenant.as_deref(), p.user.as_deref(), Some(name), Some(key)] {
-        // Length-prefixed, so that no two different tuples hash the same bytes.
-        let part = part.unwrap_or("\0");
+        // Tagged and length-prefixed, so that no two different tuples hash the same bytes.
+        h.update([u8::from(part.is_some())]);
+        let part = part.unwrap_or_default();
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
