@@ -110,8 +110,10 @@ impl Drop for Mapping {
 }
 
 /// Bytes `range` of `file` as one `Bytes` backed by a read-only mapping, registered for
-/// [`ZeroCopyStream`]. Fails when the file is shorter than `range.end`.
-pub fn map_range(file: File, range: std::ops::Range<u64>) -> io::Result<Bytes> {
+/// [`ZeroCopyStream`]. Fails with [`io::ErrorKind::UnexpectedEof`] when the file is
+/// shorter than `range.end`, and with the system's error when it cannot be mapped (a
+/// file system without shared mappings); the caller can then read it instead.
+pub fn map_range(file: &File, range: std::ops::Range<u64>) -> io::Result<Bytes> {
     let size = file.metadata()?.len();
     if size < range.end {
         return Err(io::Error::new(
@@ -136,11 +138,20 @@ pub fn map_range(file: File, range: std::ops::Range<u64>) -> io::Result<Bytes> {
             map_len,
             nix::sys::mman::ProtFlags::PROT_READ,
             nix::sys::mman::MapFlags::MAP_SHARED,
-            &file,
+            file,
             base_offset as i64,
         )
     }
     .map_err(io::Error::from)?;
+    // The registry's own handle (the caller keeps its own); on failure, unmap again.
+    let file = match file.try_clone() {
+        Ok(f) => f,
+        Err(e) => {
+            // SAFETY: just mapped, and nothing points into it yet.
+            let _ = unsafe { nix::sys::mman::munmap(base, map_len.get()) };
+            return Err(e);
+        }
+    };
     // SAFETY: `lead < map_len`.
     let data = unsafe { base.as_ptr().cast::<u8>().add(lead) }.cast_const();
     {
@@ -308,15 +319,21 @@ mod tests {
         let len = data.len() as u64;
         let live = LIVE.load(Ordering::Relaxed);
         for range in [0..len, 1..len - 1, 4095..4097, 5..6, 0..0, len..len] {
-            let b = map_range(File::open(&path).unwrap(), range.clone()).unwrap();
+            let b = map_range(&File::open(&path).unwrap(), range.clone()).unwrap();
             assert_eq!(
                 &b[..],
                 &data[range.start as usize..range.end as usize],
                 "{range:?}"
             );
         }
-        let err = map_range(File::open(&path).unwrap(), 10..len + 5).unwrap_err();
+        let err = map_range(&File::open(&path).unwrap(), 10..len + 5).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         assert!(err.to_string().contains("shorter"), "{err}");
+        // A file that cannot be mapped (here: open for writing only) fails with another
+        // kind, which tells the caller to read it instead.
+        let write_only = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let err = map_range(&write_only, 0..len).unwrap_err();
+        assert_ne!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
         // Every mapping left the registry with its last reference.
         assert!(LIVE.load(Ordering::Relaxed) <= live);
     }
@@ -335,7 +352,7 @@ mod tests {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut stream = ZeroCopyStream::new(tcp);
         let start = 1000u64;
-        let body = map_range(File::open(&path).unwrap(), start..data.len() as u64).unwrap();
+        let body = map_range(&File::open(&path).unwrap(), start..data.len() as u64).unwrap();
         let before = sendfile_bytes();
         // A header, then the mapped body: what hyper hands over.
         let mut parts = [Bytes::from_static(b"HEAD\r\n"), body.clone()];

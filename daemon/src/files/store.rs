@@ -225,8 +225,16 @@ impl Backend {
         let served = result.range.clone();
         match result.payload {
             GetResultPayload::File(file, _) if mapped => {
-                let body = crate::zerocopy::map_range(file, served)?;
-                Ok(futures_util::stream::once(std::future::ready(Ok(body))).boxed())
+                match crate::zerocopy::map_range(&file, served.clone()) {
+                    Ok(body) => Ok(futures_util::stream::once(std::future::ready(Ok(body))).boxed()),
+                    // Short: refused before any byte of the answer goes out.
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(e.into()),
+                    // A file system that cannot map it: read it instead.
+                    Err(e) => {
+                        tracing::debug!(key, error = %e, "cannot map a stored file; reading it");
+                        Ok(read_ahead(file, served).boxed())
+                    }
+                }
             }
             // A local file: read in large chunks (rather than object_store's small ones) on
             // a blocking thread that reads ahead of the consumer, so reading the next chunk
