@@ -308,10 +308,10 @@ type Effective = Option<(String, Json)>;
 #[derive(Default)]
 pub struct Hub {
     sessions: BySession<SessionHandle>,
-    subs: HashMap<SessionId, HashMap<String, SubKind>>,
+    subs: BySession<HashMap<String, SubKind>>,
     /// Whose each session is (user id, or the session itself for services), so the
     /// subscription limit holds per user across their sessions.
-    user_of: HashMap<SessionId, String>,
+    user_of: BySession<String>,
     /// Subscriptions per user.
     per_user: HashMap<String, usize>,
     /// Next update position.
@@ -666,14 +666,18 @@ impl Hub {
         if self.staged.is_empty() {
             return None;
         }
-        if let Some((last, reach)) = self.last_flush {
-            let due = last + live_pause(window, reach);
-            if now < due {
-                return Some(due);
-            }
+        if let Some(due) = self.pause_end(window)
+            && now < due
+        {
+            return Some(due);
         }
         self.flush_live();
         None
+    }
+
+    /// When the pause after the last flush ends; `None` before the first flush.
+    fn pause_end(&self, window: Duration) -> Option<Instant> {
+        self.last_flush.map(|(t, reach)| t + live_pause(window, reach))
     }
 
     /// When staged live updates may go out (the last send plus its pause); `None` when
@@ -682,10 +686,7 @@ impl Hub {
         if self.staged.is_empty() {
             return None;
         }
-        Some(
-            self.last_flush
-                .map_or_else(Instant::now, |(t, reach)| t + live_pause(window, reach)),
-        )
+        Some(self.pause_end(window).unwrap_or_else(Instant::now))
     }
 
     /// Sends the staged live updates: one queue entry per session.
