@@ -14,8 +14,9 @@
 //! stored file and of its folder before it counts as done (the bench does the syncs,
 //! which really write nginx's bytes to the disk). The summary's upload ratio is against
 //! the latter; the line before it also gives the ratio against nginx without syncs.
-//! Every timed phase starts after a `sync`, so no phase pays for the writeback of
-//! another's dirty pages.
+//! Every timed upload phase starts after a `sync`, so no phase pays for the writeback of
+//! another's dirty pages, and the files are uploaded in rounds whose order of sides flips
+//! each time ([`ROUNDS`]), so neither side always goes first.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,8 +34,23 @@ const MB: usize = 1024 * 1024;
 
 /// Runs the benchmark and prints its summary line last.
 pub async fn run(quick: bool) -> Result<()> {
-    let per_size = if quick { 20 } else { 100 };
-    let sizes = [MB, 20 * MB];
+    let mut per_size = if quick { 20 } else { 100 };
+    let mut sizes = vec![MB, 20 * MB];
+    // Overrides for exploring one part of the workload (the figures that count are from
+    // the defaults): how many files of each size, and which sizes (in MB, comma-separated).
+    if let Some(n) = std::env::var("PULSE_BENCH_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        per_size = n;
+    }
+    if let Ok(list) = std::env::var("PULSE_BENCH_FILE_SIZES") {
+        sizes = list
+            .split(',')
+            .map(|s| s.trim().parse::<usize>().map(|mb| mb.clamp(1, 20) * MB))
+            .collect::<Result<_, _>>()
+            .context("PULSE_BENCH_FILE_SIZES: sizes in MB (1 to 20), comma-separated")?;
+    }
     let work = tempfile::Builder::new().prefix("pulse-bench-files-").tempdir()?;
 
     let pulsed_bin = sibling("pulsed")?;
@@ -71,53 +87,78 @@ pub async fn run(quick: bool) -> Result<()> {
     for size in sizes {
         let files: Vec<Bytes> = (0..per_size).map(|i| distinct(&base, size, i)).collect();
         let bytes = (size * per_size) as f64;
+        let rounds = rounds(per_size, if quick { 2 } else { ROUNDS });
+        let mut t = Totals::default();
 
-        settle().await;
-        let t = Instant::now();
-        run_all(files.iter().enumerate(), |(i, body)| {
-            nginx_put(&http, &nginx, format!("{size}-{i}.bin"), body.clone(), false)
-        })
-        .await?;
-        let nginx_up = t.elapsed().as_secs_f64();
+        let mut ids = Vec::with_capacity(per_size);
+        for (round, range) in rounds.iter().enumerate() {
+            let mut order = [Upload::Nginx, Upload::NginxSynced, Upload::Pulse];
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for side in order {
+                settle(&format!(
+                    "{} MB files, round {}, {}",
+                    size / MB,
+                    round + 1,
+                    side.name()
+                ))
+                .await;
+                let start = Instant::now();
+                let range = range.clone();
+                match side {
+                    Upload::Nginx | Upload::NginxSynced => {
+                        let synced = side == Upload::NginxSynced;
+                        let prefix = if synced { "synced-" } else { "" };
+                        run_all(range, |i| {
+                            let name = format!("{prefix}{size}-{i}.bin");
+                            nginx_put(&http, &nginx, name, files[i].clone(), synced)
+                        })
+                        .await?;
+                    }
+                    Upload::Pulse => {
+                        ids.extend(
+                            run_all(range, |i| pulse_put(&http, &pulsed.http, files[i].clone())).await?,
+                        );
+                    }
+                }
+                let took = start.elapsed().as_secs_f64();
+                match side {
+                    Upload::Nginx => t.nginx_up += took,
+                    Upload::NginxSynced => t.nginx_synced_up += took,
+                    Upload::Pulse => t.pulse_up += took,
+                }
+            }
+        }
 
-        settle().await;
-        let t = Instant::now();
-        run_all(files.iter().enumerate(), |(i, body)| {
-            nginx_put(
-                &http,
-                &nginx,
-                format!("synced-{size}-{i}.bin"),
-                body.clone(),
-                true,
-            )
-        })
-        .await?;
-        let nginx_synced_up = t.elapsed().as_secs_f64();
-
-        settle().await;
-        let t = Instant::now();
-        let ids = run_all(files.iter().cloned(), |body| pulse_put(&http, &pulsed.http, body)).await?;
-        let pulse_up = t.elapsed().as_secs_f64();
-
-        settle().await;
-        let t = Instant::now();
-        run_all(0..per_size, |i| {
-            get_len(&http, format!("{}/files/{size}-{i}.bin", nginx.url), None, size)
-        })
-        .await?;
-        let nginx_down = t.elapsed().as_secs_f64();
-
-        let t = Instant::now();
-        run_all(ids.iter().cloned(), |id| {
-            get_len(
-                &http,
-                format!("{}/files/{id}", pulsed.http),
-                Some(DEPLOY_KEY),
-                size,
-            )
-        })
-        .await?;
-        let pulse_down = t.elapsed().as_secs_f64();
+        settle(&format!("{} MB files, downloads", size / MB)).await;
+        for (round, range) in rounds.iter().enumerate() {
+            for pulse in [round % 2 == 1, round % 2 == 0] {
+                let start = Instant::now();
+                if pulse {
+                    run_all(range.clone(), |i| {
+                        let url = format!("{}/files/{}", pulsed.http, ids[i]);
+                        get_len(&http, url, Some(DEPLOY_KEY), size)
+                    })
+                    .await?;
+                    t.pulse_down += start.elapsed().as_secs_f64();
+                } else {
+                    run_all(range.clone(), |i| {
+                        get_len(&http, format!("{}/files/{size}-{i}.bin", nginx.url), None, size)
+                    })
+                    .await?;
+                    t.nginx_down += start.elapsed().as_secs_f64();
+                }
+            }
+        }
+        let Totals {
+            pulse_up,
+            pulse_down,
+            nginx_up,
+            nginx_synced_up,
+            nginx_down,
+            ..
+        } = t;
 
         let mb = bytes / 1e6;
         println!(
@@ -159,6 +200,40 @@ pub async fn run(quick: bool) -> Result<()> {
     Ok(())
 }
 
+/// How many rounds each size's files are split into. Within a round each side uploads
+/// (and then downloads) its share of the files; the order of the sides flips from one
+/// round to the next (A B, B A, ...), so a drift of the machine over the run (the page
+/// cache growing into memory the host has not backed yet, writeback, a neighbour) weighs
+/// on pulsed and nginx alike instead of on whichever would otherwise go last.
+const ROUNDS: usize = 4;
+
+/// `n` file indexes in `rounds` consecutive ranges (fewer when there are fewer files).
+fn rounds(n: usize, rounds: usize) -> Vec<std::ops::Range<usize>> {
+    let chunk = n.div_ceil(rounds.max(1)).max(1);
+    (0..n).step_by(chunk).map(|s| s..(s + chunk).min(n)).collect()
+}
+
+/// The three ways a round's files are uploaded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Upload {
+    /// nginx's WebDAV PUT as nginx does it (no sync).
+    Nginx,
+    /// nginx's PUT followed by the syncs pulsed makes: the anchor.
+    NginxSynced,
+    /// pulsed: upload URL, then PUT.
+    Pulse,
+}
+
+impl Upload {
+    fn name(self) -> &'static str {
+        match self {
+            Upload::Nginx => "nginx upload",
+            Upload::NginxSynced => "nginx synced upload",
+            Upload::Pulse => "pulsed upload",
+        }
+    }
+}
+
 #[derive(Default)]
 struct Totals {
     bytes: f64,
@@ -170,9 +245,10 @@ struct Totals {
 }
 
 /// Writes every dirty page back before a timed phase, so a phase never pays for the
-/// writeback of the one before it.
-async fn settle() {
+/// writeback of the one before it; then names the phase on stderr (for profiling one).
+async fn settle(phase: &str) {
     let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
+    eprintln!("phase: {phase}");
 }
 
 /// The binary `name` next to this one (both come from the same `cargo build`).
@@ -395,5 +471,19 @@ impl Drop for Nginx {
             nix::sys::signal::Signal::SIGQUIT,
         );
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rounds;
+
+    #[test]
+    fn rounds_cover_every_file_once_in_order() {
+        assert_eq!(rounds(100, 4), vec![0..25, 25..50, 50..75, 75..100]);
+        assert_eq!(rounds(10, 4), vec![0..3, 3..6, 6..9, 9..10]);
+        assert_eq!(rounds(3, 4), vec![0..1, 1..2, 2..3]);
+        assert_eq!(rounds(0, 4), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(rounds(5, 0), vec![0..5]);
     }
 }

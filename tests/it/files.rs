@@ -926,6 +926,39 @@ async fn identical_content_is_stored_once_per_tenant() {
 }
 
 #[tokio::test]
+async fn concurrent_uploads_of_the_same_content_store_it_once() {
+    let env = Env::start("files_dedup_race", &[]).await;
+    let body = text(200_000, 7);
+    let names: Vec<String> = (0..8).map(|i| format!("copy-{i}.txt")).collect();
+    let uploads = names
+        .iter()
+        .map(|n| env.upload("club-a", n, "text/plain", body.clone()));
+    let files = futures_util::future::join_all(uploads).await;
+    let ids: std::collections::HashSet<String> = files
+        .iter()
+        .map(|f| f["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 8, "eight files");
+    assert_eq!(env.objects().len(), 1, "one stored object for the eight");
+    assert_eq!(
+        env.usage("club-a").await,
+        (200_000, 0),
+        "counted once, nothing left reserved"
+    );
+    for id in &ids {
+        let r = env.get(id, "club-a").await;
+        assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..]);
+    }
+    // Deleting them all, concurrently, frees the content exactly once.
+    let deletes = ids.iter().map(|id| env.file(Method::DELETE, id, "club-a").send());
+    for r in futures_util::future::join_all(deletes).await {
+        assert_eq!(r.unwrap().status(), StatusCode::NO_CONTENT);
+    }
+    assert_eq!(env.usage("club-a").await, (0, 0));
+    assert!(env.objects().is_empty(), "the object is gone with its last file");
+}
+
+#[tokio::test]
 async fn path_tricks_in_names_give_safe_names_and_dispositions() {
     let env = Env::start("files_names", &[]).await;
     let long = format!("{}.txt", "x".repeat(5000));

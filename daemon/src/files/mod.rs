@@ -30,6 +30,7 @@ use pulse_shared::caps::{Capability, Decision, Principal, Role, Target, authoriz
 use pulse_shared::{ErrorBody, ErrorCode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::App;
@@ -481,26 +482,27 @@ pub async fn create_upload_ticket(
     // A ticket lost in a crash is simply asked for again: its commit need not wait for
     // the disk.
     let tx = client.transaction().await?;
-    tx.batch_execute("SET LOCAL synchronous_commit TO off").await?;
-    tx
-        .execute(
-            &tx.prepare_cached("INSERT INTO pulse.upload_tickets
+    let insert = tx.prepare_cached("INSERT INTO pulse.upload_tickets
                 (id, tenant, owner, name, max_bytes, content_types, public, attached_table, attached_id, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10))").await?,
-            &[
-                &id,
-                &tenant,
-                &owner,
-                &name,
-                &(limit as i64),
-                &vec![content_type.clone()],
-                &request.public,
-                &att_table,
-                &att_id,
-                &(expires as f64),
-            ],
-        )
-        .await?;
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10))").await?;
+    let (max_bytes, types, expires_f) = (limit as i64, vec![content_type.clone()], expires as f64);
+    let params: [&(dyn ToSql + Sync); 10] = [
+        &id,
+        &tenant,
+        &owner,
+        &name,
+        &max_bytes,
+        &types,
+        &request.public,
+        &att_table,
+        &att_id,
+        &expires_f,
+    ];
+    // Sent together (pipelined): one round trip for both.
+    futures_util::try_join!(
+        tx.batch_execute("SET LOCAL synchronous_commit TO off"),
+        tx.execute(&insert, &params),
+    )?;
     tx.commit().await?;
     let sig = app.files.sign("upload", id, expires);
     let path = format!("/files/upload/{id}?expires={expires}&sig={sig}");
@@ -711,21 +713,22 @@ where
     // No need to wait for this commit to reach disk: the upload's final commit flushes
     // the WAL up to and including it, and a claim lost in a crash only means the ticket
     // could be used once more for an upload that never completed.
-    tx.batch_execute("SET LOCAL synchronous_commit TO off").await?;
-    let row = tx
-        .query_opt(
-            &tx.prepare_cached(
-                "UPDATE pulse.upload_tickets SET used_at = now()
+    let claim = tx
+        .prepare_cached(
+            "UPDATE pulse.upload_tickets SET used_at = now()
               WHERE id = $1 AND used_at IS NULL AND expires_at > now()
           RETURNING tenant, owner, name, max_bytes, content_types, public, attached_table, attached_id",
-            )
-            .await?,
-            &[&ticket],
         )
-        .await?
-        .ok_or_else(|| {
-            FileError::UrlExpired("this upload URL was already used or has expired: ask for a new one".into())
-        })?;
+        .await?;
+    // Pipelined: one round trip for both.
+    let params: [&(dyn ToSql + Sync); 1] = [&ticket];
+    let ((), row) = futures_util::try_join!(
+        tx.batch_execute("SET LOCAL synchronous_commit TO off"),
+        tx.query_opt(&claim, &params),
+    )?;
+    let row = row.ok_or_else(|| {
+        FileError::UrlExpired("this upload URL was already used or has expired: ask for a new one".into())
+    })?;
     let tenant: String = row.get(0);
     let limit = row.get::<_, i64>(3) as u64;
     if let Some(len) = content_length
@@ -801,23 +804,32 @@ async fn reserve_quota(
     ticket: Uuid,
 ) -> Result<(), FileError> {
     // One conditional upsert: the row lock makes concurrent reservations queue, and each
-    // re-checks against the others' bytes, so the quota cannot be passed together.
+    // re-checks against the others' bytes, so the quota cannot be passed together. The
+    // ticket records what it holds in the same statement: the tenant's usage row stays
+    // locked (every upload of the tenant waits on it) for this statement and the commit.
     let quota_i = quota.map(|q| q as i64);
-    let reserved = tx
-        .query_opt(
+    let reserved: bool = tx
+        .query_one(
             &tx.prepare_cached(
-                "INSERT INTO pulse.storage_usage AS u (tenant, reserved_bytes)
-                  SELECT $1, $2 WHERE $3::bigint IS NULL OR $2 <= $3
-             ON CONFLICT (tenant) DO UPDATE
-                    SET reserved_bytes = u.reserved_bytes + EXCLUDED.reserved_bytes, updated_at = now()
-                  WHERE $3::bigint IS NULL OR u.used_bytes + u.reserved_bytes + EXCLUDED.reserved_bytes <= $3
-             RETURNING u.used_bytes",
+                "WITH u AS (
+                 INSERT INTO pulse.storage_usage AS u (tenant, reserved_bytes)
+                      SELECT $1, $2 WHERE $3::bigint IS NULL OR $2 <= $3
+                 ON CONFLICT (tenant) DO UPDATE
+                        SET reserved_bytes = u.reserved_bytes + EXCLUDED.reserved_bytes, updated_at = now()
+                      WHERE $3::bigint IS NULL OR u.used_bytes + u.reserved_bytes + EXCLUDED.reserved_bytes <= $3
+                 RETURNING 1),
+             t AS (
+                 UPDATE pulse.upload_tickets SET reserved_bytes = $2
+                  WHERE id = $4 AND EXISTS (SELECT 1 FROM u)
+                 RETURNING 1)
+             SELECT EXISTS (SELECT 1 FROM t)",
             )
             .await?,
-            &[&tenant, &(bytes as i64), &quota_i],
+            &[&tenant, &(bytes as i64), &quota_i, &ticket],
         )
-        .await?;
-    if reserved.is_none() {
+        .await?
+        .get(0);
+    if !reserved {
         let used: i64 = tx
             .query_opt(
                 &tx.prepare_cached(
@@ -836,12 +848,6 @@ async fn reserve_quota(
             wanted: bytes,
         });
     }
-    tx.execute(
-        &tx.prepare_cached("UPDATE pulse.upload_tickets SET reserved_bytes = $2 WHERE id = $1")
-            .await?,
-        &[&ticket, &(bytes as i64)],
-    )
-    .await?;
     Ok(())
 }
 
@@ -1050,38 +1056,61 @@ where
     }
 
     let id = Uuid::new_v4();
-    let tx = client.transaction().await?;
-    let before: i64 = tx
-        .query_one(
-            &tx.prepare_cached("SELECT used_bytes FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE")
-                .await?,
-            &[&tenant],
-        )
-        .await?
-        .get(0);
-    let blob = tx
-        .query_opt(
-            &tx.prepare_cached(
-                "SELECT storage_key FROM pulse.file_blobs WHERE tenant = $1 AND sha256 = $2 FOR UPDATE",
-            )
-            .await?,
-            &[&tenant, &sha],
+    // The tenant's usage row is locked first (deletions take it first too) and held to
+    // the commit, so every upload and deletion of the tenant passes this point one at a
+    // time: the statements below are pipelined, three round trips in all while it is held.
+    let lock_usage = client
+        .prepare_cached("SELECT used_bytes FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE")
+        .await?;
+    let lock_blob = client
+        .prepare_cached(
+            "SELECT storage_key FROM pulse.file_blobs WHERE tenant = $1 AND sha256 = $2 FOR UPDATE",
         )
         .await?;
+    let insert_blob = client
+        .prepare_cached(
+            "INSERT INTO pulse.file_blobs (tenant, sha256, size, storage_key, key_id) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .await?;
+    // The ticket gives back what it holds (if it still holds it: a release never runs
+    // twice) and the usage takes the stored bytes, in one statement.
+    let settle_usage = client
+        .prepare_cached(
+            "WITH t AS (
+                 UPDATE pulse.upload_tickets SET reserved_bytes = 0, file_id = $2
+                  WHERE id = $1 AND reserved_bytes = $3
+                 RETURNING reserved_bytes)
+             UPDATE pulse.storage_usage
+                SET used_bytes = used_bytes + $5,
+                    reserved_bytes = greatest(reserved_bytes - CASE WHEN EXISTS (SELECT 1 FROM t) THEN $3 ELSE 0 END, 0),
+                    updated_at = now()
+              WHERE tenant = $4",
+        )
+        .await?;
+    let insert_file = client
+        .prepare_cached(
+            "INSERT INTO pulse.files (id, tenant, owner, name, content_type, size, sha256, public, attached_table, attached_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             RETURNING to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+        )
+        .await?;
+    let tx = client.transaction().await?;
+    let (usage_key, blob_key): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 2]) =
+        ([&tenant], [&tenant, &sha]);
+    let (before, blob) = futures_util::try_join!(
+        tx.query_one(&lock_usage, &usage_key),
+        tx.query_opt(&lock_blob, &blob_key),
+    )?;
+    let before: i64 = before.get(0);
     let mut added: i64 = 0;
     match blob {
         None => {
-            // Not stored (or deleted since we looked): store ours now.
+            // Not stored (or deleted since we looked): ours is stored now, and its row is
+            // written with the others below.
             if !committed {
                 files.backend.commit(&staged_path, &key).await?;
                 guard.0 = None;
             }
-            tx
-        .execute(
-            &tx.prepare_cached("INSERT INTO pulse.file_blobs (tenant, sha256, size, storage_key, key_id) VALUES ($1, $2, $3, $4, $5)").await?,
-                &[&tenant, &sha, &(total as i64), &key, &key_id],
-            )
-            .await?;
             added = total as i64;
         }
         Some(existing) => {
@@ -1092,30 +1121,34 @@ where
             }
         }
     }
-    let released = tx
-        .query_opt(
-            &tx.prepare_cached("UPDATE pulse.upload_tickets SET reserved_bytes = 0, file_id = $2 WHERE id = $1 AND reserved_bytes = $3 RETURNING 1").await?,
-            &[&ticket, &id, &(reservation.bytes as i64)],
-        )
-        .await?
-        .map(|_| reservation.bytes as i64)
-        .unwrap_or(0);
-    tx
-        .execute(
-            &tx.prepare_cached("UPDATE pulse.storage_usage
-            SET used_bytes = used_bytes + $2, reserved_bytes = greatest(reserved_bytes - $3, 0), updated_at = now()
-          WHERE tenant = $1").await?,
-        &[&tenant, &added, &released],
-    )
-    .await?;
-    let row = tx
-        .query_one(
-            &tx.prepare_cached("INSERT INTO pulse.files (id, tenant, owner, name, content_type, size, sha256, public, attached_table, attached_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-             RETURNING to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')").await?,
-            &[&id, &tenant, &owner, &name, &content_type, &(total as i64), &sha, &public, &att_table, &att_id],
-        )
-        .await?;
+    let size = total as i64;
+    let reserved = reservation.bytes as i64;
+    let blob_row: [&(dyn ToSql + Sync); 5] = [&tenant, &sha, &size, &key, &key_id];
+    let usage_row: [&(dyn ToSql + Sync); 5] = [&ticket, &id, &reserved, &tenant, &added];
+    let file_row: [&(dyn ToSql + Sync); 10] = [
+        &id,
+        &tenant,
+        &owner,
+        &name,
+        &content_type,
+        &size,
+        &sha,
+        &public,
+        &att_table,
+        &att_id,
+    ];
+    // In the order sent: the blob's row before the file's that refers to it.
+    let (_, _, row) = futures_util::try_join!(
+        async {
+            if added > 0 {
+                tx.execute(&insert_blob, &blob_row).await
+            } else {
+                Ok(0)
+            }
+        },
+        tx.execute(&settle_usage, &usage_row),
+        tx.query_one(&insert_file, &file_row),
+    )?;
     let created_at: String = row.get(0);
     crate::outbox::write(
         &*tx,
