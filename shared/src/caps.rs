@@ -66,6 +66,9 @@ pub enum Capability {
     SeeMetrics,
     /// Read a live table (the schema file further limits which roles may read which table).
     ReadLiveTable,
+    /// Call a mutation declared in the schema file (which lists the roles that may call
+    /// it). Not a row of DESIGN.md's table: its cells follow "read a live table".
+    CallMutation,
     /// Upload files.
     UploadFiles,
     /// Read (download) a file.
@@ -86,13 +89,14 @@ pub enum Capability {
 
 impl Capability {
     /// Every capability, in matrix row order.
-    pub const ALL: [Capability; 14] = [
+    pub const ALL: [Capability; 15] = [
         Capability::PublishPresence,
         Capability::SeePresence,
         Capability::ReadOwnNotifications,
         Capability::SendNotifications,
         Capability::SeeMetrics,
         Capability::ReadLiveTable,
+        Capability::CallMutation,
         Capability::UploadFiles,
         Capability::ReadFile,
         Capability::DeleteFile,
@@ -151,6 +155,9 @@ pub const fn scope_of(role: Role, capability: Capability) -> Scope {
         (C::ReadLiveTable, R::PlatformAdmin | R::TenantAdmin | R::Staff) => S::OwnTenant,
         (C::ReadLiveTable, R::Member) => S::OwnTenantOwnedRows,
 
+        (C::CallMutation, R::Service) => S::Any,
+        (C::CallMutation, _) => S::OwnTenant,
+
         (C::UploadFiles, R::Service) => S::Any,
         (C::UploadFiles, _) => S::OwnTenant,
 
@@ -197,6 +204,10 @@ pub struct Target<'a> {
     pub owner: Option<&'a str>,
     /// Whether the thing is public within its tenant (files).
     pub public: bool,
+    /// The roles the schema file lists for the live table or mutation at hand. They narrow
+    /// the matrix: a role not listed has no part in the decision (services always have).
+    /// `None` where the schema has no say.
+    pub listed: Option<&'a [Role]>,
 }
 
 /// The verdict of [`authorize`]: the widest scope that allowed it, so that callers that
@@ -218,6 +229,8 @@ pub enum DenyReason {
     Tenant,
     /// The roles have it, but only for the principal's own things.
     Owner,
+    /// The roles that have it are not among those the schema file lists for this.
+    NotListed,
 }
 
 impl DenyReason {
@@ -227,6 +240,17 @@ impl DenyReason {
             DenyReason::Role => "none of your roles may do this",
             DenyReason::Tenant => "this belongs to another tenant",
             DenyReason::Owner => "you may only do this for what is yours",
+            DenyReason::NotListed => "the schema file lists none of your roles for this",
+        }
+    }
+
+    /// How much the reason says: a tenant or owner mismatch says more than a role the
+    /// schema does not list, which says more than no role at all.
+    const fn weight(self) -> u8 {
+        match self {
+            DenyReason::Role => 0,
+            DenyReason::NotListed => 1,
+            DenyReason::Tenant | DenyReason::Owner => 2,
         }
     }
 }
@@ -266,18 +290,26 @@ fn cell_allows(principal: &Principal, scope: Scope, target: &Target<'_>) -> Resu
 
 /// The one permission check. A principal with several roles is allowed when any role
 /// allows; the returned scope is the first allowing role's, in matrix column order, so the
-/// widest wins.
+/// widest wins. Where the schema file lists roles ([`Target::listed`]), only those roles
+/// (and services) count, so the scope is the widest listed role's.
 pub fn authorize(principal: &Principal, capability: Capability, target: &Target<'_>) -> Decision {
     let mut roles = principal.roles.clone();
     roles.sort();
     let mut reason = DenyReason::Role;
     for role in roles {
         let scope = scope_of(role, capability);
-        match cell_allows(principal, scope, target) {
+        let unlisted = target
+            .listed
+            .is_some_and(|listed| role != Role::Service && !listed.contains(&role));
+        let verdict = match cell_allows(principal, scope, target) {
+            Ok(()) if unlisted => Err(DenyReason::NotListed),
+            Err(DenyReason::Tenant | DenyReason::Owner) if unlisted => Err(DenyReason::NotListed),
+            v => v,
+        };
+        match verdict {
             Ok(()) => return Decision::Allowed(scope),
-            // Keep the most specific reason: a tenant or owner mismatch says more than
-            // "no role".
-            Err(r) if r != DenyReason::Role => reason = r,
+            // Keep the reason that says most (the last of equal weight).
+            Err(r) if r.weight() >= reason.weight() => reason = r,
             Err(_) => {}
         }
     }
@@ -301,7 +333,7 @@ mod tests {
     fn every_cell_matches_the_design() {
         use Capability as C;
         use Scope as S;
-        let expected: [(Capability, [Scope; 5]); 14] = [
+        let expected: [(Capability, [Scope; 5]); 15] = [
             (C::PublishPresence, [S::Own, S::Own, S::Own, S::Own, S::Denied]),
             (
                 C::SeePresence,
@@ -328,6 +360,10 @@ mod tests {
                     S::OwnTenantOwnedRows,
                     S::Any,
                 ],
+            ),
+            (
+                C::CallMutation,
+                [S::OwnTenant, S::OwnTenant, S::OwnTenant, S::OwnTenant, S::Any],
             ),
             (
                 C::UploadFiles,
@@ -372,6 +408,7 @@ mod tests {
             tenant: Some("t2"),
             owner: Some("u1"),
             public: true,
+            listed: None,
         };
         for cap in Capability::ALL {
             for role in [Role::TenantAdmin, Role::Staff, Role::Member] {
@@ -395,6 +432,7 @@ mod tests {
             tenant: Some("t1"),
             owner: Some("u1"),
             public: false,
+            listed: None,
         };
         let theirs = Target {
             owner: Some("u2"),
@@ -429,6 +467,69 @@ mod tests {
     }
 
     #[test]
+    fn roles_the_schema_does_not_list_take_no_part() {
+        let own = |listed: &'static [Role]| Target {
+            tenant: Some("t1"),
+            listed: Some(listed),
+            ..Target::default()
+        };
+        let staff = who(Role::Staff);
+        for cap in [Capability::ReadLiveTable, Capability::CallMutation] {
+            assert!(authorize(&staff, cap, &own(&[Role::Staff])).is_allowed());
+            assert_eq!(
+                authorize(&staff, cap, &own(&[Role::Member])),
+                Decision::Denied(DenyReason::NotListed),
+                "{cap:?}"
+            );
+            assert_eq!(
+                authorize(&staff, cap, &own(&[])),
+                Decision::Denied(DenyReason::NotListed)
+            );
+            // Services are never narrowed by the schema.
+            assert!(authorize(&who(Role::Service), cap, &own(&[])).is_allowed());
+            // Listed, but another tenant's: the tenant is the reason.
+            let other = Target {
+                tenant: Some("t2"),
+                ..own(&[Role::Staff])
+            };
+            assert_eq!(
+                authorize(&staff, cap, &other),
+                Decision::Denied(DenyReason::Tenant)
+            );
+        }
+        // A staff member who is also a member, on a table only members read: the member's
+        // scope (own rows), not the staff's (the whole tenant).
+        let both = Principal {
+            roles: vec![Role::Member, Role::Staff],
+            ..who(Role::Member)
+        };
+        assert_eq!(
+            authorize(&both, Capability::ReadLiveTable, &own(&[Role::Member])),
+            Decision::Allowed(Scope::OwnTenantOwnedRows)
+        );
+        assert_eq!(
+            authorize(
+                &both,
+                Capability::ReadLiveTable,
+                &own(&[Role::Member, Role::Staff])
+            ),
+            Decision::Allowed(Scope::OwnTenant)
+        );
+        // Capabilities the schema has no say in are unchanged.
+        assert!(
+            authorize(
+                &staff,
+                Capability::SeeMetrics,
+                &Target {
+                    tenant: Some("t1"),
+                    ..Target::default()
+                }
+            )
+            .is_allowed()
+        );
+    }
+
+    #[test]
     fn several_roles_take_the_widest() {
         let p = Principal {
             user: Some("u1".into()),
@@ -439,6 +540,7 @@ mod tests {
             tenant: Some("t1"),
             owner: Some("u2"),
             public: false,
+            listed: None,
         };
         assert_eq!(
             authorize(&p, Capability::DeleteFile, &theirs),

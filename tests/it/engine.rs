@@ -35,6 +35,13 @@ columns = ["id", "tenant_id", "user_id", "status"]
 roles = ["platform_admin", "tenant_admin", "staff", "member"]
 filters = ["status"]
 
+# The same rows for staff only: the schema's roles narrow the matrix.
+[tables.roster]
+source = "public.members"
+tenant_column = "tenant_id"
+columns = ["id", "tenant_id", "status"]
+roles = ["staff"]
+
 [metrics.active]
 source = "public.members"
 tenant_column = "tenant_id"
@@ -634,25 +641,45 @@ async fn every_capability_cell_and_cross_tenant_attempt_on_the_api() {
         };
         let mut c = Client::open(&d.ws, &token("u1", Some("t1"), &[symfony])).await;
         for tenant in ["t1", "t2"] {
-            let target = Target {
-                tenant: Some(tenant),
-                ..Target::default()
-            };
-            let cases: [(Capability, &str, Value); 4] = [
-                (Capability::SeePresence, "presence", json!({ "tenant": tenant })),
+            let everyone = [Role::PlatformAdmin, Role::TenantAdmin, Role::Staff, Role::Member];
+            let cases: [(Capability, &str, Value, Option<&[Role]>); 5] = [
+                (
+                    Capability::SeePresence,
+                    "presence",
+                    json!({ "tenant": tenant }),
+                    None,
+                ),
                 (
                     Capability::SeeMetrics,
                     "metric:active",
                     json!({ "tenant": tenant }),
+                    None,
                 ),
-                (Capability::ReadLiveTable, "members", json!({ "tenant": tenant })),
+                (
+                    Capability::ReadLiveTable,
+                    "members",
+                    json!({ "tenant": tenant }),
+                    Some(&everyone),
+                ),
+                (
+                    Capability::ReadLiveTable,
+                    "roster",
+                    json!({ "tenant": tenant }),
+                    Some(&[Role::Staff]),
+                ),
                 (
                     Capability::SendNotifications,
                     "notify",
                     json!({ "tenant": tenant, "user": "u9", "title": "t" }),
+                    None,
                 ),
             ];
-            for (i, (cap, what, args)) in cases.into_iter().enumerate() {
+            for (i, (cap, what, args, listed)) in cases.into_iter().enumerate() {
+                let target = Target {
+                    tenant: Some(tenant),
+                    listed,
+                    ..Target::default()
+                };
                 let expected = authorize(&principal, cap, &target).is_allowed();
                 let id = format!("{tenant}-{i}");
                 let answer = if cap == Capability::SendNotifications {
@@ -685,7 +712,7 @@ async fn every_capability_cell_and_cross_tenant_attempt_on_the_api() {
             "{role:?}: heartbeat was refused"
         );
     }
-    assert_eq!(checked, 32);
+    assert_eq!(checked, 40);
     // The service (deploy key) may not publish presence nor read an inbox.
     let mut s = Client::connect(&d.ws).await;
     s.send(&ClientFrame::Hello {

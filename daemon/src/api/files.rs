@@ -140,6 +140,7 @@ async fn export(
         tenant: Some(&tenant),
         owner: Some(&user),
         public: false,
+        listed: None,
     };
     if let Decision::Denied(reason) = authorize(&principal, Capability::ExportUserData, &target) {
         return Err(ApiError::new(
@@ -576,6 +577,7 @@ async fn usage(
         &Target {
             tenant: tenant.as_deref(),
             owner: None,
+            listed: None,
             public: false,
         },
     );

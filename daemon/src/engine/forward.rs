@@ -14,7 +14,7 @@
 //! call's event in the outbox (as long as the outbox keeps it, `jobs.outbox_retention_hours`)
 //! and is answered with its `message_id` instead of sending Symfony a second event.
 
-use pulse_shared::caps::{Principal, Role};
+use pulse_shared::caps::{Capability, Decision, Principal, Target, authorize};
 use pulse_shared::{ErrorBody, ErrorCode};
 use serde_json::{Value as Json, json};
 use sha2::{Digest, Sha256};
@@ -66,13 +66,20 @@ impl Engine {
         args: &Json,
         key: Option<&str>,
     ) -> Result<Json, ErrorBody> {
-        // The schema's roles narrow who may call it; services (the deploy key) always may.
-        if !p.roles.iter().any(|r| *r == Role::Service || m.roles.contains(r)) {
+        // The matrix, narrowed by the schema's roles for the mutation (services, the
+        // deploy key, always may); it acts in the caller's own tenant.
+        let target = Target {
+            tenant: p.tenant.as_deref(),
+            listed: Some(&m.roles),
+            ..Target::default()
+        };
+        if let Decision::Denied(reason) = authorize(p, Capability::CallMutation, &target) {
             return Err(err(
                 ErrorCode::Forbidden,
                 format!(
-                    "mutation {}: none of your roles may call it (allowed: {})",
+                    "mutation {}: {} (allowed: {})",
                     m.name,
+                    reason.explain(),
                     m.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ")
                 ),
             ));

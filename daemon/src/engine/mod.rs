@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use deadpool_postgres::Pool;
 use pulse_cdc::{ChangeKind, Lsn, Relation, Transaction, Value};
-use pulse_shared::caps::{Capability, Decision, Principal, Role, Scope, Target, authorize};
+use pulse_shared::caps::{Capability, Decision, Principal, Scope, Target, authorize};
 use pulse_shared::protocol::{ServerFrame, UpdateOp};
 use pulse_shared::{ErrorBody, ErrorCode};
 use serde_json::{Value as Json, json};
@@ -195,6 +195,7 @@ fn own_inbox(p: &Principal) -> Result<(String, String), ErrorBody> {
         tenant: Some(&tenant),
         owner: Some(&user),
         public: false,
+        listed: None,
     };
     check(
         authorize(p, Capability::ReadOwnNotifications, &target),
@@ -671,25 +672,19 @@ impl Engine {
     /// Works out the rows a caller may see of a live table, from the matrix and the schema.
     fn live_filter(&self, p: &Principal, t: &LiveTable, args: &Json) -> Result<RowFilter, ErrorBody> {
         let tenant = Self::tenant_of(p, args)?;
+        // The schema's roles for the table narrow the matrix (services always may read).
         let scope = check(
             authorize(
                 p,
                 Capability::ReadLiveTable,
                 &Target {
                     tenant: tenant.as_deref(),
+                    listed: Some(&t.roles),
                     ..Target::default()
                 },
             ),
             &format!("live table {}", t.name),
         )?;
-        // The schema narrows the matrix: only the listed roles read this table (services always may).
-        let listed = p.roles.iter().any(|r| *r == Role::Service || t.roles.contains(r));
-        if !listed {
-            return Err(err(
-                ErrorCode::Forbidden,
-                format!("live table {}: none of your roles may read it", t.name),
-            ));
-        }
         if tenant.is_none() && scope != Scope::Any {
             return Err(invalid("args.tenant", "name the tenant"));
         }
@@ -938,6 +933,7 @@ impl Engine {
                 &Target {
                     tenant: p.tenant.as_deref(),
                     owner: p.user.as_deref(),
+                    listed: None,
                     public: false,
                 },
             ),

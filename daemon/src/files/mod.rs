@@ -418,6 +418,7 @@ pub async fn create_upload_ticket(
             tenant: Some(&tenant),
             owner: owner.as_deref(),
             public: request.public,
+            listed: None,
         },
     )?;
     let content_type = sniff::normalise_type(&request.content_type);
@@ -554,6 +555,7 @@ impl FileInfo {
         Target {
             tenant: Some(&self.tenant),
             owner: self.owner.as_deref(),
+            listed: None,
             public: self.public,
         }
     }
