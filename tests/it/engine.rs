@@ -35,9 +35,9 @@ columns = ["id", "tenant_id", "user_id", "status"]
 roles = ["platform_admin", "tenant_admin", "staff", "member"]
 filters = ["status"]
 
-# The same rows for staff only: the schema's roles narrow the matrix.
+# For staff only: the schema's roles narrow the matrix.
 [tables.roster]
-source = "public.members"
+source = "public.shifts"
 tenant_column = "tenant_id"
 columns = ["id", "tenant_id", "status"]
 roles = ["staff"]
@@ -64,6 +64,8 @@ async fn members_db(label: &str) -> TestDb {
          ALTER TABLE members REPLICA IDENTITY FULL;
          CREATE TABLE alerts (id serial PRIMARY KEY, tenant_id text NOT NULL, user_id text NOT NULL,
                               title text NOT NULL, body text);
+         CREATE TABLE shifts (id int PRIMARY KEY, tenant_id text NOT NULL, status text NOT NULL);
+         ALTER TABLE shifts REPLICA IDENTITY FULL;
          INSERT INTO members VALUES (1, 't1', 'alice', 'active'), (2, 't1', 'bob', 'active'),
                                     (3, 't1', 'alice', 'gone'), (4, 't2', 'carol', 'active');",
     )
