@@ -817,6 +817,7 @@ async fn polling_answers_with_a_cursor_and_its_rate_limit() {
 async fn metrics_endpoint_shows_engine_series() {
     let db = members_db("engine_prom").await;
     let d = start(&db, &[]).await;
+    wait_streaming(&d).await;
     let mut c = Client::open(&d.ws, &token("sam", Some("t1"), &["ROLE_STAFF"])).await;
     assert!(matches!(
         c.subscribe("p", "presence", json!({})).await,
@@ -826,6 +827,14 @@ async fn metrics_endpoint_shows_engine_series() {
         c.subscribe("m", "members", json!({})).await,
         ServerFrame::Result { .. }
     ));
+    // A commit that reaches the subscriber: its delivery latency is recorded.
+    db.connect()
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO members VALUES (70, 't1', 'zed', 'active')")
+        .await
+        .unwrap();
+    assert!(matches!(c.next().await, ServerFrame::Update { .. }));
     let mut alice = Client::open(&d.ws, &token("alice", Some("t1"), &["ROLE_USER"])).await;
     alice.heartbeat("/home").await;
     assert!(matches!(c.next().await, ServerFrame::Presence { .. }));
@@ -859,6 +868,11 @@ async fn metrics_endpoint_shows_engine_series() {
         "{text}"
     );
     assert!(value("pulse_errors_total{code=\"invalid_argument\"}") >= 1.0);
+    assert!(value("pulse_live_delivery_latency_seconds_count") >= 1.0);
+    assert!(
+        text.contains("pulse_live_delivery_latency_seconds_bucket{le=\"0.005\"}"),
+        "{text}"
+    );
 }
 
 /// A client that stops reading is cut loose; a client beside it gets everything.

@@ -331,6 +331,11 @@ pub struct Hub {
     /// When staged updates last went out, and to how many sessions (see
     /// [`Hub::flush_live_within`]).
     last_flush: Option<(Instant, usize)>,
+    /// Commit times of the transactions whose updates are staged (see
+    /// [`Hub::staged_commit`]), for the delivery latency recorded at the flush.
+    staged_commits: Vec<std::time::SystemTime>,
+    /// Whether [`Hub::stage_live`] staged anything since the last [`Hub::staged_commit`].
+    staged_since_commit: bool,
     /// tenant -> user -> tabs.
     presence: HashMap<String, HashMap<String, UserPresence>>,
     clock: u64,
@@ -653,6 +658,7 @@ impl Hub {
                             .entry(m.session)
                             .or_insert_with(|| Vec::with_capacity(16))
                             .push(piece);
+                        self.staged_since_commit = true;
                     }
                 }
             }
@@ -689,8 +695,27 @@ impl Hub {
         Some(self.pause_end(window).unwrap_or_else(Instant::now))
     }
 
+    /// Notes the commit time of a transaction whose updates were just staged: when they go
+    /// out, `pulse_live_delivery_latency_seconds` records the time from the commit to the
+    /// flush that queued them for their sessions (clamped at zero should the database's
+    /// clock be ahead of ours).
+    pub fn staged_commit(&mut self, committed: std::time::SystemTime) {
+        if std::mem::take(&mut self.staged_since_commit) {
+            self.staged_commits.push(committed);
+        }
+    }
+
     /// Sends the staged live updates: one queue entry per session.
     pub fn flush_live(&mut self) {
+        // Recorded even when nothing is left staged: a session's updates may have gone out
+        // ahead of the flush, in front of another frame (see `deliver`).
+        if !self.staged_commits.is_empty() {
+            let now = std::time::SystemTime::now();
+            for committed in self.staged_commits.drain(..) {
+                let delay = now.duration_since(committed).unwrap_or_default();
+                metrics::histogram!("pulse_live_delivery_latency_seconds").record(delay.as_secs_f64());
+            }
+        }
         if self.staged.is_empty() {
             return;
         }

@@ -1969,6 +1969,7 @@ impl Engine {
                     }
                 }
             }
+            hub.staged_commit(tx.commit_time.into());
         }
         if hub
             .flush_live_within(std::time::Instant::now(), self.live_batch)
