@@ -84,13 +84,20 @@ impl UpdatePiece {
 }
 
 /// The wire text of live updates: one `update` frame, or an `updates` frame holding
-/// them all in order.
+/// them all in order. Its capacity is exactly its length, so the writer's conversion to
+/// `Bytes` takes the buffer as it is (with room to spare it would allocate a shared
+/// header, freed again once the frame is sent: one more allocation per frame).
 pub fn encode_updates<'a>(pieces: impl IntoIterator<Item = &'a UpdatePiece> + Clone) -> String {
     let (count, bytes) = pieces
         .clone()
         .into_iter()
-        .fold((0usize, 0usize), |(n, b), p| (n + 1, b + p.len() + 1));
-    let mut out = String::with_capacity(bytes + UPDATES_HEAD.len() + 2);
+        .fold((0usize, 0usize), |(n, b), p| (n + 1, b + p.len()));
+    let exact = match count {
+        1 => bytes,
+        // The head, the commas between the frames, and `]}`.
+        n => UPDATES_HEAD.len() + bytes + n.saturating_sub(1) + 2,
+    };
+    let mut out = String::with_capacity(exact);
     if count == 1 {
         pieces.into_iter().for_each(|p| p.write(&mut out));
         return out;
@@ -1157,6 +1164,29 @@ mod tests {
             eq: status
                 .map(|s| vec![("status".to_string(), Value::Text(s.into()))])
                 .unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn encoded_updates_fill_their_buffer_exactly() {
+        let piece = |id: &str, n: u64| UpdatePiece {
+            id: format!("{id:?}").into(),
+            tail: format!(r#","cursor":"1-{n}","op":"insert","key":{{"id":{n}}},"row":{{"id":{n}}}}}"#)
+                .into(),
+        };
+        for pieces in [
+            vec![],
+            vec![piece("a", 1)],
+            vec![piece("a", 1), piece("b", 2), piece("a", 3)],
+        ] {
+            let text = encode_updates(&pieces);
+            assert_eq!(text.len(), text.capacity(), "{text}");
+            let frame: ServerFrame = serde_json::from_str(&text).expect("a server frame");
+            match (pieces.len(), frame) {
+                (1, ServerFrame::Update { .. }) => {}
+                (n, ServerFrame::Updates { updates }) => assert_eq!(updates.len(), n),
+                (n, other) => panic!("{n} pieces gave {other:?}"),
+            }
         }
     }
 
