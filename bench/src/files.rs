@@ -38,18 +38,21 @@ pub async fn run(quick: bool) -> Result<()> {
     let mut sizes = vec![MB, 20 * MB];
     // Overrides for exploring one part of the workload (the figures that count are from
     // the defaults): how many files of each size, and which sizes (in MB, comma-separated).
-    if let Some(n) = std::env::var("PULSE_BENCH_FILES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        per_size = n;
+    if let Ok(n) = std::env::var("PULSE_BENCH_FILES") {
+        per_size = n
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n >= 1)
+            .context("PULSE_BENCH_FILES: how many files of each size, at least 1")?;
     }
     if let Ok(list) = std::env::var("PULSE_BENCH_FILE_SIZES") {
         sizes = list
             .split(',')
-            .map(|s| s.trim().parse::<usize>().map(|mb| mb.clamp(1, 20) * MB))
-            .collect::<Result<_, _>>()
-            .context("PULSE_BENCH_FILE_SIZES: sizes in MB (1 to 20), comma-separated")?;
+            .map(|s| s.trim().parse::<usize>().ok().filter(|mb| (1..=20).contains(mb)))
+            .map(|mb| mb.map(|mb| mb * MB))
+            .collect::<Option<_>>()
+            .context("PULSE_BENCH_FILE_SIZES: sizes in MB, each 1 to 20, comma-separated")?;
     }
     let work = tempfile::Builder::new().prefix("pulse-bench-files-").tempdir()?;
 
@@ -87,7 +90,9 @@ pub async fn run(quick: bool) -> Result<()> {
     for size in sizes {
         let files: Vec<Bytes> = (0..per_size).map(|i| distinct(&base, size, i)).collect();
         let bytes = (size * per_size) as f64;
-        let rounds = rounds(per_size, if quick { 2 } else { ROUNDS });
+        // A quick run's few files make one round: split, most of each round would be
+        // the ramp up to 16 in flight and the tail below it.
+        let rounds = rounds(per_size, if quick { 1 } else { ROUNDS });
         let mut t = Totals::default();
 
         let mut ids = Vec::with_capacity(per_size);
@@ -202,10 +207,12 @@ pub async fn run(quick: bool) -> Result<()> {
 
 /// How many rounds each size's files are split into. Within a round each side uploads
 /// (and then downloads) its share of the files; the order of the sides flips from one
-/// round to the next (A B, B A, ...), so a drift of the machine over the run (the page
+/// round to the next (A B, then B A), so a drift of the machine over the run (the page
 /// cache growing into memory the host has not backed yet, writeback, a neighbour) weighs
-/// on pulsed and nginx alike instead of on whichever would otherwise go last.
-const ROUNDS: usize = 4;
+/// on pulsed and nginx alike instead of on whichever would otherwise go last. Two: each
+/// round still has several times [`CONCURRENCY`] files, so the ramp up and the tail of a
+/// round stay a small part of it.
+const ROUNDS: usize = 2;
 
 /// `n` file indexes in `rounds` consecutive ranges (fewer when there are fewer files).
 fn rounds(n: usize, rounds: usize) -> Vec<std::ops::Range<usize>> {

@@ -67,7 +67,8 @@ pub enum Capability {
     /// Read a live table (the schema file further limits which roles may read which table).
     ReadLiveTable,
     /// Call a mutation declared in the schema file (which lists the roles that may call
-    /// it). Not a row of DESIGN.md's table: its cells follow "read a live table".
+    /// it). Not a row of DESIGN.md's table: every user role in its own tenant, services
+    /// anywhere (the cells of "upload files"), narrowed by the schema's list.
     CallMutation,
     /// Upload files.
     UploadFiles,

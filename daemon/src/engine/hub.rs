@@ -416,6 +416,9 @@ impl Hub {
     pub fn deliver(&mut self, session: SessionId, frame: ServerFrame) {
         if let Some(pieces) = self.staged.remove(&session) {
             self.deliver_out(session, Outgoing::Updates(pieces));
+            if self.staged.is_empty() {
+                self.record_delivery();
+            }
         }
         self.deliver_out(session, Outgoing::Frame(frame));
     }
@@ -677,6 +680,8 @@ impl Hub {
     /// returned (a later [`Hub::flush_live`] sends them).
     pub fn flush_live_within(&mut self, now: Instant, window: Duration) -> Option<Instant> {
         if self.staged.is_empty() {
+            // Whatever was staged went out in front of other frames (see `deliver`).
+            self.record_delivery();
             return None;
         }
         if let Some(due) = self.pause_end(window)
@@ -709,6 +714,23 @@ impl Hub {
     pub fn staged_commit(&mut self, committed: std::time::SystemTime) {
         if std::mem::take(&mut self.staged_since_commit) {
             self.staged_commits.push(committed);
+            if self.staged.is_empty() {
+                // Already out (a truncate in the same transaction flushed it).
+                self.record_delivery();
+            }
+        }
+    }
+
+    /// Records the delivery latency of the transactions noted by [`Hub::staged_commit`]
+    /// whose updates are no longer staged.
+    fn record_delivery(&mut self) {
+        if self.staged_commits.is_empty() {
+            return;
+        }
+        let now = std::time::SystemTime::now();
+        for committed in self.staged_commits.drain(..) {
+            let delay = now.duration_since(committed).unwrap_or_default();
+            metrics::histogram!("pulse_live_delivery_latency_seconds").record(delay.as_secs_f64());
         }
     }
 
@@ -716,13 +738,7 @@ impl Hub {
     pub fn flush_live(&mut self) {
         // Recorded even when nothing is left staged: a session's updates may have gone out
         // ahead of the flush, in front of another frame (see `deliver`).
-        if !self.staged_commits.is_empty() {
-            let now = std::time::SystemTime::now();
-            for committed in self.staged_commits.drain(..) {
-                let delay = now.duration_since(committed).unwrap_or_default();
-                metrics::histogram!("pulse_live_delivery_latency_seconds").record(delay.as_secs_f64());
-            }
-        }
+        self.record_delivery();
         if self.staged.is_empty() {
             return;
         }
@@ -1261,6 +1277,41 @@ mod tests {
             row: Some(serde_json::json!({ "id": 9, "status": "ok" })),
         };
         assert_eq!(text, serde_json::to_string(&expected).unwrap());
+    }
+
+    #[test]
+    fn delivery_latency_is_noted_only_for_commits_that_reached_someone_and_once_they_are_out() {
+        let mut hub = Hub::new(100, 1);
+        let mut a = session(&mut hub, 1);
+        hub.subscribe_live(1, "s", "m", filter("t1", None), 10).unwrap();
+        hub.complete(1, "s", ServerFrame::Pong { nonce: 0 });
+        let _ = a.try_recv();
+        let t = std::time::SystemTime::now();
+        // Another tenant's row reaches nobody: no sample.
+        hub.stage_live("m", "tenant_id", None, Some(row(1, "t2", "x")));
+        hub.staged_commit(t);
+        assert!(hub.staged_commits.is_empty());
+        // Two commits staged, then taken along by another frame: recorded then.
+        hub.stage_live("m", "tenant_id", None, Some(row(2, "t1", "x")));
+        hub.staged_commit(t);
+        hub.stage_live("m", "tenant_id", None, Some(row(3, "t1", "x")));
+        hub.staged_commit(t);
+        assert_eq!(hub.staged_commits.len(), 2);
+        hub.deliver(1, ServerFrame::Pong { nonce: 1 });
+        assert!(
+            hub.staged_commits.is_empty(),
+            "recorded when the updates went out"
+        );
+        // A commit whose updates a truncate already flushed is recorded at once.
+        hub.stage_live("m", "tenant_id", None, Some(row(4, "t1", "x")));
+        hub.resnapshot_table("m");
+        hub.staged_commit(t);
+        assert!(hub.staged_commits.is_empty());
+        // And a plain flush records what it sends.
+        hub.stage_live("m", "tenant_id", None, Some(row(5, "t1", "x")));
+        hub.staged_commit(t);
+        hub.flush_live();
+        assert!(hub.staged_commits.is_empty());
     }
 
     #[test]

@@ -499,11 +499,7 @@ pub async fn create_upload_ticket(
         &att_id,
         &expires_f,
     ];
-    // Sent together (pipelined): one round trip for both.
-    futures_util::try_join!(
-        tx.batch_execute("SET LOCAL synchronous_commit TO off"),
-        tx.execute(&insert, &params),
-    )?;
+    relaxed(&tx, tx.execute(&insert, &params)).await?;
     tx.commit().await?;
     let sig = app.files.sign("upload", id, expires);
     let path = format!("/files/upload/{id}?expires={expires}&sig={sig}");
@@ -722,15 +718,12 @@ where
           RETURNING tenant, owner, name, max_bytes, content_types, public, attached_table, attached_id",
         )
         .await?;
-    // Pipelined: one round trip for both.
     let params: [&(dyn ToSql + Sync); 1] = [&ticket];
-    let ((), row) = futures_util::try_join!(
-        tx.batch_execute("SET LOCAL synchronous_commit TO off"),
-        tx.query_opt(&claim, &params),
-    )?;
-    let row = row.ok_or_else(|| {
-        FileError::UrlExpired("this upload URL was already used or has expired: ask for a new one".into())
-    })?;
+    let row = relaxed(&tx, tx.query_opt(&claim, &params))
+        .await?
+        .ok_or_else(|| {
+            FileError::UrlExpired("this upload URL was already used or has expired: ask for a new one".into())
+        })?;
     let tenant: String = row.get(0);
     let limit = row.get::<_, i64>(3) as u64;
     if let Some(len) = content_length
@@ -792,6 +785,18 @@ where
         Err(_) => "failed",
     });
     result
+}
+
+/// Runs `statement` in `tx` after `SET LOCAL synchronous_commit TO off`, both sent at
+/// once (pipelined: one round trip), for a transaction whose commit need not wait for the
+/// disk (each caller says why).
+async fn relaxed<T>(
+    tx: &deadpool_postgres::Transaction<'_>,
+    statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    let ((), out) =
+        futures_util::try_join!(tx.batch_execute("SET LOCAL synchronous_commit TO off"), statement)?;
+    Ok(out)
 }
 
 fn count_upload(result: &'static str) {
@@ -883,30 +888,22 @@ impl Reservation {
         for want in [doubled, total] {
             let more = (want - self.bytes) as i64;
             let tx = client.transaction().await?;
-            // As the first reservation: the upload's final commit makes it durable.
-            tx.batch_execute("SET LOCAL synchronous_commit TO off").await?;
-            let grown = tx
-                .query_opt(
-                    &tx.prepare_cached(
-                        "WITH u AS (
-                         UPDATE pulse.storage_usage
-                            SET reserved_bytes = reserved_bytes + $2, updated_at = now()
-                          WHERE tenant = $1 AND ($3::bigint IS NULL OR used_bytes + reserved_bytes + $2 <= $3)
-                      RETURNING 1)
-                     UPDATE pulse.upload_tickets t SET reserved_bytes = t.reserved_bytes + $2
-                       FROM u WHERE t.id = $4 AND t.reserved_bytes = $5
-                     RETURNING 1",
-                    )
-                    .await?,
-                    &[
-                        &self.tenant,
-                        &more,
-                        &self.quota.map(|q| q as i64),
-                        &self.ticket,
-                        &(self.bytes as i64),
-                    ],
+            let grow = tx
+                .prepare_cached(
+                    "WITH u AS (
+                     UPDATE pulse.storage_usage
+                        SET reserved_bytes = reserved_bytes + $2, updated_at = now()
+                      WHERE tenant = $1 AND ($3::bigint IS NULL OR used_bytes + reserved_bytes + $2 <= $3)
+                  RETURNING 1)
+                 UPDATE pulse.upload_tickets t SET reserved_bytes = t.reserved_bytes + $2
+                   FROM u WHERE t.id = $4 AND t.reserved_bytes = $5
+                 RETURNING 1",
                 )
                 .await?;
+            let (quota, held) = (self.quota.map(|q| q as i64), self.bytes as i64);
+            let params: [&(dyn ToSql + Sync); 5] = [&self.tenant, &more, &quota, &self.ticket, &held];
+            // As the first reservation: the upload's final commit makes it durable.
+            let grown = relaxed(&tx, tx.query_opt(&grow, &params)).await?;
             if grown.is_some() {
                 tx.commit().await?;
                 self.bytes = want;
@@ -1058,9 +1055,10 @@ where
     }
 
     let id = Uuid::new_v4();
-    // The tenant's usage row is locked first (deletions take it first too) and held to
-    // the commit, so every upload and deletion of the tenant passes this point one at a
-    // time: the statements below are pipelined, three round trips in all while it is held.
+    // The tenant's usage row is locked before the blob's (deletions, too, lock it before
+    // they touch a blob) and held to the commit, so every upload and deletion of the
+    // tenant passes this point one at a time. The statements under it are pipelined: the
+    // locks, then the writes, then the event (when it is sent), then the commit.
     let lock_usage = client
         .prepare_cached("SELECT used_bytes FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE")
         .await?;
