@@ -343,6 +343,9 @@ pub struct Hub {
     staged_commits: Vec<std::time::SystemTime>,
     /// Whether [`Hub::stage_live`] staged anything since the last [`Hub::staged_commit`].
     staged_since_commit: bool,
+    /// `pulse_live_delivery_latency_seconds`, registered at its first use (after the
+    /// recorder is installed) rather than looked up for every sample.
+    delivery_latency: Option<metrics::Histogram>,
     /// tenant -> user -> tabs.
     presence: HashMap<String, HashMap<String, UserPresence>>,
     clock: u64,
@@ -635,6 +638,7 @@ impl Hub {
             }
         }
         let cursor = self.cursor(self.seq);
+        let mut staged_any = false;
         for key in tenant_keys {
             let Some(groups) = by_tenant.get(&key) else {
                 continue;
@@ -668,11 +672,12 @@ impl Hub {
                             .entry(m.session)
                             .or_insert_with(|| Vec::with_capacity(16))
                             .push(piece);
-                        self.staged_since_commit = true;
+                        staged_any = true;
                     }
                 }
             }
         }
+        self.staged_since_commit |= staged_any;
     }
 
     /// Sends the staged live updates unless the last send was less than its pause ago
@@ -728,9 +733,11 @@ impl Hub {
             return;
         }
         let now = std::time::SystemTime::now();
+        let histogram = self
+            .delivery_latency
+            .get_or_insert_with(|| metrics::histogram!("pulse_live_delivery_latency_seconds"));
         for committed in self.staged_commits.drain(..) {
-            let delay = now.duration_since(committed).unwrap_or_default();
-            metrics::histogram!("pulse_live_delivery_latency_seconds").record(delay.as_secs_f64());
+            histogram.record(now.duration_since(committed).unwrap_or_default().as_secs_f64());
         }
     }
 
