@@ -14,12 +14,12 @@
 //! call's event in the outbox (as long as the outbox keeps it, `jobs.outbox_retention_hours`)
 //! and is answered with its `message_id` instead of sending Symfony a second event.
 
-use pulse_shared::caps::{Capability, Decision, Principal, Target, authorize};
+use pulse_shared::caps::{Capability, Principal, Target, authorize};
 use pulse_shared::{ErrorBody, ErrorCode};
 use serde_json::{Value as Json, json};
 use sha2::{Digest, Sha256};
 
-use super::{Engine, err, events, internal, invalid};
+use super::{Engine, check, err, events, internal, invalid};
 use crate::outbox::{self, OutboxEvent};
 use crate::schema::Mutation;
 
@@ -73,17 +73,15 @@ impl Engine {
             listed: Some(&m.roles),
             ..Target::default()
         };
-        if let Decision::Denied(reason) = authorize(p, Capability::CallMutation, &target) {
-            return Err(err(
-                ErrorCode::Forbidden,
-                format!(
-                    "mutation {}: {} (allowed: {})",
-                    m.name,
-                    reason.explain(),
-                    m.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ")
-                ),
-            ));
-        }
+        check(
+            authorize(p, Capability::CallMutation, &target),
+            &format!("mutation {}", m.name),
+        )
+        .map_err(|mut e| {
+            let allowed: Vec<&str> = m.roles.iter().map(|r| r.as_str()).collect();
+            e.message.push_str(&format!(" (allowed: {})", allowed.join(", ")));
+            e
+        })?;
         m.validate(args).map_err(|(field, msg)| invalid(&field, msg))?;
         if !self.forwarding.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(err(

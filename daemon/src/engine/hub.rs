@@ -339,7 +339,8 @@ pub struct Hub {
     /// [`Hub::flush_live_within`]).
     last_flush: Option<(Instant, usize)>,
     /// Commit times of the transactions whose updates are staged (see
-    /// [`Hub::staged_commit`]), for the delivery latency recorded at the flush.
+    /// [`Hub::staged_commit`]), for the delivery latency recorded when `staged` empties:
+    /// never left non-empty while `staged` is empty.
     staged_commits: Vec<std::time::SystemTime>,
     /// Whether [`Hub::stage_live`] staged anything since the last [`Hub::staged_commit`].
     staged_since_commit: bool,
@@ -685,8 +686,6 @@ impl Hub {
     /// returned (a later [`Hub::flush_live`] sends them).
     pub fn flush_live_within(&mut self, now: Instant, window: Duration) -> Option<Instant> {
         if self.staged.is_empty() {
-            // Whatever was staged went out in front of other frames (see `deliver`).
-            self.record_delivery();
             return None;
         }
         if let Some(due) = self.pause_end(window)
@@ -726,8 +725,9 @@ impl Hub {
         }
     }
 
-    /// Records the delivery latency of the transactions noted by [`Hub::staged_commit`]
-    /// whose updates are no longer staged.
+    /// Records the delivery latency of the transactions noted by [`Hub::staged_commit`];
+    /// called whenever `staged` empties, by a flush or by [`Hub::deliver`] taking the
+    /// last session's updates along.
     fn record_delivery(&mut self) {
         if self.staged_commits.is_empty() {
             return;
@@ -743,9 +743,6 @@ impl Hub {
 
     /// Sends the staged live updates: one queue entry per session.
     pub fn flush_live(&mut self) {
-        // Recorded even when nothing is left staged: a session's updates may have gone out
-        // ahead of the flush, in front of another frame (see `deliver`).
-        self.record_delivery();
         if self.staged.is_empty() {
             return;
         }
@@ -757,6 +754,7 @@ impl Hub {
         }
         debug_assert!(self.staged.is_empty(), "nothing is staged while flushing");
         self.staged = staged;
+        self.record_delivery();
     }
 
     /// The table was truncated: every subscriber starts again from an empty result.

@@ -453,17 +453,7 @@ pub async fn create_upload_ticket(
     }
     let mut client = app.pool.get().await?;
     if let (Some(size), Some(quota)) = (request.size, config.files.quota_for(&tenant)) {
-        let row = client
-            .query_opt(
-                &client
-                    .prepare_cached(
-                        "SELECT used_bytes + reserved_bytes FROM pulse.storage_usage WHERE tenant = $1",
-                    )
-                    .await?,
-                &[&tenant],
-            )
-            .await?;
-        let used = row.map(|r| r.get::<_, i64>(0) as u64).unwrap_or(0);
+        let used = held_bytes(&client, &tenant).await?;
         if used + size > quota {
             return Err(FileError::QuotaExceeded {
                 tenant,
@@ -787,6 +777,15 @@ where
     result
 }
 
+/// A tenant's bytes stored and reserved (what its quota is checked against).
+async fn held_bytes(c: &impl deadpool_postgres::GenericClient, tenant: &str) -> Result<u64, FileError> {
+    let statement = c
+        .prepare_cached("SELECT used_bytes + reserved_bytes FROM pulse.storage_usage WHERE tenant = $1")
+        .await?;
+    let row = c.query_opt(&statement, &[&tenant]).await?;
+    Ok(row.map(|r| r.get::<_, i64>(0) as u64).unwrap_or(0))
+}
+
 /// Runs `statement` in `tx` after `SET LOCAL synchronous_commit TO off`, both sent at
 /// once (pipelined: one round trip), for a transaction whose commit need not wait for the
 /// disk (each caller says why).
@@ -837,21 +836,11 @@ async fn reserve_quota(
         .await?
         .get(0);
     if !reserved {
-        let used: i64 = tx
-            .query_opt(
-                &tx.prepare_cached(
-                    "SELECT used_bytes + reserved_bytes FROM pulse.storage_usage WHERE tenant = $1",
-                )
-                .await?,
-                &[&tenant],
-            )
-            .await?
-            .map(|r| r.get(0))
-            .unwrap_or(0);
+        let used = held_bytes(tx, tenant).await?;
         return Err(FileError::QuotaExceeded {
             tenant: tenant.to_string(),
             quota: quota.unwrap_or(0),
-            used: used as u64,
+            used,
             wanted: bytes,
         });
     }
@@ -915,22 +904,11 @@ impl Reservation {
                 break;
             }
         }
-        let used: i64 = client
-            .query_opt(
-                &client
-                    .prepare_cached(
-                        "SELECT used_bytes + reserved_bytes FROM pulse.storage_usage WHERE tenant = $1",
-                    )
-                    .await?,
-                &[&self.tenant],
-            )
-            .await?
-            .map(|r| r.get(0))
-            .unwrap_or(0);
+        let used = held_bytes(&client, &self.tenant).await?;
         Err(FileError::QuotaExceeded {
             tenant: self.tenant.clone(),
             quota: self.quota.unwrap_or(0),
-            used: used as u64,
+            used,
             wanted: total - self.bytes,
         })
     }
