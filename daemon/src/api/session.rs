@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use pulse_shared::caps::{Capability, Decision, Principal, Role, Target, authorize};
 use pulse_shared::protocol::{ClientFrame, PROTOCOL_VERSION, ServerFrame, parse_client_frame};
@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::App;
 use crate::engine::Caller;
-use crate::engine::hub::{Outgoing, encode_updates};
+use crate::engine::hub::{Outgoing, merge_live};
 
 /// How the client reached us, which decides how `hello` authenticates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,27 +73,28 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
             };
             let mut frames = 0;
             loop {
-                let text = match out {
-                    Outgoing::Frame(f) => serde_json::to_string(&f).expect("server frames serialize"),
-                    Outgoing::Updates(mut pieces) => {
-                        let mut bytes: usize = pieces.iter().map(|p| p.len()).sum();
+                let text: Utf8Bytes = match out {
+                    Outgoing::Frame(f) => serde_json::to_string(&f).expect("server frames serialize").into(),
+                    live => {
+                        let mut bytes = live.live_len();
+                        let mut run = vec![live];
                         while bytes < MERGE_BYTES {
                             match rx.try_recv() {
-                                Ok(Outgoing::Updates(more)) => {
-                                    bytes += more.iter().map(|p| p.len()).sum::<usize>();
-                                    pieces.extend(more);
-                                }
-                                Ok(other) => {
-                                    held = Some(other);
+                                Ok(Outgoing::Frame(f)) => {
+                                    held = Some(Outgoing::Frame(f));
                                     break;
+                                }
+                                Ok(more) => {
+                                    bytes += more.live_len();
+                                    run.push(more);
                                 }
                                 Err(_) => break,
                             }
                         }
-                        encode_updates(&pieces)
+                        merge_live(run)
                     }
                 };
-                if sink.feed(Message::Text(text.into())).await.is_err() {
+                if sink.feed(Message::Text(text)).await.is_err() {
                     break 'writing;
                 }
                 frames += 1;

@@ -11,6 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::extract::ws::Utf8Bytes;
 use pulse_cdc::Value;
 use pulse_shared::protocol::{PresenceEvent, ServerFrame, UpdateOp};
 use serde_json::Value as Json;
@@ -87,11 +88,13 @@ impl UpdatePiece {
 /// them all in order. Its capacity is exactly its length, so the writer's conversion to
 /// `Bytes` takes the buffer as it is (with room to spare it would allocate a shared
 /// header, freed again once the frame is sent: one more allocation per frame).
-pub fn encode_updates<'a>(pieces: impl IntoIterator<Item = &'a UpdatePiece> + Clone) -> String {
+pub fn encode_updates<P: std::borrow::Borrow<UpdatePiece>>(
+    pieces: impl IntoIterator<Item = P> + Clone,
+) -> String {
     let (count, bytes) = pieces
         .clone()
         .into_iter()
-        .fold((0usize, 0usize), |(n, b), p| (n + 1, b + p.len()));
+        .fold((0usize, 0usize), |(n, b), p| (n + 1, b + p.borrow().len()));
     let exact = match count {
         1 => bytes,
         // The head, the commas between the frames, and `]}`.
@@ -99,7 +102,7 @@ pub fn encode_updates<'a>(pieces: impl IntoIterator<Item = &'a UpdatePiece> + Cl
     };
     let mut out = String::with_capacity(exact);
     if count == 1 {
-        pieces.into_iter().for_each(|p| p.write(&mut out));
+        pieces.into_iter().for_each(|p| p.borrow().write(&mut out));
         return out;
     }
     out.push_str(UPDATES_HEAD);
@@ -107,21 +110,77 @@ pub fn encode_updates<'a>(pieces: impl IntoIterator<Item = &'a UpdatePiece> + Cl
         if i > 0 {
             out.push(',');
         }
-        p.write(&mut out);
+        p.borrow().write(&mut out);
     }
     out.push_str("]}");
     out
 }
 
-/// What goes into a session's writer queue: a frame, or live updates already
-/// serialized (see [`UpdatePiece`]); the writer sends updates that are queued together
-/// as one `updates` frame.
+/// The items of an encoded `update` or `updates` frame: the frame itself, or what its
+/// brackets hold.
+fn items_of(text: &str) -> &str {
+    text.strip_prefix(UPDATES_HEAD)
+        .and_then(|t| t.strip_suffix("]}"))
+        .unwrap_or(text)
+}
+
+/// The wire text of live entries ([`Outgoing::Updates`] and [`Outgoing::Live`]) queued
+/// side by side: a lone encoded entry as it is (no copy), otherwise one `updates` frame
+/// holding all their updates in order.
+pub fn merge_live(run: Vec<Outgoing>) -> Utf8Bytes {
+    let mut run: Vec<Outgoing> = run.into_iter().filter(|o| o.live_len() > 0).collect();
+    if run.len() == 1 {
+        return match run.pop() {
+            Some(Outgoing::Live(text)) => text,
+            Some(Outgoing::Updates(pieces)) => encode_updates(&pieces).into(),
+            Some(Outgoing::Frame(f)) => serde_json::to_string(&f).expect("server frames serialize").into(),
+            None => unreachable!("one entry"),
+        };
+    }
+    let items = |o: &Outgoing| match o {
+        Outgoing::Live(text) => items_of(text).len(),
+        Outgoing::Updates(pieces) => pieces.iter().map(UpdatePiece::len).sum::<usize>() + pieces.len() - 1,
+        Outgoing::Frame(_) => 0,
+    };
+    let exact = UPDATES_HEAD.len() + run.iter().map(items).sum::<usize>() + run.len().saturating_sub(1) + 2;
+    let mut out = String::with_capacity(exact);
+    out.push_str(UPDATES_HEAD);
+    for (i, o) in run.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match o {
+            Outgoing::Live(text) => out.push_str(items_of(text)),
+            Outgoing::Updates(pieces) => {
+                for (j, p) in pieces.iter().enumerate() {
+                    if j > 0 {
+                        out.push(',');
+                    }
+                    p.write(&mut out);
+                }
+            }
+            Outgoing::Frame(_) => {}
+        }
+    }
+    out.push_str("]}");
+    debug_assert_eq!(out.len(), exact, "sized exactly (see encode_updates)");
+    out.into()
+}
+
+/// What goes into a session's writer queue: a frame, live updates already serialized
+/// (see [`UpdatePiece`]), or live updates encoded once for every session they go to.
+/// The writer sends live entries queued side by side as one `updates` frame (see
+/// [`merge_live`]).
 #[derive(Debug)]
 pub enum Outgoing {
     /// A frame, serialized by the writer.
     Frame(ServerFrame),
     /// Live-table updates for this session, in order (one engine batch).
     Updates(Vec<UpdatePiece>),
+    /// Live-table updates as the text of an `update` or `updates` frame, encoded once
+    /// for all the members of a group with the same subscription id (see
+    /// [`Hub::flush_live`]): queueing it for a session copies a pointer.
+    Live(Utf8Bytes),
 }
 
 impl Outgoing {
@@ -130,6 +189,16 @@ impl Outgoing {
         match self {
             Outgoing::Frame(f) => serde_json::to_string(&f).expect("server frames serialize"),
             Outgoing::Updates(u) => encode_updates(&u),
+            Outgoing::Live(t) => t.as_str().to_string(),
+        }
+    }
+
+    /// Bytes of live updates it holds (none for a frame).
+    pub fn live_len(&self) -> usize {
+        match self {
+            Outgoing::Frame(_) => 0,
+            Outgoing::Updates(pieces) => pieces.iter().map(UpdatePiece::len).sum(),
+            Outgoing::Live(text) => text.len(),
         }
     }
 
@@ -137,9 +206,7 @@ impl Outgoing {
     pub fn into_frame(self) -> ServerFrame {
         match self {
             Outgoing::Frame(f) => f,
-            Outgoing::Updates(u) => {
-                serde_json::from_str(&encode_updates(&u)).expect("pre-serialized frames parse")
-            }
+            other => serde_json::from_str(&other.into_text()).expect("pre-serialized frames parse"),
         }
     }
 }
@@ -248,6 +315,21 @@ fn update_frame(id: &str, cursor: String, op: UpdateOp, change: &LiveChange) -> 
 struct Group {
     filter: RowFilter,
     members: Vec<Member>,
+    /// The updates staged for the whole group since the last flush, in order: each
+    /// position with the serialized rest of its frame after the subscription id (see
+    /// [`UpdatePiece::tail`]). Staging a change costs the same for one member or ten
+    /// thousand; the members are visited once per flush.
+    staged: Vec<(u64, Arc<str>)>,
+}
+
+impl Group {
+    fn new(filter: RowFilter) -> Group {
+        Group {
+            filter,
+            members: Vec::new(),
+            staged: Vec::new(),
+        }
+    }
 }
 
 /// A live subscription inside its group.
@@ -256,17 +338,25 @@ struct Member {
     id: String,
     /// `id` as a JSON string, shared by all its updates.
     quoted: Arc<str>,
+    /// The position it joined at: of the group's staged updates it takes those after it
+    /// (its initial result or a resume's replay covers the rest).
+    after: u64,
 }
 
 impl Member {
-    fn new(session: SessionId, id: &str) -> Member {
+    fn new(session: SessionId, id: &str, after: u64) -> Member {
         Member {
             session,
             id: id.to_string(),
             quoted: serde_json::to_string(id).expect("strings serialize").into(),
+            after,
         }
     }
 }
+
+/// Distinct subscription ids a group's flush encodes a shared frame for; members with
+/// further ids get their updates as pieces, encoded by their own writer.
+const SHARED_IDS: usize = 4;
 
 /// What a subscription is, so it can be removed.
 #[derive(Debug, Clone)]
@@ -330,17 +420,18 @@ pub struct Hub {
     metric_subs: HashMap<(String, String), Vec<(SessionId, String)>>,
     inbox_subs: HashMap<(String, String), Vec<(SessionId, String)>>,
     presence_subs: HashMap<Option<String>, Vec<PresenceSub>>,
-    /// Subscriptions whose initial result is still being read: their updates wait here.
-    pending: HashMap<(SessionId, String), Vec<Outgoing>>,
-    /// Live updates of the batch being published, per session, in order; sent as one
-    /// queue entry per session by [`Hub::flush_live`].
-    staged: BySession<Vec<UpdatePiece>>,
+    /// Subscriptions whose initial result is still being read (session -> subscription
+    /// id): their updates wait here.
+    pending: BySession<HashMap<String, Vec<Outgoing>>>,
+    /// The (table, tenant) buckets holding groups with staged updates (see
+    /// [`Group::staged`]), sent by [`Hub::flush_live`]; a bucket may be listed twice.
+    dirty: Vec<(String, Option<String>)>,
     /// When staged updates last went out, and to how many sessions (see
     /// [`Hub::flush_live_within`]).
     last_flush: Option<(Instant, usize)>,
     /// Commit times of the transactions whose updates are staged (see
-    /// [`Hub::staged_commit`]), for the delivery latency recorded when `staged` empties:
-    /// never left non-empty while `staged` is empty.
+    /// [`Hub::staged_commit`]), for the delivery latency recorded when a flush empties
+    /// `dirty`: never left non-empty while `dirty` is empty.
     staged_commits: Vec<std::time::SystemTime>,
     /// Whether [`Hub::stage_live`] staged anything since the last [`Hub::staged_commit`].
     staged_since_commit: bool,
@@ -416,15 +507,32 @@ impl Hub {
     }
 
     /// Queues a frame for one session; a full queue cuts the session loose. Live updates
-    /// staged for the session go first: they are older.
+    /// staged for the session go first, they are older: then every session's staged
+    /// updates go out now, ahead of their window (the flush is per group, not per
+    /// session).
     pub fn deliver(&mut self, session: SessionId, frame: ServerFrame) {
-        if let Some(pieces) = self.staged.remove(&session) {
-            self.deliver_out(session, Outgoing::Updates(pieces));
-            if self.staged.is_empty() {
-                self.record_delivery();
-            }
+        if self.has_staged(session) {
+            self.flush_live();
         }
         self.deliver_out(session, Outgoing::Frame(frame));
+    }
+
+    /// Whether a group the session subscribes to has staged updates.
+    fn has_staged(&self, session: SessionId) -> bool {
+        if self.dirty.is_empty() {
+            return false;
+        }
+        let Some(subs) = self.subs.get(&session) else {
+            return false;
+        };
+        subs.values().any(|kind| match kind {
+            SubKind::Live { table, filter } => self
+                .live
+                .get(table)
+                .and_then(|t| t.get(&filter.tenant.as_ref().map(|(_, t)| t.clone())))
+                .is_some_and(|groups| groups.iter().any(|g| !g.staged.is_empty() && g.filter == *filter)),
+            _ => false,
+        })
     }
 
     fn deliver_out(&mut self, session: SessionId, out: Outgoing) {
@@ -495,13 +603,18 @@ impl Hub {
             },
             max,
         )?;
-        self.pending.insert((session, id.to_string()), Vec::new());
+        self.pending
+            .entry(session)
+            .or_default()
+            .insert(id.to_string(), Vec::new());
         self.join_group(session, id, table, filter);
         Ok(self.current_cursor())
     }
 
+    /// Adds a member to its group; it takes the updates after the current position.
     fn join_group(&mut self, session: SessionId, id: &str, table: &str, filter: RowFilter) {
         let tenant = filter.tenant.as_ref().map(|(_, t)| t.clone());
+        let member = Member::new(session, id, self.seq);
         let groups = self
             .live
             .entry(table.to_string())
@@ -509,11 +622,12 @@ impl Hub {
             .entry(tenant)
             .or_default();
         match groups.iter_mut().find(|g| g.filter == filter) {
-            Some(g) => g.members.push(Member::new(session, id)),
-            None => groups.push(Group {
-                filter,
-                members: vec![Member::new(session, id)],
-            }),
+            Some(g) => g.members.push(member),
+            None => {
+                let mut g = Group::new(filter);
+                g.members.push(member);
+                groups.push(g);
+            }
         }
     }
 
@@ -521,10 +635,7 @@ impl Hub {
     pub fn complete(&mut self, session: SessionId, id: &str, result: ServerFrame) {
         // Staged updates are older than the result's cursor only if already flushed.
         self.flush_live();
-        let waiting = self
-            .pending
-            .remove(&(session, id.to_string()))
-            .unwrap_or_default();
+        let waiting = self.take_pending(session, id).unwrap_or_default();
         self.deliver(session, result);
         for f in waiting {
             self.deliver_out(session, f);
@@ -603,10 +714,10 @@ impl Hub {
         self.flush_live();
     }
 
-    /// Takes one live-table change into the history and stages its update for every
-    /// group it reaches (serialized once per group). Staged updates go out at the next
-    /// [`Hub::flush_live`], one queue entry per session for the whole batch; call it
-    /// before letting go of the hub.
+    /// Takes one live-table change into the history and stages its update in every
+    /// group it reaches (serialized once per group, whatever its number of members).
+    /// Staged updates go out at the next [`Hub::flush_live`]; call it before letting go
+    /// of the hub.
     pub fn stage_live(&mut self, table: &str, tenant_col: &str, old: Option<LiveRow>, new: Option<LiveRow>) {
         self.seq += 1;
         let change = Arc::new(LiveChange {
@@ -621,7 +732,7 @@ impl Hub {
                 self.history.pop_front();
             }
         }
-        let Some(by_tenant) = self.live.get(table) else {
+        let Some(by_tenant) = self.live.get_mut(table) else {
             return;
         };
         let tenant_of = |r: &Option<LiveRow>| {
@@ -638,13 +749,14 @@ impl Hub {
                 tenant_keys.push(Some(t));
             }
         }
-        let cursor = self.cursor(self.seq);
+        let cursor = format!("{:x}-{}", self.epoch, self.seq);
         let mut staged_any = false;
         for key in tenant_keys {
-            let Some(groups) = by_tenant.get(&key) else {
+            let Some(groups) = by_tenant.get_mut(&key) else {
                 continue;
             };
-            for g in groups {
+            let mut bucket_dirty = false;
+            for g in groups.iter_mut() {
                 let Some(op) = op_for(&g.filter, &change) else {
                     continue;
                 };
@@ -656,26 +768,12 @@ impl Hub {
                     .and_then(|t| t.strip_prefix(r#""""#))
                     .expect("update frames start with their type and id")
                     .into();
-                for m in &g.members {
-                    let piece = UpdatePiece {
-                        id: m.quoted.clone(),
-                        tail: tail.clone(),
-                    };
-                    if !self.pending.is_empty()
-                        && let Some(buf) = self.pending.get_mut(&(m.session, m.id.clone()))
-                    {
-                        match buf.last_mut() {
-                            Some(Outgoing::Updates(u)) => u.push(piece),
-                            _ => buf.push(Outgoing::Updates(vec![piece])),
-                        }
-                    } else {
-                        self.staged
-                            .entry(m.session)
-                            .or_insert_with(|| Vec::with_capacity(16))
-                            .push(piece);
-                        staged_any = true;
-                    }
-                }
+                bucket_dirty |= g.staged.is_empty();
+                g.staged.push((change.seq, tail));
+                staged_any = true;
+            }
+            if bucket_dirty {
+                self.dirty.push((table.to_string(), key));
             }
         }
         self.staged_since_commit |= staged_any;
@@ -685,7 +783,7 @@ impl Hub {
     /// (see [`live_pause`]); then they stay staged and the instant they are due is
     /// returned (a later [`Hub::flush_live`] sends them).
     pub fn flush_live_within(&mut self, now: Instant, window: Duration) -> Option<Instant> {
-        if self.staged.is_empty() {
+        if self.dirty.is_empty() {
             return None;
         }
         if let Some(due) = self.pause_end(window)
@@ -705,7 +803,7 @@ impl Hub {
     /// When staged live updates may go out (the last send plus its pause); `None` when
     /// nothing is staged.
     pub fn live_due(&self, window: Duration) -> Option<Instant> {
-        if self.staged.is_empty() {
+        if self.dirty.is_empty() {
             return None;
         }
         Some(self.pause_end(window).unwrap_or_else(Instant::now))
@@ -718,7 +816,7 @@ impl Hub {
     pub fn staged_commit(&mut self, committed: std::time::SystemTime) {
         if std::mem::take(&mut self.staged_since_commit) {
             self.staged_commits.push(committed);
-            if self.staged.is_empty() {
+            if self.dirty.is_empty() {
                 // Already out (a truncate in the same transaction flushed it).
                 self.record_delivery();
             }
@@ -726,8 +824,7 @@ impl Hub {
     }
 
     /// Records the delivery latency of the transactions noted by [`Hub::staged_commit`];
-    /// called whenever `staged` empties, by a flush or by [`Hub::deliver`] taking the
-    /// last session's updates along.
+    /// called by every flush (they all send everything staged).
     fn record_delivery(&mut self) {
         if self.staged_commits.is_empty() {
             return;
@@ -741,20 +838,127 @@ impl Hub {
         }
     }
 
-    /// Sends the staged live updates: one queue entry per session.
+    /// Sends the staged live updates. Per dirty group, a frame is encoded once for each
+    /// subscription id its members use (up to [`SHARED_IDS`]) and queued for every member
+    /// with that id; a session with staged updates in several groups gets them as one
+    /// entry in position order, and a subscription still reading its initial result
+    /// keeps them until [`Hub::complete`].
     pub fn flush_live(&mut self) {
-        if self.staged.is_empty() {
+        if self.dirty.is_empty() {
             return;
         }
-        self.last_flush = Some((Instant::now(), self.staged.len()));
-        // Drained, not dropped: the table keeps its room for the next batch.
-        let mut staged = std::mem::take(&mut self.staged);
-        for (session, pieces) in staged.drain() {
-            self.deliver_out(session, Outgoing::Updates(pieces));
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        // Sessions with more than one subscription among the dirty groups, with their
+        // updates: they get them all as one entry, in position order (a client resumes
+        // from the last cursor it saw, whichever subscription it came with).
+        let mut merged: BySession<Vec<(u64, UpdatePiece)>> = BySession::default();
+        let mut seen: BySession<()> = BySession::default();
+        for g in self.live_groups(&dirty).filter(|g| !g.staged.is_empty()) {
+            for m in &g.members {
+                if seen.insert(m.session, ()).is_some() {
+                    merged.entry(m.session).or_default();
+                }
+            }
         }
-        debug_assert!(self.staged.is_empty(), "nothing is staged while flushing");
-        self.staged = staged;
+        let mut out: Vec<(SessionId, Outgoing)> = Vec::new();
+        for (table, tenant) in &dirty {
+            let Some(groups) = self.live.get_mut(table).and_then(|t| t.get_mut(tenant)) else {
+                continue;
+            };
+            for g in groups.iter_mut().filter(|g| !g.staged.is_empty()) {
+                let staged = std::mem::take(&mut g.staged);
+                let mut shared: Vec<(Arc<str>, Utf8Bytes)> = Vec::new();
+                for m in &g.members {
+                    let from = staged.partition_point(|(seq, _)| *seq <= m.after);
+                    if from == staged.len() {
+                        continue;
+                    }
+                    let quoted = &m.quoted;
+                    let pieces = || {
+                        staged[from..].iter().map(move |(seq, tail)| {
+                            let piece = UpdatePiece {
+                                id: quoted.clone(),
+                                tail: tail.clone(),
+                            };
+                            (*seq, piece)
+                        })
+                    };
+                    if let Some(buf) = self
+                        .pending
+                        .get_mut(&m.session)
+                        .and_then(|p| p.get_mut(m.id.as_str()))
+                    {
+                        let new = pieces().map(|(_, p)| p);
+                        match buf.last_mut() {
+                            Some(Outgoing::Updates(u)) => u.extend(new),
+                            _ => buf.push(Outgoing::Updates(new.collect())),
+                        }
+                        continue;
+                    }
+                    if let Some(all) = merged.get_mut(&m.session) {
+                        all.extend(pieces());
+                        continue;
+                    }
+                    let text = match shared.iter().find(|(id, _)| *id == m.quoted) {
+                        Some((_, text)) if from == 0 => Some(text.clone()),
+                        None if from == 0 && shared.len() < SHARED_IDS => {
+                            let text =
+                                Utf8Bytes::from(encode_updates(staged.iter().map(|(_, tail)| UpdatePiece {
+                                    id: m.quoted.clone(),
+                                    tail: tail.clone(),
+                                })));
+                            shared.push((m.quoted.clone(), text.clone()));
+                            Some(text)
+                        }
+                        _ => None,
+                    };
+                    let entry = match text {
+                        Some(t) => Outgoing::Live(t),
+                        None => Outgoing::Updates(pieces().map(|(_, p)| p).collect()),
+                    };
+                    out.push((m.session, entry));
+                }
+            }
+        }
+        for (session, mut all) in merged {
+            if all.is_empty() {
+                continue;
+            }
+            // Stable: the updates of one position stay in their group order.
+            all.sort_by_key(|(seq, _)| *seq);
+            out.push((
+                session,
+                Outgoing::Updates(all.into_iter().map(|(_, p)| p).collect()),
+            ));
+        }
+        self.last_flush = Some((Instant::now(), out.len()));
+        for (session, entry) in out {
+            self.deliver_out(session, entry);
+        }
         self.record_delivery();
+    }
+
+    /// The groups of the listed (table, tenant) buckets.
+    fn live_groups<'a>(
+        &'a self,
+        buckets: &'a [(String, Option<String>)],
+    ) -> impl Iterator<Item = &'a Group> + 'a {
+        buckets
+            .iter()
+            .filter_map(|(table, tenant)| self.live.get(table)?.get(tenant))
+            .flatten()
+    }
+
+    /// Removes a subscription's pending buffer, if it is pending.
+    fn take_pending(&mut self, session: SessionId, id: &str) -> Option<Vec<Outgoing>> {
+        let mine = self.pending.get_mut(&session)?;
+        let buf = mine.remove(id);
+        if mine.is_empty() {
+            self.pending.remove(&session);
+        }
+        buf
     }
 
     /// The table was truncated: every subscriber starts again from an empty result.
@@ -1097,7 +1301,7 @@ impl Hub {
             }
         }
         let me = |m: &(SessionId, String)| m.0 == session && m.1 == id;
-        self.pending.remove(&(session, id.to_string()));
+        self.take_pending(session, id);
         match kind {
             SubKind::Live { table, filter } => {
                 let tenant = filter.tenant.as_ref().map(|(_, t)| t.clone());
@@ -1209,6 +1413,47 @@ mod tests {
                 (n, other) => panic!("{n} pieces gave {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn live_entries_queued_together_merge_into_one_frame_in_order() {
+        let piece = |n: u64| UpdatePiece {
+            id: r#""s""#.into(),
+            tail: format!(r#","cursor":"1-{n}","op":"insert","key":{{"id":{n}}},"row":{{"id":{n}}}}}"#)
+                .into(),
+        };
+        let live = |ns: &[u64]| {
+            Outgoing::Live(Utf8Bytes::from(encode_updates(
+                ns.iter().map(|&n| piece(n)).collect::<Vec<_>>(),
+            )))
+        };
+        // A lone shared text goes out as it is.
+        let lone = live(&[1]);
+        let Outgoing::Live(ref text) = lone else {
+            unreachable!()
+        };
+        let at = text.as_str().as_ptr();
+        assert_eq!(merge_live(vec![lone]).as_str().as_ptr(), at);
+        // A single update, pieces, an `updates` frame: one frame, every update in order.
+        let run = vec![
+            live(&[1]),
+            Outgoing::Updates(vec![piece(2), piece(3)]),
+            live(&[4, 5]),
+            Outgoing::Updates(Vec::new()),
+        ];
+        let text = merge_live(run);
+        let frame: ServerFrame = serde_json::from_str(text.as_str()).expect("one frame");
+        let ServerFrame::Updates { updates } = frame else {
+            panic!("not an updates frame: {text}");
+        };
+        let cursors: Vec<_> = updates
+            .into_iter()
+            .map(|u| match u {
+                ServerFrame::Update { cursor, .. } => cursor.unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(cursors, ["1-1", "1-2", "1-3", "1-4", "1-5"]);
     }
 
     fn ops(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<(UpdateOp, i64)> {
@@ -1344,7 +1589,10 @@ mod tests {
         assert!(a.try_recv().is_err(), "sent before its pause ended");
         // A frame for the session takes the older staged updates along, first.
         hub.deliver(1, ServerFrame::Pong { nonce: 7 });
-        assert!(matches!(a.try_recv().unwrap(), Outgoing::Updates(u) if u.len() == 2));
+        assert!(matches!(
+            a.try_recv().unwrap().into_frame(),
+            ServerFrame::Updates { updates } if updates.len() == 2
+        ));
         assert!(matches!(
             a.try_recv().unwrap(),
             Outgoing::Frame(ServerFrame::Pong { nonce: 7 })
@@ -1419,8 +1667,9 @@ mod tests {
         };
         assert_eq!(first, "1-0");
         for rx in [&mut a, &mut b] {
+            // a's is its group's shared text; b, also in the pending subscription's
+            // group, gets its own.
             let entry = rx.try_recv().unwrap();
-            assert!(matches!(&entry, Outgoing::Updates(u) if u.len() == 3));
             assert_eq!(
                 entry.into_text(),
                 serde_json::to_string(&ServerFrame::Updates {
@@ -1445,6 +1694,125 @@ mod tests {
             a.try_recv().unwrap().into_frame(),
             ServerFrame::Update { id, .. } if id == "s"
         ));
+    }
+
+    /// Every update of every entry queued for the session, as (subscription id, position).
+    fn positions(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        while let Ok(entry) = rx.try_recv() {
+            let frames = match entry.into_frame() {
+                ServerFrame::Updates { updates } => updates,
+                other => vec![other],
+            };
+            for f in frames {
+                if let ServerFrame::Update { id, cursor, .. } = f {
+                    let seq = cursor.unwrap().split_once('-').unwrap().1.parse().unwrap();
+                    out.push((id, seq));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_group_shares_one_encoded_frame_and_a_session_in_two_groups_keeps_position_order() {
+        let mut hub = Hub::new(100, 1);
+        let mut rxs: Vec<_> = (1..=4).map(|s| session(&mut hub, s)).collect();
+        for s in 1..=4 {
+            hub.subscribe_live(s, "all", "m", filter("t1", None), 10).unwrap();
+            hub.complete(s, "all", ServerFrame::Pong { nonce: 0 });
+        }
+        // Session 3 also watches the active rows: two groups, interleaved positions.
+        hub.subscribe_live(3, "active", "m", filter("t1", Some("active")), 10)
+            .unwrap();
+        hub.complete(3, "active", ServerFrame::Pong { nonce: 0 });
+        // Session 4 subscribes twice to the same rows: twice in one group.
+        hub.subscribe_live(4, "again", "m", filter("t1", None), 10)
+            .unwrap();
+        hub.complete(4, "again", ServerFrame::Pong { nonce: 0 });
+        for rx in &mut rxs {
+            while rx.try_recv().is_ok() {}
+        }
+        hub.stage_live("m", "tenant_id", None, Some(row(1, "t1", "active")));
+        hub.stage_live("m", "tenant_id", None, Some(row(2, "t1", "idle")));
+        hub.stage_live("m", "tenant_id", None, Some(row(3, "t1", "active")));
+        hub.flush_live();
+        let texts: Vec<_> = rxs[..2]
+            .iter_mut()
+            .map(|rx| match rx.try_recv().unwrap() {
+                Outgoing::Live(t) => t,
+                other => panic!("not shared: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            texts[0].as_str().as_ptr(),
+            texts[1].as_str().as_ptr(),
+            "encoded once for the group"
+        );
+        let want = |v: &[(&str, u64)]| v.iter().map(|(i, s)| (i.to_string(), *s)).collect::<Vec<_>>();
+        for (i, expected) in [
+            (
+                2,
+                want(&[("all", 1), ("active", 1), ("all", 2), ("all", 3), ("active", 3)]),
+            ),
+            (
+                3,
+                want(&[
+                    ("all", 1),
+                    ("again", 1),
+                    ("all", 2),
+                    ("again", 2),
+                    ("all", 3),
+                    ("again", 3),
+                ]),
+            ),
+        ] {
+            let entries: Vec<_> = std::iter::from_fn(|| rxs[i].try_recv().ok()).collect();
+            assert_eq!(entries.len(), 1, "one entry for both subscriptions");
+            let (tx, mut one) = mpsc::channel(4);
+            for entry in entries {
+                tx.try_send(entry).unwrap();
+            }
+            assert_eq!(positions(&mut one), expected);
+        }
+        for rx in &mut rxs[..2] {
+            assert!(rx.try_recv().is_err());
+        }
+    }
+
+    #[test]
+    fn members_joining_between_staging_and_flush_get_only_later_updates_and_many_ids_still_arrive() {
+        let mut hub = Hub::new(100, 1);
+        let n = SHARED_IDS as u64 + 3;
+        let mut rxs: Vec<_> = (1..=n).map(|s| session(&mut hub, s)).collect();
+        // Each session its own subscription id: more ids than a flush shares frames for.
+        for s in 1..n {
+            let id = format!("sub{s}");
+            hub.subscribe_live(s, &id, "m", filter("t1", None), 10).unwrap();
+            hub.complete(s, &id, ServerFrame::Pong { nonce: 0 });
+        }
+        for rx in &mut rxs {
+            while rx.try_recv().is_ok() {}
+        }
+        let before = hub.current_cursor();
+        hub.stage_live("m", "tenant_id", None, Some(row(1, "t1", "x")));
+        // The last session resumes from before that change while it is still staged: the
+        // replay brings it, the flush must not bring it again.
+        assert!(
+            hub.resume_live(n, "late", "m", filter("t1", None), &before, 10)
+                .unwrap()
+        );
+        hub.stage_live("m", "tenant_id", None, Some(row(2, "t1", "x")));
+        hub.flush_live();
+        for s in 1..n {
+            let got = positions(&mut rxs[s as usize - 1]);
+            assert_eq!(got, vec![(format!("sub{s}"), 1), (format!("sub{s}"), 2)]);
+        }
+        assert_eq!(
+            positions(&mut rxs[n as usize - 1]),
+            vec![("late".to_string(), 1), ("late".to_string(), 2)],
+            "the replay, then only what came after it"
+        );
     }
 
     #[test]
