@@ -1482,3 +1482,92 @@ async fn the_s3_backend_stores_serves_and_deletes() {
     );
     assert_eq!(env.usage("club-s").await, ((12 * MB) as i64, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_reservation_locks_the_usage_before_the_ticket_and_releases_once() {
+    let env = Env::start("files_release_order", &[]).await;
+    let c = env.db.connect().await.unwrap();
+    let ticket = uuid::Uuid::new_v4();
+    c.execute(
+        "INSERT INTO pulse.upload_tickets (id, tenant, name, max_bytes, content_types, expires_at, used_at, reserved_bytes)
+         VALUES ($1, 'club-a', 'x.txt', 1000, '{text/plain}', now() + interval '1 hour', now(), 100)",
+        &[&ticket],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "INSERT INTO pulse.storage_usage (tenant, reserved_bytes) VALUES ('club-a', 150)",
+        &[],
+    )
+    .await
+    .unwrap();
+    // Someone holds the usage row (as a settlement does before it touches its ticket).
+    let mut holder = env.db.connect().await.unwrap();
+    let hold = holder.transaction().await.unwrap();
+    hold.execute(
+        "SELECT 1 FROM pulse.storage_usage WHERE tenant = 'club-a' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let releaser = env.db.connect().await.unwrap();
+    let pid: i32 = releaser
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let release = tokio::spawn(async move {
+        releaser
+            .execute(files::RELEASE_RESERVATION, &[&"club-a", &ticket, &100i64])
+            .await
+    });
+    wait_for(
+        "the release to wait for the usage row",
+        Duration::from_secs(10),
+        || {
+            let c = &c;
+            async move {
+                let waiting: bool = c
+                .query_one(
+                    "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1",
+                    &[&pid],
+                )
+                .await
+                .ok()?
+                .get(0);
+                waiting.then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    // While it waits, it holds nothing on the ticket: a settlement of the same ticket,
+    // holding the usage row, can take it (the other order deadlocked here).
+    let mut other = env.db.connect().await.unwrap();
+    let probe = other.transaction().await.unwrap();
+    probe
+        .execute(
+            "SELECT 1 FROM pulse.upload_tickets WHERE id = $1 FOR UPDATE NOWAIT",
+            &[&ticket],
+        )
+        .await
+        .expect("the ticket is not locked by the waiting release");
+    probe.rollback().await.unwrap();
+    hold.commit().await.unwrap();
+    assert_eq!(release.await.unwrap().unwrap(), 1, "the usage row updated");
+    assert_eq!(env.usage("club-a").await, (0, 50), "the ticket's 100 given back");
+    // Released once: a second release of the same hold changes nothing.
+    c.execute(files::RELEASE_RESERVATION, &[&"club-a", &ticket, &100i64])
+        .await
+        .unwrap();
+    assert_eq!(env.usage("club-a").await, (0, 50));
+    let held: i64 = c
+        .query_one(
+            "SELECT reserved_bytes FROM pulse.upload_tickets WHERE id = $1",
+            &[&ticket],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 0);
+}

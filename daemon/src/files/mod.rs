@@ -914,25 +914,29 @@ impl Reservation {
     }
 }
 
+/// Gives back what an upload's ticket still holds of its tenant's quota: $1 tenant, $2
+/// ticket, $3 the bytes it holds. Only if the ticket still holds them, so a release never
+/// runs twice. The usage row is locked before the ticket, the order every other
+/// statement on both takes (the reservation's growth, the settlement), so a release
+/// racing the settlement of the same ticket (the cleanup job's, for an upload still
+/// running after [`STALE_UPLOAD`]) waits instead of deadlocking. Public for the test
+/// that checks that order.
+pub const RELEASE_RESERVATION: &str =
+    "WITH u AS (SELECT 1 FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE),
+     t AS (UPDATE pulse.upload_tickets SET reserved_bytes = 0
+            WHERE id = $2 AND reserved_bytes = $3 AND (SELECT count(*) FROM u) >= 0
+           RETURNING 1)
+UPDATE pulse.storage_usage SET reserved_bytes = greatest(reserved_bytes - $3, 0), updated_at = now()
+ WHERE tenant = $1 AND EXISTS (SELECT 1 FROM t)";
+
 async fn release_reservation(cx: &Ctx<'_>, tenant: &str, bytes: u64, ticket: Uuid) -> Result<(), FileError> {
-    let mut client = cx.pool.get().await?;
-    let tx = client.transaction().await?;
-    // Only release what the ticket still holds, so a release never runs twice.
-    let held = tx
-        .query_opt(
-            &tx.prepare_cached("UPDATE pulse.upload_tickets SET reserved_bytes = 0 WHERE id = $1 AND reserved_bytes = $2 RETURNING 1").await?,
-            &[&ticket, &(bytes as i64)],
-        )
-        .await?;
-    if held.is_some() {
-        tx
+    let client = cx.pool.get().await?;
+    client
         .execute(
-            &tx.prepare_cached("UPDATE pulse.storage_usage SET reserved_bytes = greatest(reserved_bytes - $2, 0), updated_at = now() WHERE tenant = $1").await?,
-            &[&tenant, &(bytes as i64)],
+            &client.prepare_cached(RELEASE_RESERVATION).await?,
+            &[&tenant, &ticket, &(bytes as i64)],
         )
         .await?;
-    }
-    tx.commit().await?;
     Ok(())
 }
 
