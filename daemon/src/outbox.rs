@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use serde_json::Value;
 use tokio_postgres::GenericClient;
+use tokio_postgres::types::Type;
 
 /// Every event Pulse sends to Symfony; the name is also the AMQP routing key.
 pub const EVENTS: &[&str] = &[
@@ -169,8 +170,11 @@ pub async fn write<C: GenericClient>(tx: &C, event: &OutboxEvent) -> Result<bool
     if !is_sent(event.event) {
         return Ok(false);
     }
+    // Typed parameters: parsed, bound and run in one round trip (a plain `query` first
+    // prepares, which is one more, and this sits inside callers' transactions, some
+    // holding a tenant's lock).
     let rows = tx
-        .query(
+        .query_typed(
             "WITH ins AS (
                  INSERT INTO pulse.outbox (message_id, aggregate, event, payload)
                  VALUES ($1, $2, $3, $4)
@@ -178,11 +182,11 @@ pub async fn write<C: GenericClient>(tx: &C, event: &OutboxEvent) -> Result<bool
                  RETURNING id)
              SELECT id, pg_notify($5, '') FROM ins",
             &[
-                &event.message_id,
-                &event.aggregate,
-                &event.event,
-                &event.payload,
-                &NOTIFY_CHANNEL,
+                (&event.message_id, Type::TEXT),
+                (&event.aggregate, Type::TEXT),
+                (&event.event, Type::TEXT),
+                (&event.payload, Type::JSONB),
+                (&NOTIFY_CHANNEL, Type::TEXT),
             ],
         )
         .await?;
@@ -210,7 +214,7 @@ pub async fn write_all<C: GenericClient>(
     let names: Vec<&str> = events.iter().map(|e| e.event).collect();
     let payloads: Vec<&Value> = events.iter().map(|e| &e.payload).collect();
     let rows = tx
-        .query(
+        .query_typed(
             "WITH ins AS (
                  INSERT INTO pulse.outbox (message_id, aggregate, event, payload)
                  SELECT m, a, e, p FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])
@@ -219,7 +223,13 @@ pub async fn write_all<C: GenericClient>(
                  ON CONFLICT (message_id) DO NOTHING
                  RETURNING id)
              SELECT (SELECT count(*) FROM ins), pg_notify($5, '')",
-            &[&ids, &aggs, &names, &payloads, &NOTIFY_CHANNEL],
+            &[
+                (&ids, Type::TEXT_ARRAY),
+                (&aggs, Type::TEXT_ARRAY),
+                (&names, Type::TEXT_ARRAY),
+                (&payloads, Type::JSONB_ARRAY),
+                (&NOTIFY_CHANNEL, Type::TEXT),
+            ],
         )
         .await?;
     Ok(rows.first().map(|r| r.get::<_, i64>(0) as u64).unwrap_or(0))
