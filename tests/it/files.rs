@@ -1521,26 +1521,7 @@ async fn a_released_reservation_locks_the_usage_before_the_ticket_and_releases_o
             .execute(files::RELEASE_RESERVATION, &[&"club-a", &ticket, &100i64])
             .await
     });
-    wait_for(
-        "the release to wait for the usage row",
-        Duration::from_secs(10),
-        || {
-            let c = &c;
-            async move {
-                let waiting: bool = c
-                .query_one(
-                    "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1",
-                    &[&pid],
-                )
-                .await
-                .ok()?
-                .get(0);
-                waiting.then_some(())
-            }
-        },
-    )
-    .await
-    .unwrap();
+    wait_for_lock(&c, pid, "the release to wait for the usage row").await;
     // While it waits, it holds nothing on the ticket: a settlement of the same ticket,
     // holding the usage row, can take it (the other order deadlocked here).
     let mut other = env.db.connect().await.unwrap();
@@ -1570,4 +1551,74 @@ async fn a_released_reservation_locks_the_usage_before_the_ticket_and_releases_o
         .unwrap()
         .get(0);
     assert_eq!(held, 0);
+
+    // Racing a settlement of the same ticket (the cleanup job's release of an upload that
+    // is just finishing): the release waits for the settlement's lock and then finds the
+    // hold gone, so the bytes are given back once.
+    let second = uuid::Uuid::new_v4();
+    c.execute(
+        "INSERT INTO pulse.upload_tickets (id, tenant, name, max_bytes, content_types, expires_at, used_at, reserved_bytes)
+         VALUES ($1, 'club-a', 'y.txt', 1000, '{text/plain}', now() + interval '1 hour', now(), 40)",
+        &[&second],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "UPDATE pulse.storage_usage SET reserved_bytes = reserved_bytes + 40 WHERE tenant = 'club-a'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let settle = holder.transaction().await.unwrap();
+    settle
+        .execute(
+            "UPDATE pulse.storage_usage SET used_bytes = used_bytes + 40, reserved_bytes = reserved_bytes - 40
+              WHERE tenant = 'club-a'",
+            &[],
+        )
+        .await
+        .unwrap();
+    settle
+        .execute(
+            "UPDATE pulse.upload_tickets SET reserved_bytes = 0 WHERE id = $1",
+            &[&second],
+        )
+        .await
+        .unwrap();
+    let releaser = env.db.connect().await.unwrap();
+    let pid: i32 = releaser
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let release = tokio::spawn(async move {
+        releaser
+            .execute(files::RELEASE_RESERVATION, &[&"club-a", &second, &40i64])
+            .await
+    });
+    wait_for_lock(&c, pid, "the release to wait for the settlement").await;
+    settle.commit().await.unwrap();
+    assert_eq!(release.await.unwrap().unwrap(), 0, "nothing left to release");
+    assert_eq!(
+        env.usage("club-a").await,
+        (40, 50),
+        "settled once, released never"
+    );
+}
+
+/// Waits until the backend `pid` waits for a lock.
+async fn wait_for_lock(c: &tokio_postgres::Client, pid: i32, what: &str) {
+    wait_for(what, Duration::from_secs(10), || async move {
+        let waiting: bool = c
+            .query_one(
+                "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .ok()?
+            .get(0);
+        waiting.then_some(())
+    })
+    .await
+    .unwrap();
 }

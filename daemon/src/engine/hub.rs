@@ -95,25 +95,34 @@ pub fn encode_updates<P: std::borrow::Borrow<UpdatePiece>>(
         .clone()
         .into_iter()
         .fold((0usize, 0usize), |(n, b), p| (n + 1, b + p.borrow().len()));
-    let exact = match count {
-        1 => bytes,
-        // The head, the commas between the frames, and `]}`.
-        n => UPDATES_HEAD.len() + bytes + n.saturating_sub(1) + 2,
-    };
-    let mut out = String::with_capacity(exact);
     if count == 1 {
+        let mut out = String::with_capacity(bytes);
         pieces.into_iter().for_each(|p| p.borrow().write(&mut out));
         return out;
     }
+    updates_frame(bytes + count.saturating_sub(1), |out| write_pieces(pieces, out))
+}
+
+/// An `updates` frame around `items` (comma-separated update frames of `bytes` bytes
+/// in all), its capacity exactly its length.
+fn updates_frame(bytes: usize, items: impl FnOnce(&mut String)) -> String {
+    let exact = UPDATES_HEAD.len() + bytes + 2;
+    let mut out = String::with_capacity(exact);
     out.push_str(UPDATES_HEAD);
+    items(&mut out);
+    out.push_str("]}");
+    debug_assert_eq!(out.len(), exact, "sized exactly");
+    out
+}
+
+/// The pieces' update frames, comma-separated.
+fn write_pieces<P: std::borrow::Borrow<UpdatePiece>>(pieces: impl IntoIterator<Item = P>, out: &mut String) {
     for (i, p) in pieces.into_iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        p.borrow().write(&mut out);
+        p.borrow().write(out);
     }
-    out.push_str("]}");
-    out
 }
 
 /// The items of an encoded `update` or `updates` frame: the frame itself, or what its
@@ -132,8 +141,7 @@ pub fn merge_live(run: Vec<Outgoing>) -> Utf8Bytes {
     if run.len() == 1 {
         return match run.pop() {
             Some(Outgoing::Live(text)) => text,
-            Some(Outgoing::Updates(pieces)) => encode_updates(&pieces).into(),
-            Some(Outgoing::Frame(f)) => serde_json::to_string(&f).expect("server frames serialize").into(),
+            Some(other) => other.into_text().into(),
             None => unreachable!("one entry"),
         };
     }
@@ -142,29 +150,20 @@ pub fn merge_live(run: Vec<Outgoing>) -> Utf8Bytes {
         Outgoing::Updates(pieces) => pieces.iter().map(UpdatePiece::len).sum::<usize>() + pieces.len() - 1,
         Outgoing::Frame(_) => 0,
     };
-    let exact = UPDATES_HEAD.len() + run.iter().map(items).sum::<usize>() + run.len().saturating_sub(1) + 2;
-    let mut out = String::with_capacity(exact);
-    out.push_str(UPDATES_HEAD);
-    for (i, o) in run.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        match o {
-            Outgoing::Live(text) => out.push_str(items_of(text)),
-            Outgoing::Updates(pieces) => {
-                for (j, p) in pieces.iter().enumerate() {
-                    if j > 0 {
-                        out.push(',');
-                    }
-                    p.write(&mut out);
-                }
+    let bytes = run.iter().map(items).sum::<usize>() + run.len().saturating_sub(1);
+    updates_frame(bytes, |out| {
+        for (i, o) in run.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
             }
-            Outgoing::Frame(_) => {}
+            match o {
+                Outgoing::Live(text) => out.push_str(items_of(text)),
+                Outgoing::Updates(pieces) => write_pieces(pieces, out),
+                Outgoing::Frame(_) => {}
+            }
         }
-    }
-    out.push_str("]}");
-    debug_assert_eq!(out.len(), exact, "sized exactly (see encode_updates)");
-    out.into()
+    })
+    .into()
 }
 
 /// What goes into a session's writer queue: a frame, live updates already serialized
@@ -426,6 +425,8 @@ pub struct Hub {
     /// The (table, tenant) buckets holding groups with staged updates (see
     /// [`Group::staged`]), sent by [`Hub::flush_live`]; a bucket may be listed twice.
     dirty: Vec<(String, Option<String>)>,
+    /// Scratch set of [`Hub::flush_live`], kept for its room.
+    flush_seen: BySession<()>,
     /// When staged updates last went out, and to how many sessions (see
     /// [`Hub::flush_live_within`]).
     last_flush: Option<(Instant, usize)>,
@@ -526,11 +527,15 @@ impl Hub {
             return false;
         };
         subs.values().any(|kind| match kind {
-            SubKind::Live { table, filter } => self
-                .live
-                .get(table)
-                .and_then(|t| t.get(&filter.tenant.as_ref().map(|(_, t)| t.clone())))
-                .is_some_and(|groups| groups.iter().any(|g| !g.staged.is_empty() && g.filter == *filter)),
+            SubKind::Live { table, filter } => {
+                let tenant = filter.tenant.as_ref().map(|(_, t)| t.as_str());
+                self.dirty
+                    .iter()
+                    .filter(|(t, n)| t == table && n.as_deref() == tenant)
+                    .filter_map(|(t, n)| self.live.get(t)?.get(n))
+                    .flatten()
+                    .any(|g| !g.staged.is_empty() && g.filter == *filter)
+            }
             _ => false,
         })
     }
@@ -678,10 +683,12 @@ impl Hub {
             .filter(|c| c.seq > from && c.table == table)
             .filter_map(|c| op_for(&filter, c).map(|op| update_frame(id, self.cursor(c.seq), op, c)))
             .collect();
+        // Joined before the replay (taking only what comes after it), so that a replay
+        // that fills the client's queue and cuts it removes the membership with the rest.
+        self.join_group(session, id, table, filter);
         for f in missed {
             self.deliver(session, f);
         }
-        self.join_group(session, id, table, filter);
         Ok(true)
     }
 
@@ -732,6 +739,7 @@ impl Hub {
                 self.history.pop_front();
             }
         }
+        let cursor = self.cursor(self.seq);
         let Some(by_tenant) = self.live.get_mut(table) else {
             return;
         };
@@ -749,7 +757,6 @@ impl Hub {
                 tenant_keys.push(Some(t));
             }
         }
-        let cursor = format!("{:x}-{}", self.epoch, self.seq);
         let mut staged_any = false;
         for key in tenant_keys {
             let Some(groups) = by_tenant.get_mut(&key) else {
@@ -853,22 +860,29 @@ impl Hub {
         // Sessions with more than one subscription among the dirty groups, with their
         // updates: they get them all as one entry, in position order (a client resumes
         // from the last cursor it saw, whichever subscription it came with).
+        // Counted are the memberships that take something now: not those that joined
+        // after all of it, nor those whose initial result is still being read.
         let mut merged: BySession<Vec<(u64, UpdatePiece)>> = BySession::default();
-        let mut seen: BySession<()> = BySession::default();
-        for g in self.live_groups(&dirty).filter(|g| !g.staged.is_empty()) {
-            for m in &g.members {
+        let mut seen = std::mem::take(&mut self.flush_seen);
+        for g in self.live_groups(&dirty) {
+            let Some(&(last, _)) = g.staged.last() else {
+                continue;
+            };
+            for m in g.members.iter().filter(|m| m.after < last && !self.is_pending(m)) {
                 if seen.insert(m.session, ()).is_some() {
                     merged.entry(m.session).or_default();
                 }
             }
         }
+        seen.clear();
+        self.flush_seen = seen;
         let mut out: Vec<(SessionId, Outgoing)> = Vec::new();
         for (table, tenant) in &dirty {
             let Some(groups) = self.live.get_mut(table).and_then(|t| t.get_mut(tenant)) else {
                 continue;
             };
             for g in groups.iter_mut().filter(|g| !g.staged.is_empty()) {
-                let staged = std::mem::take(&mut g.staged);
+                let mut staged = std::mem::take(&mut g.staged);
                 let mut shared: Vec<(Arc<str>, Utf8Bytes)> = Vec::new();
                 for m in &g.members {
                     let from = staged.partition_point(|(seq, _)| *seq <= m.after);
@@ -920,6 +934,9 @@ impl Hub {
                     };
                     out.push((m.session, entry));
                 }
+                // Emptied, not dropped: the group keeps its room for the next batch.
+                staged.clear();
+                g.staged = staged;
             }
         }
         for (session, mut all) in merged {
@@ -938,6 +955,15 @@ impl Hub {
             self.deliver_out(session, entry);
         }
         self.record_delivery();
+    }
+
+    /// Whether the membership's initial result is still being read.
+    fn is_pending(&self, m: &Member) -> bool {
+        !self.pending.is_empty()
+            && self
+                .pending
+                .get(&m.session)
+                .is_some_and(|p| p.contains_key(m.id.as_str()))
     }
 
     /// The groups of the listed (table, tenant) buckets.
@@ -1667,9 +1693,10 @@ mod tests {
         };
         assert_eq!(first, "1-0");
         for rx in [&mut a, &mut b] {
-            // a's is its group's shared text; b, also in the pending subscription's
-            // group, gets its own.
+            // The group's shared text for both: b's other subscription, still pending,
+            // keeps its updates apart.
             let entry = rx.try_recv().unwrap();
+            assert!(matches!(entry, Outgoing::Live(_)), "{entry:?}");
             assert_eq!(
                 entry.into_text(),
                 serde_json::to_string(&ServerFrame::Updates {
@@ -1926,5 +1953,30 @@ mod tests {
         assert!(kill.is_cancelled());
         assert_eq!(ops(&mut ok).len(), 5);
         assert_eq!(hub.session_count(), 1);
+    }
+
+    #[test]
+    fn a_resume_whose_replay_cuts_the_client_leaves_no_membership_behind() {
+        let mut hub = Hub::new(100, 1);
+        let before = hub.current_cursor();
+        for i in 1..=20 {
+            hub.publish_live("m", "tenant_id", None, Some(row(i, "t1", "x")));
+        }
+        // A queue of 16: the replay of 20 updates cuts the session.
+        let _rx = session(&mut hub, 1);
+        assert!(
+            hub.resume_live(1, "s", "m", filter("t1", None), &before, 10)
+                .unwrap()
+        );
+        assert_eq!(hub.session_count(), 0, "cut by its replay");
+        let members: usize = hub
+            .live
+            .values()
+            .flat_map(|t| t.values().flatten())
+            .map(|g| g.members.len())
+            .sum();
+        assert_eq!(members, 0, "its membership went with it");
+        hub.publish_live("m", "tenant_id", None, Some(row(21, "t1", "x")));
+        assert_eq!(hub.last_flush.map(|(_, reach)| reach), None, "nobody to reach");
     }
 }
