@@ -1510,18 +1510,7 @@ async fn a_released_reservation_locks_the_usage_before_the_ticket_and_releases_o
     )
     .await
     .unwrap();
-    let releaser = env.db.connect().await.unwrap();
-    let pid: i32 = releaser
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let release = tokio::spawn(async move {
-        releaser
-            .execute(files::RELEASE_RESERVATION, &[&"club-a", &ticket, &100i64])
-            .await
-    });
-    wait_for_lock(&c, pid, "the release to wait for the usage row").await;
+    let release = release_blocked(&env, &c, ticket, 100, "the release to wait for the usage row").await;
     // While it waits, it holds nothing on the ticket: a settlement of the same ticket,
     // holding the usage row, can take it (the other order deadlocked here).
     let mut other = env.db.connect().await.unwrap();
@@ -1585,18 +1574,7 @@ async fn a_released_reservation_locks_the_usage_before_the_ticket_and_releases_o
         )
         .await
         .unwrap();
-    let releaser = env.db.connect().await.unwrap();
-    let pid: i32 = releaser
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let release = tokio::spawn(async move {
-        releaser
-            .execute(files::RELEASE_RESERVATION, &[&"club-a", &second, &40i64])
-            .await
-    });
-    wait_for_lock(&c, pid, "the release to wait for the settlement").await;
+    let release = release_blocked(&env, &c, second, 40, "the release to wait for the settlement").await;
     settle.commit().await.unwrap();
     assert_eq!(release.await.unwrap().unwrap(), 0, "nothing left to release");
     assert_eq!(
@@ -1606,8 +1584,26 @@ async fn a_released_reservation_locks_the_usage_before_the_ticket_and_releases_o
     );
 }
 
-/// Waits until the backend `pid` waits for a lock.
-async fn wait_for_lock(c: &tokio_postgres::Client, pid: i32, what: &str) {
+/// Starts releasing `bytes` of club-a's `ticket` on a connection of its own and returns
+/// once that release waits for a lock (`c` watches it).
+async fn release_blocked(
+    env: &Env,
+    c: &tokio_postgres::Client,
+    ticket: uuid::Uuid,
+    bytes: i64,
+    what: &str,
+) -> tokio::task::JoinHandle<Result<u64, tokio_postgres::Error>> {
+    let releaser = env.db.connect().await.unwrap();
+    let pid: i32 = releaser
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let release = tokio::spawn(async move {
+        releaser
+            .execute(files::RELEASE_RESERVATION, &[&"club-a", &ticket, &bytes])
+            .await
+    });
     wait_for(what, Duration::from_secs(10), || async move {
         let waiting: bool = c
             .query_one(
@@ -1621,4 +1617,5 @@ async fn wait_for_lock(c: &tokio_postgres::Client, pid: i32, what: &str) {
     })
     .await
     .unwrap();
+    release
 }
