@@ -127,12 +127,7 @@ pub async fn run(quick: bool) -> Result<()> {
                         );
                     }
                 }
-                let took = start.elapsed().as_secs_f64();
-                match side {
-                    Upload::Nginx => t.nginx_up += took,
-                    Upload::NginxSynced => t.nginx_synced_up += took,
-                    Upload::Pulse => t.pulse_up += took,
-                }
+                *t.upload(side) += start.elapsed().as_secs_f64();
             }
         }
 
@@ -249,6 +244,17 @@ struct Totals {
     nginx_up: f64,
     nginx_synced_up: f64,
     nginx_down: f64,
+}
+
+impl Totals {
+    /// The upload time of `side`.
+    fn upload(&mut self, side: Upload) -> &mut f64 {
+        match side {
+            Upload::Nginx => &mut self.nginx_up,
+            Upload::NginxSynced => &mut self.nginx_synced_up,
+            Upload::Pulse => &mut self.pulse_up,
+        }
+    }
 }
 
 /// Writes every dirty page back before a timed phase, so a phase never pays for the

@@ -302,10 +302,10 @@ pub fn authorize(principal: &Principal, capability: Capability, target: &Target<
         let unlisted = target
             .listed
             .is_some_and(|listed| role != Role::Service && !listed.contains(&role));
-        let verdict = match cell_allows(principal, scope, target) {
-            Ok(()) if unlisted => Err(DenyReason::NotListed),
-            Err(DenyReason::Tenant | DenyReason::Owner) if unlisted => Err(DenyReason::NotListed),
-            v => v,
+        let verdict = if unlisted {
+            Err(DenyReason::NotListed)
+        } else {
+            cell_allows(principal, scope, target)
         };
         match verdict {
             Ok(()) => return Decision::Allowed(scope),

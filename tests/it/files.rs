@@ -1487,20 +1487,14 @@ async fn the_s3_backend_stores_serves_and_deletes() {
 async fn a_released_reservation_locks_the_usage_before_the_ticket_and_releases_once() {
     let env = Env::start("files_release_order", &[]).await;
     let c = env.db.connect().await.unwrap();
-    let ticket = uuid::Uuid::new_v4();
+    // Another upload holds 50 bytes of the tenant's quota throughout.
     c.execute(
-        "INSERT INTO pulse.upload_tickets (id, tenant, name, max_bytes, content_types, expires_at, used_at, reserved_bytes)
-         VALUES ($1, 'club-a', 'x.txt', 1000, '{text/plain}', now() + interval '1 hour', now(), 100)",
-        &[&ticket],
-    )
-    .await
-    .unwrap();
-    c.execute(
-        "INSERT INTO pulse.storage_usage (tenant, reserved_bytes) VALUES ('club-a', 150)",
+        "INSERT INTO pulse.storage_usage (tenant, reserved_bytes) VALUES ('club-a', 50)",
         &[],
     )
     .await
     .unwrap();
+    let ticket = ticket_holding(&c, 100).await;
     // Someone holds the usage row (as a settlement does before it touches its ticket).
     let mut holder = env.db.connect().await.unwrap();
     let hold = holder.transaction().await.unwrap();
@@ -1544,20 +1538,7 @@ async fn a_released_reservation_locks_the_usage_before_the_ticket_and_releases_o
     // Racing a settlement of the same ticket (the cleanup job's release of an upload that
     // is just finishing): the release waits for the settlement's lock and then finds the
     // hold gone, so the bytes are given back once.
-    let second = uuid::Uuid::new_v4();
-    c.execute(
-        "INSERT INTO pulse.upload_tickets (id, tenant, name, max_bytes, content_types, expires_at, used_at, reserved_bytes)
-         VALUES ($1, 'club-a', 'y.txt', 1000, '{text/plain}', now() + interval '1 hour', now(), 40)",
-        &[&second],
-    )
-    .await
-    .unwrap();
-    c.execute(
-        "UPDATE pulse.storage_usage SET reserved_bytes = reserved_bytes + 40 WHERE tenant = 'club-a'",
-        &[],
-    )
-    .await
-    .unwrap();
+    let second = ticket_holding(&c, 40).await;
     let settle = holder.transaction().await.unwrap();
     settle
         .execute(
@@ -1582,6 +1563,23 @@ async fn a_released_reservation_locks_the_usage_before_the_ticket_and_releases_o
         (40, 50),
         "settled once, released never"
     );
+}
+
+/// A claimed club-a ticket whose running upload holds `bytes` of the quota (on the
+/// ticket and in the tenant's usage).
+async fn ticket_holding(c: &tokio_postgres::Client, bytes: i64) -> uuid::Uuid {
+    let ticket = uuid::Uuid::new_v4();
+    c.execute(
+        "WITH t AS (
+             INSERT INTO pulse.upload_tickets (id, tenant, name, max_bytes, content_types, expires_at, used_at, reserved_bytes)
+             VALUES ($1, 'club-a', 'x.txt', 1000, '{text/plain}', now() + interval '1 hour', now(), $2))
+         INSERT INTO pulse.storage_usage AS u (tenant, reserved_bytes) VALUES ('club-a', $2)
+         ON CONFLICT (tenant) DO UPDATE SET reserved_bytes = u.reserved_bytes + EXCLUDED.reserved_bytes",
+        &[&ticket, &bytes],
+    )
+    .await
+    .unwrap();
+    ticket
 }
 
 /// Starts releasing `bytes` of club-a's `ticket` on a connection of its own and returns

@@ -74,10 +74,11 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
             let mut frames = 0;
             loop {
                 let text: Utf8Bytes = match out {
-                    Outgoing::Frame(f) => serde_json::to_string(&f).expect("server frames serialize").into(),
+                    frame @ Outgoing::Frame(_) => frame.into_wire(),
                     live => {
                         let mut bytes = live.live_len();
-                        let mut run = vec![live];
+                        // Allocated only when more is waiting.
+                        let mut run = Vec::new();
                         while bytes < MERGE_BYTES {
                             match rx.try_recv() {
                                 Ok(Outgoing::Frame(f)) => {
@@ -91,7 +92,12 @@ pub async fn run<G: Send + 'static>(socket: WebSocket, app: Arc<App>, transport:
                                 Err(_) => break,
                             }
                         }
-                        merge_live(run)
+                        if run.is_empty() {
+                            live.into_wire()
+                        } else {
+                            run.insert(0, live);
+                            merge_live(run)
+                        }
                     }
                 };
                 if sink.feed(Message::Text(text)).await.is_err() {

@@ -139,11 +139,7 @@ fn items_of(text: &str) -> &str {
 pub fn merge_live(run: Vec<Outgoing>) -> Utf8Bytes {
     let mut run: Vec<Outgoing> = run.into_iter().filter(|o| o.live_len() > 0).collect();
     if run.len() == 1 {
-        return match run.pop() {
-            Some(Outgoing::Live(text)) => text,
-            Some(other) => other.into_text().into(),
-            None => unreachable!("one entry"),
-        };
+        return run.pop().expect("one entry").into_wire();
     }
     let items = |o: &Outgoing| match o {
         Outgoing::Live(text) => items_of(text).len(),
@@ -189,6 +185,14 @@ impl Outgoing {
             Outgoing::Frame(f) => serde_json::to_string(&f).expect("server frames serialize"),
             Outgoing::Updates(u) => encode_updates(&u),
             Outgoing::Live(t) => t.as_str().to_string(),
+        }
+    }
+
+    /// The text on the wire, as the writer sends it: shared text as it is (no copy).
+    pub fn into_wire(self) -> Utf8Bytes {
+        match self {
+            Outgoing::Live(text) => text,
+            other => other.into_text().into(),
         }
     }
 
@@ -891,12 +895,9 @@ impl Hub {
                     }
                     let quoted = &m.quoted;
                     let pieces = || {
-                        staged[from..].iter().map(move |(seq, tail)| {
-                            let piece = UpdatePiece {
-                                id: quoted.clone(),
-                                tail: tail.clone(),
-                            };
-                            (*seq, piece)
+                        staged[from..].iter().map(move |(_, tail)| UpdatePiece {
+                            id: quoted.clone(),
+                            tail: tail.clone(),
                         })
                     };
                     if let Some(buf) = self
@@ -904,7 +905,7 @@ impl Hub {
                         .get_mut(&m.session)
                         .and_then(|p| p.get_mut(m.id.as_str()))
                     {
-                        let new = pieces().map(|(_, p)| p);
+                        let new = pieces();
                         match buf.last_mut() {
                             Some(Outgoing::Updates(u)) => u.extend(new),
                             _ => buf.push(Outgoing::Updates(new.collect())),
@@ -912,17 +913,13 @@ impl Hub {
                         continue;
                     }
                     if let Some(all) = merged.get_mut(&m.session) {
-                        all.extend(pieces());
+                        all.extend(staged[from..].iter().map(|(seq, _)| *seq).zip(pieces()));
                         continue;
                     }
                     let text = match shared.iter().find(|(id, _)| *id == m.quoted) {
                         Some((_, text)) if from == 0 => Some(text.clone()),
                         None if from == 0 && shared.len() < SHARED_IDS => {
-                            let text =
-                                Utf8Bytes::from(encode_updates(staged.iter().map(|(_, tail)| UpdatePiece {
-                                    id: m.quoted.clone(),
-                                    tail: tail.clone(),
-                                })));
+                            let text = Utf8Bytes::from(encode_updates(pieces()));
                             shared.push((m.quoted.clone(), text.clone()));
                             Some(text)
                         }
@@ -930,7 +927,7 @@ impl Hub {
                     };
                     let entry = match text {
                         Some(t) => Outgoing::Live(t),
-                        None => Outgoing::Updates(pieces().map(|(_, p)| p).collect()),
+                        None => Outgoing::Updates(pieces().collect()),
                     };
                     out.push((m.session, entry));
                 }
@@ -1482,20 +1479,32 @@ mod tests {
         assert_eq!(cursors, ["1-1", "1-2", "1-3", "1-4", "1-5"]);
     }
 
+    /// Every entry queued for the session so far.
+    fn drain(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<Outgoing> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    /// The `update` frames the entries carry, in order, as (id, cursor, op, key id).
+    fn updates_in(entries: Vec<Outgoing>) -> Vec<(String, String, UpdateOp, i64)> {
+        let frames = entries.into_iter().flat_map(|e| match e.into_frame() {
+            ServerFrame::Updates { updates } => updates,
+            other => vec![other],
+        });
+        frames
+            .filter_map(|f| match f {
+                ServerFrame::Update {
+                    id, cursor, op, key, ..
+                } => Some((id, cursor.unwrap(), op, key["id"].as_i64().unwrap())),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn ops(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<(UpdateOp, i64)> {
-        let mut out = Vec::new();
-        while let Ok(f) = rx.try_recv() {
-            let frames = match f.into_frame() {
-                ServerFrame::Updates { updates } => updates,
-                other => vec![other],
-            };
-            for f in frames {
-                if let ServerFrame::Update { op, key, .. } = f {
-                    out.push((op, key["id"].as_i64().unwrap()));
-                }
-            }
-        }
-        out
+        updates_in(drain(rx))
+            .into_iter()
+            .map(|(_, _, op, key)| (op, key))
+            .collect()
     }
 
     #[test]
@@ -1723,22 +1732,12 @@ mod tests {
         ));
     }
 
-    /// Every update of every entry queued for the session, as (subscription id, position).
-    fn positions(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<(String, u64)> {
-        let mut out = Vec::new();
-        while let Ok(entry) = rx.try_recv() {
-            let frames = match entry.into_frame() {
-                ServerFrame::Updates { updates } => updates,
-                other => vec![other],
-            };
-            for f in frames {
-                if let ServerFrame::Update { id, cursor, .. } = f {
-                    let seq = cursor.unwrap().split_once('-').unwrap().1.parse().unwrap();
-                    out.push((id, seq));
-                }
-            }
-        }
-        out
+    /// Every update the entries carry, as (subscription id, position).
+    fn positions(entries: Vec<Outgoing>) -> Vec<(String, u64)> {
+        updates_in(entries)
+            .into_iter()
+            .map(|(id, cursor, _, _)| (id, cursor.split_once('-').unwrap().1.parse().unwrap()))
+            .collect()
     }
 
     #[test]
@@ -1794,13 +1793,9 @@ mod tests {
                 ]),
             ),
         ] {
-            let entries: Vec<_> = std::iter::from_fn(|| rxs[i].try_recv().ok()).collect();
+            let entries = drain(&mut rxs[i]);
             assert_eq!(entries.len(), 1, "one entry for both subscriptions");
-            let (tx, mut one) = mpsc::channel(4);
-            for entry in entries {
-                tx.try_send(entry).unwrap();
-            }
-            assert_eq!(positions(&mut one), expected);
+            assert_eq!(positions(entries), expected);
         }
         for rx in &mut rxs[..2] {
             assert!(rx.try_recv().is_err());
@@ -1832,11 +1827,11 @@ mod tests {
         hub.stage_live("m", "tenant_id", None, Some(row(2, "t1", "x")));
         hub.flush_live();
         for s in 1..n {
-            let got = positions(&mut rxs[s as usize - 1]);
+            let got = positions(drain(&mut rxs[s as usize - 1]));
             assert_eq!(got, vec![(format!("sub{s}"), 1), (format!("sub{s}"), 2)]);
         }
         assert_eq!(
-            positions(&mut rxs[n as usize - 1]),
+            positions(drain(&mut rxs[n as usize - 1])),
             vec![("late".to_string(), 1), ("late".to_string(), 2)],
             "the replay, then only what came after it"
         );
