@@ -204,10 +204,10 @@ pub async fn run(quick: bool) -> Result<()> {
 /// (and then downloads) its share of the files; the order of the sides flips from one
 /// round to the next (A B, then B A), so a drift of the machine over the run (the page
 /// cache growing into memory the host has not backed yet, writeback, a neighbour) weighs
-/// on pulsed and nginx alike instead of on whichever would otherwise go last. Two: each
-/// round still has several times [`CONCURRENCY`] files, so the ramp up and the tail of a
-/// round stay a small part of it.
-const ROUNDS: usize = 2;
+/// on pulsed and nginx alike instead of on whichever would otherwise go last. That drift
+/// is large here (the first round often runs several times faster than the last), so
+/// four rounds, each still more than [`CONCURRENCY`] files.
+const ROUNDS: usize = 4;
 
 /// `n` file indexes in `rounds` consecutive ranges (fewer when there are fewer files).
 fn rounds(n: usize, rounds: usize) -> Vec<std::ops::Range<usize>> {
@@ -286,6 +286,9 @@ fn distinct(base: &Bytes, size: usize, i: usize) -> Bytes {
     Bytes::from(v)
 }
 
+/// Runs `f` on every item, [`CONCURRENCY`] at a time: a new one starts as soon as any
+/// finishes (results in the order they finish). In order, a slow head would hold the
+/// finished ones behind it and keep their places empty.
 async fn run_all<I, T, F, Fut, R>(items: I, f: F) -> Result<Vec<R>>
 where
     I: IntoIterator<Item = T>,
@@ -293,7 +296,7 @@ where
     Fut: Future<Output = Result<R>>,
 {
     futures_util::stream::iter(items.into_iter().map(f))
-        .buffered(CONCURRENCY)
+        .buffer_unordered(CONCURRENCY)
         .try_collect()
         .await
 }
