@@ -512,7 +512,7 @@ pub const KEYS: &[KeySpec] = &[
         "jobs.expire_upload_tickets",
         "0 */15 * * * *",
         KeyKind::Text,
-        "Cron schedule of the file cleanup run for expired upload tickets and stale reservations; empty turns it off.",
+        "Cron schedule of the file cleanup run for expired upload tickets, stale reservations and stored uploads a crash left out of their tenant's usage; empty turns it off.",
     ),
     key(
         "jobs.delete_orphaned_files",

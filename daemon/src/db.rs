@@ -46,3 +46,22 @@ pub fn explain(e: &tokio_postgres::Error, url: &DbUrl) -> String {
         }
     }
 }
+
+/// Runs `work` as a transaction of its own whose commit does not wait for the disk,
+/// sending its `BEGIN` and `COMMIT` with it: one round trip in all, so the row locks it
+/// takes are held only while the server runs it, never across a round trip to pulsed.
+/// `work` must send every statement when first polled (prepared statements, not SQL
+/// text, which would wait for a prepare first and let the `COMMIT` overtake it). When a
+/// statement fails, the `COMMIT`, already sent, rolls the transaction back. For changes
+/// that need no durability of their own (each caller says why).
+pub async fn one_trip<T>(
+    client: &tokio_postgres::Client,
+    work: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    let (_, out, _) = futures_util::try_join!(
+        client.batch_execute("BEGIN; SET LOCAL synchronous_commit TO off"),
+        work,
+        client.batch_execute("COMMIT"),
+    )?;
+    Ok(out)
+}

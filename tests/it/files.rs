@@ -151,6 +151,16 @@ impl Env {
         walk(&self.storage.join(".staging"))
     }
 
+    /// What the daemon's jobs get, for calling its file functions directly.
+    fn direct(&self) -> Direct {
+        let config = self.config(&[]);
+        Direct {
+            files: Files::open(&config).unwrap(),
+            pool: pulse_daemon::db::pool(&config.state_db, 2).unwrap(),
+            config,
+        }
+    }
+
     fn config(&self, extra: &[(&str, String)]) -> Config {
         let mut env: Vec<(String, String)> = base_env(&self.db, &self.storage)
             .into_iter()
@@ -158,6 +168,23 @@ impl Env {
             .collect();
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
         Config::load(&ConfigSource { file: None, env }).unwrap()
+    }
+}
+
+/// The storage, a pool and the configuration of a test's pulsed, held for [`Ctx`].
+struct Direct {
+    files: Files,
+    pool: deadpool_postgres::Pool,
+    config: Config,
+}
+
+impl Direct {
+    fn cx(&self) -> Ctx<'_> {
+        Ctx {
+            files: &self.files,
+            pool: &self.pool,
+            config: &self.config,
+        }
     }
 }
 
@@ -1303,14 +1330,8 @@ async fn cleanup_removes_orphans_and_erasure_removes_a_users_files() {
         .await
         .unwrap();
 
-    let config = env.config(&[]);
-    let files = Files::open(&config).unwrap();
-    let pool = pulse_daemon::db::pool(&config.state_db, 2).unwrap();
-    let cx = Ctx {
-        files: &files,
-        pool: &pool,
-        config: &config,
-    };
+    let direct = env.direct();
+    let cx = direct.cx();
     let report = files::cleanup_orphans(&cx, Duration::ZERO).await.unwrap();
     assert_eq!(report.expired_tickets, 1, "{report:?}");
     assert_eq!(report.stale_reservations, 1, "{report:?}");
@@ -1535,34 +1556,203 @@ async fn a_released_reservation_locks_the_usage_before_the_ticket_and_releases_o
         .get(0);
     assert_eq!(held, 0);
 
-    // Racing a settlement of the same ticket (the cleanup job's release of an upload that
-    // is just finishing): the release waits for the settlement's lock and then finds the
-    // hold gone, so the bytes are given back once.
+    // Racing the end of the same upload (the cleanup job's release of an upload that is
+    // just finishing): the upload records its file and settles its ticket without the
+    // usage row; the release waits for the ticket, then finds it settled and leaves its
+    // bytes to the fold, which moves them once.
     let second = ticket_holding(&c, 40).await;
     let settle = holder.transaction().await.unwrap();
     settle
         .execute(
-            "UPDATE pulse.storage_usage SET used_bytes = used_bytes + 40, reserved_bytes = reserved_bytes - 40
-              WHERE tenant = 'club-a'",
-            &[],
-        )
-        .await
-        .unwrap();
-    settle
-        .execute(
-            "UPDATE pulse.upload_tickets SET reserved_bytes = 0 WHERE id = $1",
+            "UPDATE pulse.upload_tickets SET file_id = gen_random_uuid(), pending_bytes = 40 WHERE id = $1",
             &[&second],
         )
         .await
         .unwrap();
     let release = release_blocked(&env, &c, second, 40, "the release to wait for the settlement").await;
     settle.commit().await.unwrap();
-    assert_eq!(release.await.unwrap().unwrap(), 0, "nothing left to release");
+    assert_eq!(
+        release.await.unwrap().unwrap(),
+        0,
+        "a settled ticket is not released"
+    );
+    assert_eq!(env.usage("club-a").await, (0, 90), "still held by the ticket");
+    for (folded, usage) in [(true, (40, 50)), (false, (40, 50))] {
+        let tx = holder.transaction().await.unwrap();
+        tx.execute(
+            "SELECT 1 FROM pulse.storage_usage WHERE tenant = 'club-a' FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+        let rows = tx
+            .query(files::FOLD_SETTLED, &[&"club-a", &Some(second)])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(rows.len() == 1, folded, "folded once");
+        assert_eq!(env.usage("club-a").await, usage, "stored once, released never");
+    }
+}
+
+/// Puts a stored file back as a crash between its upload's commit and its fold leaves
+/// it: its ticket holds `reserved` bytes again and what the file added to its tenant's
+/// usage is pending, out of `used_bytes`.
+async fn unfold(c: &tokio_postgres::Client, file: &Value, reserved: i64) {
+    let n = c
+        .execute(
+            "WITH t AS (
+                 UPDATE pulse.upload_tickets t SET reserved_bytes = $2, pending_bytes = f.size
+                   FROM pulse.files f WHERE f.id = $1::text::uuid AND t.file_id = f.id
+                 RETURNING t.tenant, t.pending_bytes)
+             UPDATE pulse.storage_usage u
+                SET used_bytes = u.used_bytes - t.pending_bytes, reserved_bytes = u.reserved_bytes + $2
+               FROM t WHERE u.tenant = t.tenant",
+            &[&file["id"].as_str().unwrap(), &reserved],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn uploads_stored_but_not_yet_counted_are_counted_by_the_cleanup_a_restart_and_a_deletion() {
+    let mut env = Env::start("files_unfolded", &[]).await;
+    let c = env.db.connect().await.unwrap();
+    let a = env.upload("club-a", "a.txt", "text/plain", text(1000, 1)).await;
+    let b = env.upload("club-a", "b.txt", "text/plain", text(2000, 2)).await;
     assert_eq!(
         env.usage("club-a").await,
-        (40, 50),
-        "settled once, released never"
+        (3000, 0),
+        "each upload counted before its answer"
     );
+
+    // The cleanup counts it; the reservation of a settled ticket, however old, is not
+    // released as a stale one but moved with its file.
+    unfold(&c, &a, 1000).await;
+    c.execute(
+        "UPDATE pulse.upload_tickets SET used_at = now() - interval '1 day' WHERE file_id = $1::text::uuid",
+        &[&a["id"].as_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(env.usage("club-a").await, (2000, 1000));
+    let direct = env.direct();
+    let cx = direct.cx();
+    let report = files::expire_upload_tickets(&cx, Duration::ZERO).await.unwrap();
+    assert_eq!(
+        (report.stale_reservations, report.unfolded_tenants),
+        (0, 1),
+        "{report:?}"
+    );
+    assert_eq!(env.usage("club-a").await, (3000, 0));
+
+    // So does the next start (a reservation larger than the file, as an upload of
+    // unknown length holds, goes back whole).
+    unfold(&c, &b, 4096).await;
+    assert_eq!(env.usage("club-a").await, (1000, 4096));
+    env.pulsed.kill9();
+    env.pulsed = Env::spawn(&env.db, &env.storage, &[]).await;
+    let usage = || env.usage("club-a");
+    wait_for(
+        "the start to count the upload",
+        Duration::from_secs(10),
+        || async { (usage().await == (3000, 0)).then_some(()) },
+    )
+    .await
+    .unwrap();
+
+    // A deletion counts the tenant's settled uploads before it takes the freed bytes off
+    // (the other order would take them off a count that lacks them, stopping at 0).
+    unfold(&c, &a, 1000).await;
+    unfold(&c, &b, 2000).await;
+    assert_eq!(env.usage("club-a").await, (0, 3000));
+    let r = env
+        .file(Method::DELETE, a["id"].as_str().unwrap(), "club-a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(env.usage("club-a").await, (2000, 0));
+    let again = files::expire_upload_tickets(&cx, Duration::ZERO).await.unwrap();
+    assert_eq!(again.unfolded_tenants, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_of_content_being_deleted_stores_it_again() {
+    let env = Env::start("files_delete_race", &[]).await;
+    let body = text(30_000, 9);
+    let first = env
+        .upload("club-a", "first.txt", "text/plain", body.clone())
+        .await;
+    let stored = env.objects();
+    assert_eq!(stored.len(), 1);
+
+    // A deletion of the last file naming this content, half done: the file's row gone,
+    // the blob's row held.
+    let mut x = env.db.connect().await.unwrap();
+    let del = x.transaction().await.unwrap();
+    del.execute(
+        "DELETE FROM pulse.files WHERE id = $1::text::uuid",
+        &[&first["id"].as_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    del.execute(
+        "SELECT 1 FROM pulse.file_blobs WHERE tenant = 'club-a' AND sha256 = $1 FOR UPDATE",
+        &[&sha_hex(&body)],
+    )
+    .await
+    .unwrap();
+
+    // An upload of the same content meanwhile finds it stored and waits on its row;
+    // the deletion then removes the row and the object and commits.
+    let ticket = env
+        .ticket(
+            "club-a",
+            json!({"name": "second.txt", "content_type": "text/plain", "size": body.len()}),
+        )
+        .await;
+    let c = env.db.connect().await.unwrap();
+    let finish_deletion = async {
+        wait_for(
+            "the upload to wait for the deletion",
+            Duration::from_secs(10),
+            || async {
+                let waiting: i64 = c
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                        &[],
+                    )
+                    .await
+                    .ok()?
+                    .get(0);
+                (waiting > 0).then_some(())
+            },
+        )
+        .await
+        .unwrap();
+        del.execute(
+            "WITH b AS (DELETE FROM pulse.file_blobs WHERE tenant = 'club-a' AND sha256 = $1 RETURNING size)
+             UPDATE pulse.storage_usage SET used_bytes = used_bytes - (SELECT size FROM b) WHERE tenant = 'club-a'",
+            &[&sha_hex(&body)],
+        )
+        .await
+        .unwrap();
+        std::fs::remove_file(&stored[0]).unwrap();
+        del.commit().await.unwrap();
+    };
+    let (r, ()) = futures_util::join!(env.put(&ticket, body.clone()), finish_deletion);
+    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+    let second: Value = r.json().await.unwrap();
+
+    // The content is stored again, under the same key, and counted again.
+    assert_eq!(env.objects(), stored);
+    let r = env.get(second["id"].as_str().unwrap(), "club-a").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..]);
+    assert_eq!(env.usage("club-a").await, (30_000, 0));
 }
 
 /// A claimed club-a ticket whose running upload holds `bytes` of the quota (on the

@@ -30,11 +30,12 @@ use pulse_shared::caps::{Capability, Decision, Principal, Role, Target, authoriz
 use pulse_shared::{ErrorBody, ErrorCode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use crate::App;
 use crate::config::Config;
+use crate::{App, db};
 use crypto::Keyring;
 use store::{Backend, StoreError};
 
@@ -451,7 +452,7 @@ pub async fn create_upload_ticket(
             "expected a schema-qualified table such as public.members",
         ));
     }
-    let mut client = app.pool.get().await?;
+    let client = app.pool.get().await?;
     if let (Some(size), Some(quota)) = (request.size, config.files.quota_for(&tenant)) {
         let used = held_bytes(&client, &tenant).await?;
         if used + size > quota {
@@ -472,8 +473,7 @@ pub async fn create_upload_ticket(
     };
     // A ticket lost in a crash is simply asked for again: its commit need not wait for
     // the disk.
-    let tx = client.transaction().await?;
-    let insert = tx.prepare_cached("INSERT INTO pulse.upload_tickets
+    let insert = client.prepare_cached("INSERT INTO pulse.upload_tickets
                 (id, tenant, owner, name, max_bytes, content_types, public, attached_table, attached_id, expires_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10))").await?;
     let (max_bytes, types, expires_f) = (limit as i64, vec![content_type.clone()], expires as f64);
@@ -489,8 +489,7 @@ pub async fn create_upload_ticket(
         &att_id,
         &expires_f,
     ];
-    relaxed(&tx, tx.execute(&insert, &params)).await?;
-    tx.commit().await?;
+    db::one_trip(&client, client.execute(&insert, &params)).await?;
     let sig = app.files.sign("upload", id, expires);
     let path = format!("/files/upload/{id}?expires={expires}&sig={sig}");
     let base = app.platform().deployment_url;
@@ -550,6 +549,9 @@ impl FileInfo {
 /// Bytes gathered from the body before they are handed to a blocking thread.
 const STAGE_BUFFER: usize = 1024 * 1024;
 
+/// How much of a staged buffer [`Sink::absorb`] hashes and writes at a time.
+const ABSORB_SLICE: usize = 128 * 1024;
+
 /// Where a staged upload's bytes end up, on a blocking thread: hashed, sealed when
 /// encryption is on, written to the staged file, and synced at the end.
 struct Sink {
@@ -562,15 +564,21 @@ struct Sink {
 impl Sink {
     fn absorb(&mut self, data: &[u8]) -> std::io::Result<()> {
         use std::io::Write;
-        self.hasher.update(data);
-        match self.encryptor.as_mut() {
-            Some(enc) => {
-                self.sealed.clear();
-                enc.push(data, &mut self.sealed);
-                self.file.write_all(&self.sealed)
+        // A slice at a time, hashed and then written while it is still in the CPU's
+        // cache (the whole buffer is larger than the cache: hashing it all and then
+        // writing it all read it from memory twice).
+        for piece in data.chunks(ABSORB_SLICE) {
+            self.hasher.update(piece);
+            match self.encryptor.as_mut() {
+                Some(enc) => {
+                    self.sealed.clear();
+                    enc.push(piece, &mut self.sealed);
+                    self.file.write_all(&self.sealed)?;
+                }
+                None => self.file.write_all(piece)?,
             }
-            None => self.file.write_all(data),
         }
+        Ok(())
     }
 
     /// Seals the last chunk, syncs the file's data (and the size that locates it) to
@@ -694,14 +702,12 @@ where
     E: std::fmt::Display,
 {
     app.files.verify("upload", ticket, expires, sig)?;
-    // Claiming the ticket and reserving quota commit together (one WAL flush); a refused
-    // upload still uses up its ticket.
-    let mut client = app.pool.get().await?;
-    let tx = client.transaction().await?;
-    // No need to wait for this commit to reach disk: the upload's final commit flushes
-    // the WAL up to and including it, and a claim lost in a crash only means the ticket
-    // could be used once more for an upload that never completed.
-    let claim = tx
+    let client = app.pool.get().await?;
+    // The claim and the reservation each commit without waiting for the disk: the
+    // upload's final commit flushes the WAL up to and including them, and one lost in a
+    // crash only means the ticket could be used once more for an upload that never
+    // completed. A refused upload still uses up its ticket.
+    let claim = client
         .prepare_cached(
             "UPDATE pulse.upload_tickets SET used_at = now()
               WHERE id = $1 AND used_at IS NULL AND expires_at > now()
@@ -709,7 +715,7 @@ where
         )
         .await?;
     let params: [&(dyn ToSql + Sync); 1] = [&ticket];
-    let row = relaxed(&tx, tx.query_opt(&claim, &params))
+    let row = db::one_trip(&client, client.query_opt(&claim, &params))
         .await?
         .ok_or_else(|| {
             FileError::UrlExpired("this upload URL was already used or has expired: ask for a new one".into())
@@ -719,13 +725,14 @@ where
     if let Some(len) = content_length
         && len > limit
     {
-        tx.commit().await?;
         count_upload("too_large");
         return Err(FileError::TooLarge { limit });
     }
     let quota = app.config().files.quota_for(&tenant);
     let reserved = match content_length {
-        Some(len) => reserve_quota(&tx, &tenant, quota, len, ticket).await.map(|_| len),
+        Some(len) => reserve_quota(&client, &tenant, quota, len, ticket)
+            .await
+            .map(|_| len),
         // Unknown length: a first slice, grown as the bytes arrive (see `Reservation`);
         // when even that slice does not fit, nothing up front and only what arrives.
         None => {
@@ -735,16 +742,15 @@ where
             } else {
                 limit
             };
-            match reserve_quota(&tx, &tenant, quota, first, ticket).await {
+            match reserve_quota(&client, &tenant, quota, first, ticket).await {
                 Ok(()) => Ok(first),
                 Err(FileError::QuotaExceeded { .. }) => {
-                    reserve_quota(&tx, &tenant, quota, 0, ticket).await.map(|_| 0)
+                    reserve_quota(&client, &tenant, quota, 0, ticket).await.map(|_| 0)
                 }
                 Err(e) => Err(e),
             }
         }
     };
-    tx.commit().await?;
     drop(client);
     let mut reservation = match reserved {
         Ok(bytes) => Reservation {
@@ -777,7 +783,8 @@ where
     result
 }
 
-/// A tenant's bytes stored and reserved (what its quota is checked against).
+/// A tenant's bytes stored and reserved (what its quota is checked against). Stored
+/// uploads not folded yet count by their reservation, never less than what they stored.
 async fn held_bytes(c: &impl deadpool_postgres::GenericClient, tenant: &str) -> Result<u64, FileError> {
     let statement = c
         .prepare_cached("SELECT used_bytes + reserved_bytes FROM pulse.storage_usage WHERE tenant = $1")
@@ -803,7 +810,7 @@ fn count_upload(result: &'static str) {
 }
 
 async fn reserve_quota(
-    tx: &deadpool_postgres::Transaction<'_>,
+    client: &deadpool_postgres::Object,
     tenant: &str,
     quota: Option<u64>,
     bytes: u64,
@@ -811,12 +818,12 @@ async fn reserve_quota(
 ) -> Result<(), FileError> {
     // One conditional upsert: the row lock makes concurrent reservations queue, and each
     // re-checks against the others' bytes, so the quota cannot be passed together. The
-    // ticket records what it holds in the same statement: the tenant's usage row stays
-    // locked (every upload of the tenant waits on it) for this statement and the commit.
+    // ticket records what it holds in the same statement. It runs alone in one round trip
+    // (as the claim, the upload's final commit makes it durable): the tenant's usage row,
+    // which every upload of the tenant takes, is held only while the server runs it.
     let quota_i = quota.map(|q| q as i64);
-    let reserved: bool = tx
-        .query_one(
-            &tx.prepare_cached(
+    let reserve = client
+        .prepare_cached(
                 "WITH u AS (
                  INSERT INTO pulse.storage_usage AS u (tenant, reserved_bytes)
                       SELECT $1, $2 WHERE $3::bigint IS NULL OR $2 <= $3
@@ -829,14 +836,14 @@ async fn reserve_quota(
                   WHERE id = $4 AND EXISTS (SELECT 1 FROM u)
                  RETURNING 1)
              SELECT EXISTS (SELECT 1 FROM t)",
-            )
-            .await?,
-            &[&tenant, &(bytes as i64), &quota_i, &ticket],
         )
+        .await?;
+    let params: [&(dyn ToSql + Sync); 4] = [&tenant, &(bytes as i64), &quota_i, &ticket];
+    let reserved: bool = db::one_trip(client, client.query_one(&reserve, &params))
         .await?
         .get(0);
     if !reserved {
-        let used = held_bytes(tx, tenant).await?;
+        let used = held_bytes(client, tenant).await?;
         return Err(FileError::QuotaExceeded {
             tenant: tenant.to_string(),
             quota: quota.unwrap_or(0),
@@ -915,16 +922,17 @@ impl Reservation {
 }
 
 /// Gives back what an upload's ticket still holds of its tenant's quota: $1 tenant, $2
-/// ticket, $3 the bytes it holds. Only if the ticket still holds them, so a release never
-/// runs twice. The usage row is locked before the ticket, the order every other
-/// statement on both takes (the reservation's growth, the settlement), so a release
-/// racing the settlement of the same ticket (the cleanup job's, for an upload still
-/// running after [`STALE_UPLOAD`]) waits instead of deadlocking. Public for the test
-/// that checks that order.
+/// ticket, $3 the bytes it holds. Only if the ticket still holds them and is not
+/// settled (a settled upload's reservation is the fold's to give back), so a release
+/// never runs twice nor takes back a stored file's bytes. The usage row is locked before
+/// the ticket, the order every other statement on both takes (the reservation's growth,
+/// the fold), so a release racing the end of the same upload (the cleanup job's, for an
+/// upload still running after [`STALE_UPLOAD`]) waits instead of deadlocking. Public for
+/// the test that checks that order.
 pub const RELEASE_RESERVATION: &str =
     "WITH u AS (SELECT 1 FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE),
      t AS (UPDATE pulse.upload_tickets SET reserved_bytes = 0
-            WHERE id = $2 AND reserved_bytes = $3 AND (SELECT count(*) FROM u) >= 0
+            WHERE id = $2 AND reserved_bytes = $3 AND file_id IS NULL AND (SELECT count(*) FROM u) >= 0
            RETURNING 1)
 UPDATE pulse.storage_usage SET reserved_bytes = greatest(reserved_bytes - $3, 0), updated_at = now()
  WHERE tenant = $1 AND EXISTS (SELECT 1 FROM t)";
@@ -1019,95 +1027,22 @@ where
     let sha = stager.finish().await.map_err(io)?;
 
     let key = storage_key(&tenant, &sha, key_id.as_deref());
-    let mut client = app.pool.get().await?;
-    let exists = client
-        .query_opt(
-            &client
-                .prepare_cached("SELECT 1 FROM pulse.file_blobs WHERE tenant = $1 AND sha256 = $2")
-                .await?,
-            &[&tenant, &sha],
-        )
-        .await?
-        .is_some();
-    let mut committed = false;
-    if !exists {
-        files.backend.commit(&staged_path, &key).await?;
-        guard.0 = None;
-        committed = true;
-    }
-
     let id = Uuid::new_v4();
-    // The tenant's usage row is locked before the blob's (deletions, too, lock it before
-    // they touch a blob) and held to the commit, so every upload and deletion of the
-    // tenant passes this point one at a time. The statements under it are pipelined: the
-    // locks, then the writes, then the event (when it is sent), then the commit.
-    let lock_usage = client
-        .prepare_cached("SELECT used_bytes FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE")
-        .await?;
-    let lock_blob = client
-        .prepare_cached(
-            "SELECT storage_key FROM pulse.file_blobs WHERE tenant = $1 AND sha256 = $2 FOR UPDATE",
-        )
-        .await?;
-    let insert_blob = client
-        .prepare_cached(
-            "INSERT INTO pulse.file_blobs (tenant, sha256, size, storage_key, key_id) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .await?;
-    // The ticket gives back what it holds (if it still holds it: a release never runs
-    // twice) and the usage takes the stored bytes, in one statement.
-    let settle_usage = client
-        .prepare_cached(
-            "WITH t AS (
-                 UPDATE pulse.upload_tickets SET reserved_bytes = 0, file_id = $2
-                  WHERE id = $1 AND reserved_bytes = $3
-                 RETURNING reserved_bytes)
-             UPDATE pulse.storage_usage
-                SET used_bytes = used_bytes + $5,
-                    reserved_bytes = greatest(reserved_bytes - CASE WHEN EXISTS (SELECT 1 FROM t) THEN $3 ELSE 0 END, 0),
-                    updated_at = now()
-              WHERE tenant = $4",
-        )
-        .await?;
-    let insert_file = client
-        .prepare_cached(
-            "INSERT INTO pulse.files (id, tenant, owner, name, content_type, size, sha256, public, attached_table, attached_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-             RETURNING to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
-        )
-        .await?;
-    let tx = client.transaction().await?;
-    let (usage_key, blob_key): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 2]) =
-        ([&tenant], [&tenant, &sha]);
-    let (before, blob) = futures_util::try_join!(
-        tx.query_one(&lock_usage, &usage_key),
-        tx.query_opt(&lock_blob, &blob_key),
-    )?;
-    let before: i64 = before.get(0);
-    let mut added: i64 = 0;
-    match blob {
-        None => {
-            // Not stored (or deleted since we looked): ours is stored now, and its row is
-            // written with the others below.
-            if !committed {
-                files.backend.commit(&staged_path, &key).await?;
-                guard.0 = None;
-            }
-            added = total as i64;
-        }
-        Some(existing) => {
-            let existing: String = existing.get(0);
-            if committed && existing != key {
-                // Another upload of the same content won with another key: ours is spare.
-                files.backend.delete(&key).await?;
-            }
-        }
-    }
+    let now = chrono::Utc::now();
+    let created_at = now.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let event = file_event(
+        "file.uploaded",
+        id,
+        &tenant,
+        owner.as_deref(),
+        serde_json::json!({
+            "name": name, "contentType": content_type, "size": total, "sha256": sha,
+            "public": public, "createdAt": created_at,
+        }),
+    );
     let size = total as i64;
-    let reserved = reservation.bytes as i64;
-    let blob_row: [&(dyn ToSql + Sync); 5] = [&tenant, &sha, &size, &key, &key_id];
-    let usage_row: [&(dyn ToSql + Sync); 5] = [&ticket, &id, &reserved, &tenant, &added];
-    let file_row: [&(dyn ToSql + Sync); 10] = [
+    let blob_row: [&(dyn ToSql + Sync); 7] = [&ticket, &id, &tenant, &sha, &size, &key, &key_id];
+    let file_row: [&(dyn ToSql + Sync); 11] = [
         &id,
         &tenant,
         &owner,
@@ -1118,37 +1053,61 @@ where
         &public,
         &att_table,
         &att_id,
+        &now,
     ];
-    // In the order sent: the blob's row before the file's that refers to it.
-    let (_, _, row) = futures_util::try_join!(
-        async {
-            if added > 0 {
-                tx.execute(&insert_blob, &blob_row).await
-            } else {
-                Ok(0)
+    let mut client = app.pool.get().await?;
+    let settle = client.prepare_cached(SETTLE_UPLOAD).await?;
+    let insert_file = client
+        .prepare_cached(
+            "INSERT INTO pulse.files (id, tenant, owner, name, content_type, size, sha256, public, attached_table, attached_id, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .await?;
+    // The tenant's usage row is not taken here: uploads of a tenant record themselves
+    // side by side and their commits share WAL flushes. What orders them against each
+    // other and against deletions is the blob's row (see `SETTLE_UPLOAD`).
+    let mut attempt = 1;
+    let added = loop {
+        let tx = client.transaction().await?;
+        let recorded = futures_util::try_join!(
+            tx.query_opt(&settle, &blob_row),
+            tx.execute(&insert_file, &file_row),
+            crate::outbox::write(&*tx, &event),
+        );
+        let added: i64 = match recorded {
+            Ok((Some(row), _, _)) => row.get(0),
+            Ok((None, _, _)) => {
+                return Err(FileError::UrlExpired(
+                    "this upload's ticket is gone (the upload took longer than the cleanup waits for): ask for a new upload URL".into(),
+                ));
             }
-        },
-        tx.execute(&settle_usage, &usage_row),
-        tx.query_one(&insert_file, &file_row),
-    )?;
-    let created_at: String = row.get(0);
-    crate::outbox::write(
-        &*tx,
-        &file_event(
-            "file.uploaded",
-            id,
-            &tenant,
-            owner.as_deref(),
-            serde_json::json!({
-                "name": name, "contentType": content_type, "size": total, "sha256": sha,
-                "public": public, "createdAt": created_at,
-            }),
-        ),
-    )
-    .await?;
-    tx.commit().await?;
-    let after = before + added;
-    usage_changed(&app.config(), &tenant, before as u64, after as u64);
+            // The content was deleted while this upload pointed at it (the file's
+            // reference waited for the deletion and then found nothing): the staged copy
+            // is still here, so claim the content again, as new.
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
+                    && attempt < 3 =>
+            {
+                attempt += 1;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if added > 0 {
+            // The blob's row is ours and not committed yet: whoever else wants this
+            // content waits for it, so no deletion can remove the object between here
+            // and the commit.
+            files.backend.commit(&staged_path, &key).await?;
+            guard.0 = None;
+        }
+        tx.commit().await?;
+        break added;
+    };
+    // The file is stored: a fold that fails now is the next cleanup run's to do.
+    if let Err(e) = fold_alone(&client, &app.config(), &tenant, Some(ticket)).await {
+        tracing::warn!(error = %e, ticket = %ticket, tenant = %tenant,
+            "cannot count a stored upload in its tenant's usage yet; the next cleanup run will");
+    }
     tracing::info!(file = %id, tenant = %tenant, size = total, deduplicated = added == 0, "file stored");
     Ok(FileInfo {
         id,
@@ -1163,6 +1122,117 @@ where
         storage_key: key,
         key_id,
     })
+}
+
+/// Records an upload's content and settles its ticket, in one statement:
+/// $1 ticket, $2 file id, $3 tenant, $4 SHA-256, $5 size, $6 storage key, $7 key id.
+/// The blob's row is inserted unless the tenant already has this content (`ON CONFLICT`
+/// waits for an upload of the same content that has not committed yet, and inserts if it
+/// rolls back); the ticket gets the file and, in `pending_bytes`, the bytes its tenant's
+/// usage grows by: the size when the row is new, 0 when the content was already stored.
+/// No row when the ticket is gone or already settled. The file's row, sent right after,
+/// refers to the blob's, which holds a deletion of that content off until the commit.
+const SETTLE_UPLOAD: &str = "
+WITH b AS (
+    INSERT INTO pulse.file_blobs (tenant, sha256, size, storage_key, key_id)
+    VALUES ($3, $4, $5, $6, $7)
+    ON CONFLICT (tenant, sha256) DO NOTHING
+    RETURNING size)
+UPDATE pulse.upload_tickets SET file_id = $2, pending_bytes = coalesce((SELECT size FROM b), 0)
+ WHERE id = $1 AND file_id IS NULL
+RETURNING pending_bytes";
+
+/// Takes a tenant's usage row: $1 tenant. Every statement that changes what a tenant
+/// holds or has reserved takes it first, so they run one at a time.
+const LOCK_USAGE: &str = "SELECT used_bytes FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE";
+
+/// Moves settled uploads into their tenant's usage (the "fold"): each settled ticket's
+/// reservation leaves `reserved_bytes` and its `pending_bytes` joins `used_bytes`, and the
+/// ticket is left holding nothing. $1 tenant, $2 one ticket (NULL: all the tenant's).
+/// Returns `used_bytes` before and after, or no row when nothing was settled. Sent after
+/// [`LOCK_USAGE`] in the same transaction: its snapshot is taken with the usage row held,
+/// so no other fold runs and the tickets it reads do not change under it. Public for the
+/// tests that race it.
+pub const FOLD_SETTLED: &str = "
+WITH o AS (
+    SELECT id, reserved_bytes, pending_bytes FROM pulse.upload_tickets
+     WHERE tenant = $1 AND ($2::uuid IS NULL OR id = $2) AND file_id IS NOT NULL
+       AND (reserved_bytes > 0 OR pending_bytes > 0)),
+t AS (
+    UPDATE pulse.upload_tickets t SET reserved_bytes = 0, pending_bytes = 0 FROM o
+     WHERE t.id = o.id
+    RETURNING o.reserved_bytes, o.pending_bytes),
+s AS (
+    SELECT count(*) AS n, coalesce(sum(reserved_bytes), 0)::bigint AS reserved,
+           coalesce(sum(pending_bytes), 0)::bigint AS pending FROM t)
+UPDATE pulse.storage_usage u
+   SET used_bytes = u.used_bytes + s.pending,
+       reserved_bytes = greatest(u.reserved_bytes - s.reserved, 0), updated_at = now()
+  FROM s
+ WHERE u.tenant = $1 AND s.n > 0
+RETURNING u.used_bytes - s.pending, u.used_bytes";
+
+/// [`LOCK_USAGE`] and [`FOLD_SETTLED`], prepared on `c`.
+async fn fold_statements(
+    c: &impl deadpool_postgres::GenericClient,
+) -> Result<[Statement; 2], tokio_postgres::Error> {
+    let (lock, fold) = futures_util::try_join!(c.prepare_cached(LOCK_USAGE), c.prepare_cached(FOLD_SETTLED))?;
+    Ok([lock, fold])
+}
+
+/// Folds `tenant`'s settled uploads (one `ticket`, or all) in the transaction `c` is in,
+/// which must not have locked anything of the tenant's yet: takes the usage row, then
+/// folds, both sent at once (`statements` from [`fold_statements`]). Returns the
+/// tenant's `used_bytes` when the row was taken and after the fold (0, 0 when the tenant
+/// has no usage row: nothing was ever reserved, so nothing is settled).
+async fn fold_settled(
+    c: &impl deadpool_postgres::GenericClient,
+    [lock, fold]: &[Statement; 2],
+    tenant: &str,
+    ticket: Option<Uuid>,
+) -> Result<(u64, u64), tokio_postgres::Error> {
+    let (key, params): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 2]) = ([&tenant], [&tenant, &ticket]);
+    let (held, folded) = futures_util::try_join!(c.query_opt(lock, &key), c.query_opt(fold, &params))?;
+    let before = held.map(|r| r.get::<_, i64>(0) as u64).unwrap_or(0);
+    Ok(folded.map_or((before, before), |r| {
+        (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64)
+    }))
+}
+
+/// Folds `tenant`'s settled uploads (one `ticket`, or all) in a transaction of its own,
+/// in one round trip ([`db::one_trip`]): the usage row is held only while the server
+/// runs it. Its commit need not wait for the disk: a fold lost in a crash is redone by
+/// the next start or cleanup run, the tickets keeping what they hold until then.
+async fn fold_alone(
+    client: &deadpool_postgres::Object,
+    config: &Config,
+    tenant: &str,
+    ticket: Option<Uuid>,
+) -> Result<(), tokio_postgres::Error> {
+    let statements = fold_statements(client).await?;
+    let (before, after) = db::one_trip(client, fold_settled(client, &statements, tenant, ticket)).await?;
+    usage_changed(config, tenant, before, after);
+    Ok(())
+}
+
+/// Folds every tenant's settled uploads left unfolded (by a crash between an upload's
+/// commit and its fold); returns how many tenants had some.
+pub async fn fold_all_settled(cx: &Ctx<'_>) -> Result<u64, FileError> {
+    let client = cx.pool.get().await?;
+    let tenants: Vec<String> = client
+        .query(
+            "SELECT DISTINCT tenant FROM pulse.upload_tickets
+              WHERE file_id IS NOT NULL AND (reserved_bytes > 0 OR pending_bytes > 0)",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for tenant in &tenants {
+        fold_alone(&client, cx.config, tenant, None).await?;
+    }
+    Ok(tenants.len() as u64)
 }
 
 /// Records a tenant's new usage: the gauge, and a warning when it crosses 80% of quota.
@@ -1443,14 +1513,19 @@ async fn delete_unchecked(cx: &Ctx<'_>, id: Uuid) -> Result<bool, FileError> {
         ),
     )
     .await?;
-    let before: i64 = tx
+    // The usage row first (as every change to what a tenant holds), with the tenant's
+    // settled uploads folded in, so the bytes freed below come off a count that has them.
+    let statements = fold_statements(&tx).await?;
+    let (before, used) = fold_settled(&tx, &statements, &tenant, None).await?;
+    // Then the blob's row, before counting the files that name it: an upload of this
+    // content that has not committed holds that row (its file refers to it), so this
+    // waits for it, and the count, taken after, sees its file.
+    let blob = tx
         .query_opt(
-            "SELECT used_bytes FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE",
-            &[&tenant],
+            "SELECT 1 FROM pulse.file_blobs WHERE tenant = $1 AND sha256 = $2 FOR UPDATE",
+            &[&tenant, &sha],
         )
-        .await?
-        .map(|r| r.get(0))
-        .unwrap_or(0);
+        .await?;
     let others: i64 = tx
         .query_one(
             "SELECT count(*) FROM pulse.files WHERE tenant = $1 AND sha256 = $2",
@@ -1459,7 +1534,8 @@ async fn delete_unchecked(cx: &Ctx<'_>, id: Uuid) -> Result<bool, FileError> {
         .await?
         .get(0);
     let mut freed = 0i64;
-    if others == 0
+    if blob.is_some()
+        && others == 0
         && let Some(blob) = tx
             .query_opt(
                 "DELETE FROM pulse.file_blobs WHERE tenant = $1 AND sha256 = $2 RETURNING storage_key, size",
@@ -1469,8 +1545,9 @@ async fn delete_unchecked(cx: &Ctx<'_>, id: Uuid) -> Result<bool, FileError> {
     {
         let key: String = blob.get(0);
         freed = blob.get(1);
-        // Removed while the usage row is locked, so a concurrent upload of the same
-        // content waits and then stores it again rather than pointing at a deleted object.
+        // Removed while the blob's row is held (deleted, not committed), so an upload of
+        // the same content waits and then stores it again rather than pointing at a
+        // deleted object.
         cx.files.backend.delete(&key).await?;
         tx.execute(
             "UPDATE pulse.storage_usage SET used_bytes = greatest(used_bytes - $2, 0), updated_at = now() WHERE tenant = $1",
@@ -1479,7 +1556,7 @@ async fn delete_unchecked(cx: &Ctx<'_>, id: Uuid) -> Result<bool, FileError> {
         .await?;
     }
     tx.commit().await?;
-    usage_changed(cx.config, &tenant, before as u64, (before - freed).max(0) as u64);
+    usage_changed(cx.config, &tenant, before, used.saturating_sub(freed as u64));
     tracing::info!(file = %id, tenant = %tenant, freed_bytes = freed, "file deleted");
     Ok(true)
 }
@@ -1533,8 +1610,10 @@ pub async fn storage_usage(cx: &Ctx<'_>, tenant: Option<&str>) -> Result<Vec<Ten
         .collect())
 }
 
-/// Sets the `pulse_storage_bytes` gauge of every tenant from the database (at start).
+/// Sets the `pulse_storage_bytes` gauge of every tenant from the database (at start),
+/// after counting uploads a crash left stored but not folded into their tenant's usage.
 pub async fn refresh_usage_metrics(cx: &Ctx<'_>) -> Result<(), FileError> {
+    fold_all_settled(cx).await?;
     for u in storage_usage(cx, None).await? {
         metrics::gauge!("pulse_storage_bytes", "tenant" => u.tenant.clone()).set(u.used_bytes as f64);
         if u.warning {
@@ -1552,6 +1631,9 @@ pub struct CleanupReport {
     pub expired_tickets: u64,
     /// Reservations of uploads that never finished, released.
     pub stale_reservations: u64,
+    /// Tenants with stored uploads not yet counted in their usage (a crash between an
+    /// upload's commit and its fold), counted.
+    pub unfolded_tenants: u64,
     /// Files whose owning Symfony row is gone, deleted.
     pub detached_files: u64,
     /// Stored objects no row names, deleted.
@@ -1584,14 +1666,15 @@ pub async fn expire_upload_tickets(cx: &Ctx<'_>, stale: Duration) -> Result<Clea
         .execute(
             "DELETE FROM pulse.upload_tickets
               WHERE (used_at IS NULL AND expires_at < now() - make_interval(secs => $1))
-                 OR (used_at IS NOT NULL AND reserved_bytes = 0 AND used_at < now() - interval '7 days')",
+                 OR (used_at IS NOT NULL AND reserved_bytes = 0 AND pending_bytes = 0
+                     AND used_at < now() - interval '7 days')",
             &[&stale_secs],
         )
         .await?;
     let stale_rows = client
         .query(
             "SELECT id, tenant, reserved_bytes FROM pulse.upload_tickets
-              WHERE reserved_bytes > 0 AND used_at < now() - make_interval(secs => $1)",
+              WHERE reserved_bytes > 0 AND file_id IS NULL AND used_at < now() - make_interval(secs => $1)",
             &[&stale_secs],
         )
         .await?;
@@ -1600,6 +1683,7 @@ pub async fn expire_upload_tickets(cx: &Ctx<'_>, stale: Duration) -> Result<Clea
         release_reservation(cx, &r.get::<_, String>(1), r.get::<_, i64>(2) as u64, r.get(0)).await?;
         report.stale_reservations += 1;
     }
+    report.unfolded_tenants = fold_all_settled(cx).await?;
     Ok(report)
 }
 
