@@ -51,17 +51,25 @@ pub fn explain(e: &tokio_postgres::Error, url: &DbUrl) -> String {
 /// sending its `BEGIN` and `COMMIT` with it: one round trip in all, so the row locks it
 /// takes are held only while the server runs it, never across a round trip to pulsed.
 /// `work` must send every statement when first polled (prepared statements, not SQL
-/// text, which would wait for a prepare first and let the `COMMIT` overtake it). When a
-/// statement fails, the `COMMIT`, already sent, rolls the transaction back. For changes
-/// that need no durability of their own (each caller says why).
+/// text, which would wait for a prepare first and let the `COMMIT` overtake it). All
+/// three are always polled, so the `COMMIT` goes out whatever `work` does and the
+/// connection never goes back to the pool inside a transaction. When a statement fails
+/// on the server, that `COMMIT` rolls the transaction back; when `work` fails on its own
+/// side (a row count it did not expect, a value it cannot decode), what the server did
+/// is committed. For changes that need no durability of their own (each caller says
+/// why).
 pub async fn one_trip<T>(
     client: &tokio_postgres::Client,
     work: impl Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T, tokio_postgres::Error> {
-    let (_, out, _) = futures_util::try_join!(
+    let (begun, out, committed) = futures_util::join!(
         client.batch_execute("BEGIN; SET LOCAL synchronous_commit TO off"),
         work,
         client.batch_execute("COMMIT"),
-    )?;
+    );
+    // The statement's own error says the most.
+    let out = out?;
+    begun?;
+    committed?;
     Ok(out)
 }

@@ -167,6 +167,30 @@ pub async fn enqueue<C: GenericClient>(tx: &C, event: &OutboxEvent) -> Result<bo
 /// [`enqueue`] for callers whose errors are database errors: the event was checked when it
 /// was built, so the database is the only thing that can fail here.
 pub async fn write<C: GenericClient>(tx: &C, event: &OutboxEvent) -> Result<bool, tokio_postgres::Error> {
+    insert(tx, event, Some(NOTIFY_CHANNEL)).await
+}
+
+/// [`write`] without waking the relay at commit. A transaction that notifies takes
+/// PostgreSQL's cluster-wide notification lock at commit and holds it until its commit
+/// is on disk, so notifying transactions commit one at a time. A caller that commits
+/// often side by side (uploads) writes its event with this and then sends [`ANNOUNCE`]
+/// from a transaction that does not wait for the disk; if that is lost, the relay's
+/// poll finds the event a moment later.
+pub async fn write_unannounced<C: GenericClient>(
+    tx: &C,
+    event: &OutboxEvent,
+) -> Result<bool, tokio_postgres::Error> {
+    insert(tx, event, None).await
+}
+
+/// Wakes the relay (at the commit of the transaction it runs in): $1 [`NOTIFY_CHANNEL`].
+pub const ANNOUNCE: &str = "SELECT pg_notify($1, '')";
+
+async fn insert<C: GenericClient>(
+    tx: &C,
+    event: &OutboxEvent,
+    channel: Option<&str>,
+) -> Result<bool, tokio_postgres::Error> {
     if !is_sent(event.event) {
         return Ok(false);
     }
@@ -180,13 +204,13 @@ pub async fn write<C: GenericClient>(tx: &C, event: &OutboxEvent) -> Result<bool
                  VALUES ($1, $2, $3, $4)
                  ON CONFLICT (message_id) DO NOTHING
                  RETURNING id)
-             SELECT id, pg_notify($5, '') FROM ins",
+             SELECT id, CASE WHEN $5::text IS NOT NULL THEN pg_notify($5, '') END FROM ins",
             &[
                 (&event.message_id, Type::TEXT),
                 (&event.aggregate, Type::TEXT),
                 (&event.event, Type::TEXT),
                 (&event.payload, Type::JSONB),
-                (&NOTIFY_CHANNEL, Type::TEXT),
+                (&channel, Type::TEXT),
             ],
         )
         .await?;

@@ -1681,78 +1681,83 @@ async fn uploads_stored_but_not_yet_counted_are_counted_by_the_cleanup_a_restart
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_of_content_being_deleted_stores_it_again() {
     let env = Env::start("files_delete_race", &[]).await;
-    let body = text(30_000, 9);
-    let first = env
-        .upload("club-a", "first.txt", "text/plain", body.clone())
-        .await;
-    let stored = env.objects();
-    assert_eq!(stored.len(), 1);
-
-    // A deletion of the last file naming this content, half done: the file's row gone,
-    // the blob's row held.
-    let mut x = env.db.connect().await.unwrap();
-    let del = x.transaction().await.unwrap();
-    del.execute(
-        "DELETE FROM pulse.files WHERE id = $1::text::uuid",
-        &[&first["id"].as_str().unwrap()],
-    )
-    .await
-    .unwrap();
-    del.execute(
-        "SELECT 1 FROM pulse.file_blobs WHERE tenant = 'club-a' AND sha256 = $1 FOR UPDATE",
-        &[&sha_hex(&body)],
-    )
-    .await
-    .unwrap();
-
-    // An upload of the same content meanwhile finds it stored and waits on its row;
-    // the deletion then removes the row and the object and commits.
-    let ticket = env
-        .ticket(
-            "club-a",
-            json!({"name": "second.txt", "content_type": "text/plain", "size": body.len()}),
-        )
-        .await;
     let c = env.db.connect().await.unwrap();
-    let finish_deletion = async {
-        wait_for(
-            "the upload to wait for the deletion",
-            Duration::from_secs(10),
-            || async {
-                let waiting: i64 = c
-                    .query_one(
-                        "SELECT count(*) FROM pg_stat_activity
-                      WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                        &[],
-                    )
-                    .await
-                    .ok()?
-                    .get(0);
-                (waiting > 0).then_some(())
-            },
+    // A deletion of the last file naming the content is half done when an upload of the
+    // same content comes: it holds the blob's row (the upload's file then refers to a
+    // row that goes away), or has deleted it already (the upload's claim of the content
+    // waits to see whether it comes back).
+    for (seed, row_deleted) in [(9, false), (10, true)] {
+        let body = text(30_000, seed);
+        let sha = sha_hex(&body);
+        let first = env
+            .upload("club-a", "first.txt", "text/plain", body.clone())
+            .await;
+        let stored: Vec<PathBuf> = env.objects().into_iter().filter(|p| p.ends_with(&sha)).collect();
+        assert_eq!(stored.len(), 1);
+
+        let mut x = env.db.connect().await.unwrap();
+        let deleter: i32 = x.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+        let del = x.transaction().await.unwrap();
+        del.execute(
+            "DELETE FROM pulse.files WHERE id = $1::text::uuid",
+            &[&first["id"].as_str().unwrap()],
         )
         .await
         .unwrap();
         del.execute(
-            "WITH b AS (DELETE FROM pulse.file_blobs WHERE tenant = 'club-a' AND sha256 = $1 RETURNING size)
-             UPDATE pulse.storage_usage SET used_bytes = used_bytes - (SELECT size FROM b) WHERE tenant = 'club-a'",
-            &[&sha_hex(&body)],
+            "SELECT 1 FROM pulse.file_blobs WHERE tenant = 'club-a' AND sha256 = $1 FOR UPDATE",
+            &[&sha],
         )
         .await
         .unwrap();
-        std::fs::remove_file(&stored[0]).unwrap();
-        del.commit().await.unwrap();
-    };
-    let (r, ()) = futures_util::join!(env.put(&ticket, body.clone()), finish_deletion);
-    assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
-    let second: Value = r.json().await.unwrap();
+        let delete_row = "WITH b AS (DELETE FROM pulse.file_blobs WHERE tenant = 'club-a' AND sha256 = $1 RETURNING size)
+             UPDATE pulse.storage_usage SET used_bytes = used_bytes - (SELECT size FROM b) WHERE tenant = 'club-a'";
+        if row_deleted {
+            del.execute(delete_row, &[&sha]).await.unwrap();
+        }
 
-    // The content is stored again, under the same key, and counted again.
-    assert_eq!(env.objects(), stored);
-    let r = env.get(second["id"].as_str().unwrap(), "club-a").await;
-    assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..]);
-    assert_eq!(env.usage("club-a").await, (30_000, 0));
+        let ticket = env
+            .ticket(
+                "club-a",
+                json!({"name": "second.txt", "content_type": "text/plain", "size": body.len()}),
+            )
+            .await;
+        let finish_deletion = async {
+            wait_for(
+                "the upload to wait for the deletion",
+                Duration::from_secs(10),
+                || async {
+                    let waiting: i64 = c
+                        .query_one(
+                            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid))",
+                            &[&deleter],
+                        )
+                        .await
+                        .ok()?
+                        .get(0);
+                    (waiting > 0).then_some(())
+                },
+            )
+            .await
+            .unwrap();
+            if !row_deleted {
+                del.execute(delete_row, &[&sha]).await.unwrap();
+            }
+            std::fs::remove_file(&stored[0]).unwrap();
+            del.commit().await.unwrap();
+        };
+        let (r, ()) = futures_util::join!(env.put(&ticket, body.clone()), finish_deletion);
+        assert_eq!(r.status(), StatusCode::CREATED, "{}", r.text().await.unwrap());
+        let second: Value = r.json().await.unwrap();
+
+        // The content is stored again, under the same key, and counted again.
+        assert!(stored[0].exists(), "stored again");
+        let r = env.get(second["id"].as_str().unwrap(), "club-a").await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..]);
+    }
+    assert_eq!(env.usage("club-a").await, (60_000, 0));
+    assert_eq!(env.objects().len(), 2);
 }
 
 /// A claimed club-a ticket whose running upload holds `bytes` of the quota (on the

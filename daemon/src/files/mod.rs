@@ -12,7 +12,8 @@
 //! pass the quota; an upload without a length (chunked, or a form) reserves a first MiB
 //! and grows its reservation, with the same conditional UPDATE, before storing bytes past
 //! it. The reservation becomes usage (or nothing, when the content was already stored)
-//! when the upload commits, and is released when it fails.
+//! at the fold that follows the upload's commit ([`FOLD_SETTLED`]; until then the ticket
+//! keeps it, so the quota still counts it), and is released when the upload fails.
 
 pub mod crypto;
 pub mod sniff;
@@ -925,8 +926,9 @@ impl Reservation {
 /// ticket, $3 the bytes it holds. Only if the ticket still holds them and is not
 /// settled (a settled upload's reservation is the fold's to give back), so a release
 /// never runs twice nor takes back a stored file's bytes. The usage row is locked before
-/// the ticket, the order every other statement on both takes (the reservation's growth,
-/// the fold), so a release racing the end of the same upload (the cleanup job's, for an
+/// the ticket, the order every other statement taking both follows (the reservation's
+/// growth, the fold; an upload's recording takes the ticket alone and waits for nothing
+/// after it), so a release racing the end of the same upload (the cleanup job's, for an
 /// upload still running after [`STALE_UPLOAD`]) waits instead of deadlocking. Public for
 /// the test that checks that order.
 pub const RELEASE_RESERVATION: &str =
@@ -1067,15 +1069,15 @@ where
     // side by side and their commits share WAL flushes. What orders them against each
     // other and against deletions is the blob's row (see `SETTLE_UPLOAD`).
     let mut attempt = 1;
-    let added = loop {
+    let (added, written) = loop {
         let tx = client.transaction().await?;
         let recorded = futures_util::try_join!(
             tx.query_opt(&settle, &blob_row),
             tx.execute(&insert_file, &file_row),
-            crate::outbox::write(&*tx, &event),
+            crate::outbox::write_unannounced(&*tx, &event),
         );
-        let added: i64 = match recorded {
-            Ok((Some(row), _, _)) => row.get(0),
+        let (added, written): (i64, bool) = match recorded {
+            Ok((Some(row), _, written)) => (row.get(0), written),
             Ok((None, _, _)) => {
                 return Err(FileError::UrlExpired(
                     "this upload's ticket is gone (the upload took longer than the cleanup waits for): ask for a new upload URL".into(),
@@ -1096,15 +1098,17 @@ where
         if added > 0 {
             // The blob's row is ours and not committed yet: whoever else wants this
             // content waits for it, so no deletion can remove the object between here
-            // and the commit.
+            // and the commit. (On S3 this is the object's upload: the transaction waits
+            // idle meanwhile, holding only that row and the ticket's.)
             files.backend.commit(&staged_path, &key).await?;
             guard.0 = None;
         }
         tx.commit().await?;
-        break added;
+        break (added, written);
     };
-    // The file is stored: a fold that fails now is the next cleanup run's to do.
-    if let Err(e) = fold_alone(&client, &app.config(), &tenant, Some(ticket)).await {
+    // The file is stored: a fold that fails now is the next cleanup run's to do (and the
+    // event is found by the relay's poll).
+    if let Err(e) = fold_alone(&client, &app.config(), &tenant, Some(ticket), written).await {
         tracing::warn!(error = %e, ticket = %ticket, tenant = %tenant,
             "cannot count a stored upload in its tenant's usage yet; the next cleanup run will");
     }
@@ -1157,7 +1161,8 @@ pub const FOLD_SETTLED: &str = "
 WITH o AS (
     SELECT id, reserved_bytes, pending_bytes FROM pulse.upload_tickets
      WHERE tenant = $1 AND ($2::uuid IS NULL OR id = $2) AND file_id IS NOT NULL
-       AND (reserved_bytes > 0 OR pending_bytes > 0)),
+       AND (reserved_bytes > 0 OR pending_bytes > 0)
+       AND EXISTS (SELECT 1 FROM pulse.storage_usage WHERE tenant = $1)),
 t AS (
     UPDATE pulse.upload_tickets t SET reserved_bytes = 0, pending_bytes = 0 FROM o
      WHERE t.id = o.id
@@ -1203,14 +1208,34 @@ async fn fold_settled(
 /// in one round trip ([`db::one_trip`]): the usage row is held only while the server
 /// runs it. Its commit need not wait for the disk: a fold lost in a crash is redone by
 /// the next start or cleanup run, the tickets keeping what they hold until then.
+/// With `announce`, the same transaction wakes the outbox relay at its commit (for an
+/// upload's event, written without: see [`crate::outbox::write_unannounced`]).
 async fn fold_alone(
     client: &deadpool_postgres::Object,
     config: &Config,
     tenant: &str,
     ticket: Option<Uuid>,
+    announce: bool,
 ) -> Result<(), tokio_postgres::Error> {
     let statements = fold_statements(client).await?;
-    let (before, after) = db::one_trip(client, fold_settled(client, &statements, tenant, ticket)).await?;
+    let notify = match announce {
+        true => Some(client.prepare_cached(crate::outbox::ANNOUNCE).await?),
+        false => None,
+    };
+    let work = async {
+        let (folded, _) =
+            futures_util::try_join!(fold_settled(client, &statements, tenant, ticket), async {
+                match &notify {
+                    Some(n) => client
+                        .execute(n, &[&crate::outbox::NOTIFY_CHANNEL])
+                        .await
+                        .map(|_| ()),
+                    None => Ok(()),
+                }
+            })?;
+        Ok(folded)
+    };
+    let (before, after) = db::one_trip(client, work).await?;
     usage_changed(config, tenant, before, after);
     Ok(())
 }
@@ -1229,10 +1254,16 @@ pub async fn fold_all_settled(cx: &Ctx<'_>) -> Result<u64, FileError> {
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let mut folded = 0;
     for tenant in &tenants {
-        fold_alone(&client, cx.config, tenant, None).await?;
+        // One tenant's failure does not keep the others' uploads out of their usage.
+        match fold_alone(&client, cx.config, tenant, None, false).await {
+            Ok(()) => folded += 1,
+            Err(e) => tracing::warn!(error = %e, tenant = %tenant,
+                "cannot count stored uploads in the tenant's usage; the next cleanup run will try again"),
+        }
     }
-    Ok(tenants.len() as u64)
+    Ok(folded)
 }
 
 /// Records a tenant's new usage: the gauge, and a warning when it crosses 80% of quota.
@@ -1631,8 +1662,9 @@ pub struct CleanupReport {
     pub expired_tickets: u64,
     /// Reservations of uploads that never finished, released.
     pub stale_reservations: u64,
-    /// Tenants with stored uploads not yet counted in their usage (a crash between an
-    /// upload's commit and its fold), counted.
+    /// Tenants with stored uploads not yet counted in their usage, counted: left by a
+    /// crash between an upload's commit and its fold, or (rarely) an upload finishing
+    /// at that moment, whose own fold then finds nothing left to do.
     pub unfolded_tenants: u64,
     /// Files whose owning Symfony row is gone, deleted.
     pub detached_files: u64,
