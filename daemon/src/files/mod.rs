@@ -596,16 +596,19 @@ impl Sink {
     }
 }
 
-type Absorbed = (Sink, Vec<u8>, std::io::Result<()>);
+type Absorbed = (Sink, Vec<Bytes>, std::io::Result<()>);
 
-/// Streams an upload into its [`Sink`] one [`STAGE_BUFFER`] at a time on a blocking
-/// thread, while the next buffer fills from the network: hashing and writing overlap
-/// receiving, and at most two buffers per upload are held, whatever the file's size.
+/// Streams an upload into its [`Sink`] about one [`STAGE_BUFFER`] at a time on a
+/// blocking thread, while the next fills from the network: hashing and writing overlap
+/// receiving, and at most two batches per upload are held, whatever the file's size. A
+/// batch is the body's own chunks, handed over as they came (no copy into a buffer of
+/// ours first).
 struct Stager {
     sink: Option<Sink>,
     in_flight: Option<tokio::task::JoinHandle<Absorbed>>,
-    buf: Vec<u8>,
-    spare: Vec<u8>,
+    buf: Vec<Bytes>,
+    len: usize,
+    spare: Vec<Bytes>,
 }
 
 impl Stager {
@@ -613,7 +616,8 @@ impl Stager {
         Stager {
             sink: Some(sink),
             in_flight: None,
-            buf: Vec::with_capacity(STAGE_BUFFER),
+            buf: Vec::new(),
+            len: 0,
             spare: Vec::new(),
         }
     }
@@ -629,12 +633,12 @@ impl Stager {
         Ok(())
     }
 
-    async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
-        // Hand the buffer over before it would grow past its size.
-        if !self.buf.is_empty() && self.buf.len() + data.len() > STAGE_BUFFER {
+    async fn write(&mut self, data: Bytes) -> std::io::Result<()> {
+        if !self.buf.is_empty() && self.len + data.len() > STAGE_BUFFER {
             self.send().await?;
         }
-        self.buf.extend_from_slice(data);
+        self.len += data.len();
+        self.buf.push(data);
         Ok(())
     }
 
@@ -642,9 +646,9 @@ impl Stager {
         self.settle().await?;
         let mut sink = self.sink.take().expect("no write in flight after settle");
         let full = std::mem::replace(&mut self.buf, std::mem::take(&mut self.spare));
-        self.buf.reserve(STAGE_BUFFER);
+        self.len = 0;
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            let result = sink.absorb(&full);
+            let result = full.iter().try_for_each(|c| sink.absorb(c));
             (sink, full, result)
         }));
         Ok(())
@@ -655,7 +659,7 @@ impl Stager {
         let mut sink = self.sink.take().expect("no write in flight after settle");
         let rest = std::mem::take(&mut self.buf);
         tokio::task::spawn_blocking(move || {
-            sink.absorb(&rest)?;
+            rest.iter().try_for_each(|c| sink.absorb(c))?;
             sink.finish()
         })
         .await
@@ -1013,7 +1017,7 @@ where
                 sniffed = true;
             }
         }
-        stager.write(&chunk).await.map_err(io)?;
+        stager.write(chunk).await.map_err(io)?;
     }
     if let Some(len) = content_length
         && total != len
