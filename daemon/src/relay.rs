@@ -825,7 +825,7 @@ pub async fn requeue_dead_letter(
             &[&actor, &id.to_string()],
         )
         .await?;
-        tx.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL]).await?;
+        tx.execute(crate::outbox::ANNOUNCE, &[&NOTIFY_CHANNEL]).await?;
     }
     tx.commit().await?;
     Ok(moved == 1)

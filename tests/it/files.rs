@@ -1519,12 +1519,7 @@ async fn a_released_reservation_locks_the_usage_before_the_ticket_and_releases_o
     // Someone holds the usage row (as a settlement does before it touches its ticket).
     let mut holder = env.db.connect().await.unwrap();
     let hold = holder.transaction().await.unwrap();
-    hold.execute(
-        "SELECT 1 FROM pulse.storage_usage WHERE tenant = 'club-a' FOR UPDATE",
-        &[],
-    )
-    .await
-    .unwrap();
+    hold.execute(files::LOCK_USAGE, &[&"club-a"]).await.unwrap();
     let release = release_blocked(&env, &c, ticket, 100, "the release to wait for the usage row").await;
     // While it waits, it holds nothing on the ticket: a settlement of the same ticket,
     // holding the usage row, can take it (the other order deadlocked here).
@@ -1579,12 +1574,7 @@ async fn a_released_reservation_locks_the_usage_before_the_ticket_and_releases_o
     assert_eq!(env.usage("club-a").await, (0, 90), "still held by the ticket");
     for (folded, usage) in [(true, (40, 50)), (false, (40, 50))] {
         let tx = holder.transaction().await.unwrap();
-        tx.execute(
-            "SELECT 1 FROM pulse.storage_usage WHERE tenant = 'club-a' FOR UPDATE",
-            &[],
-        )
-        .await
-        .unwrap();
+        tx.execute(files::LOCK_USAGE, &[&"club-a"]).await.unwrap();
         let rows = tx
             .query(files::FOLD_SETTLED, &[&"club-a", &Some(second)])
             .await

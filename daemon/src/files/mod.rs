@@ -1151,8 +1151,9 @@ UPDATE pulse.upload_tickets SET file_id = $2, pending_bytes = coalesce((SELECT s
 RETURNING pending_bytes";
 
 /// Takes a tenant's usage row: $1 tenant. Every statement that changes what a tenant
-/// holds or has reserved takes it first, so they run one at a time.
-const LOCK_USAGE: &str = "SELECT used_bytes FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE";
+/// holds or has reserved takes it first, so they run one at a time. Public for the
+/// tests that hold it.
+pub const LOCK_USAGE: &str = "SELECT used_bytes FROM pulse.storage_usage WHERE tenant = $1 FOR UPDATE";
 
 /// Moves settled uploads into their tenant's usage (the "fold"): each settled ticket's
 /// reservation leaves `reserved_bytes` and its `pending_bytes` joins `used_bytes`, and the
@@ -1226,17 +1227,14 @@ async fn fold_alone(
         true => Some(client.prepare_cached(crate::outbox::ANNOUNCE).await?),
         false => None,
     };
+    let wake = async {
+        if let Some(n) = &notify {
+            client.execute(n, &[&crate::outbox::NOTIFY_CHANNEL]).await?;
+        }
+        Ok(())
+    };
     let work = async {
-        let (folded, _) =
-            futures_util::try_join!(fold_settled(client, &statements, tenant, ticket), async {
-                match &notify {
-                    Some(n) => client
-                        .execute(n, &[&crate::outbox::NOTIFY_CHANNEL])
-                        .await
-                        .map(|_| ()),
-                    None => Ok(()),
-                }
-            })?;
+        let (folded, ()) = futures_util::try_join!(fold_settled(client, &statements, tenant, ticket), wake)?;
         Ok(folded)
     };
     let (before, after) = db::one_trip(client, work).await?;
