@@ -178,6 +178,8 @@ pub async fn run(quick: bool) -> Result<()> {
         totals.nginx_synced_up += nginx_synced_up;
         totals.nginx_down += nginx_down;
     }
+    // Idle keep-alive connections first: a server stopping gracefully waits for them.
+    drop(http);
     drop(nginx);
     pulsed.signal(nix::sys::signal::Signal::SIGTERM)?;
     let _ = pulsed.wait_exit(Duration::from_secs(20)).await;
