@@ -151,6 +151,8 @@ pub async fn run(quick: bool) -> Result<()> {
                 }
             }
         }
+        // Ends the downloads' phase (for `scripts/phase-cpu`): what follows is untimed.
+        eprintln!("phase: {} MB files, untimed", size / MB);
         let Totals {
             pulse_up,
             pulse_down,
