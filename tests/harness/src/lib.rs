@@ -42,8 +42,36 @@ where
     }
 }
 
-/// A port that was free a moment ago.
+/// A port nothing listens on, for a server a test or a benchmark is about to start.
+///
+/// Taken below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), which is
+/// where outgoing connections get their local ports: a port found free inside it (as
+/// `bind` to port 0 finds one) can be taken by any connection the tests open before the
+/// server binds it, and the server then fails with "Address already in use" (seen in
+/// the suite: pulsed on its metrics port). Below the range only another listener can
+/// take it. Each call moves on from the last, from a start that differs per process,
+/// and checks that the port can be bound right now.
 pub fn free_port() -> u16 {
+    const LOWEST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = first_ephemeral.saturating_sub(LOWEST);
+    if span >= 1_000 {
+        // Where this process starts: spread by its id, so parallel test binaries rarely
+        // walk the same ports.
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+        for _ in 0..span {
+            let port = LOWEST + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+            if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+                return port as u16;
+            }
+        }
+    }
+    // No room below the ephemeral range: any free port.
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -693,5 +721,30 @@ impl Pulsed {
 impl Drop for Pulsed {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_below_the_ephemeral_range_distinct_and_bindable() {
+        let first_ephemeral: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        for p in ports {
+            assert!((10_000..first_ephemeral).contains(&p), "{p}");
+            TcpListener::bind(("127.0.0.1", p)).unwrap();
+        }
     }
 }
