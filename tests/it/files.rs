@@ -1713,23 +1713,7 @@ async fn an_upload_of_content_being_deleted_stores_it_again() {
             )
             .await;
         let finish_deletion = async {
-            wait_for(
-                "the upload to wait for the deletion",
-                Duration::from_secs(10),
-                || async {
-                    let waiting: i64 = c
-                        .query_one(
-                            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid))",
-                            &[&deleter],
-                        )
-                        .await
-                        .ok()?
-                        .get(0);
-                    (waiting > 0).then_some(())
-                },
-            )
-            .await
-            .unwrap();
+            wait_for_lock(&c, "the upload to wait for the deletion", BLOCKS_SOMEONE, deleter).await;
             if !row_deleted {
                 del.execute(delete_row, &[&sha]).await.unwrap();
             }
@@ -1787,18 +1771,23 @@ async fn release_blocked(
             .execute(files::RELEASE_RESERVATION, &[&"club-a", &ticket, &bytes])
             .await
     });
+    wait_for_lock(c, what, WAITS_FOR_A_LOCK, pid).await;
+    release
+}
+
+/// Backend $1 holds a lock another backend waits for.
+const BLOCKS_SOMEONE: &str =
+    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid)))";
+/// Backend $1 waits for a lock.
+const WAITS_FOR_A_LOCK: &str =
+    "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1";
+
+/// Waits (`c` watching) until `check`, one of the two above, holds for backend `pid`.
+async fn wait_for_lock(c: &tokio_postgres::Client, what: &str, check: &str, pid: i32) {
     wait_for(what, Duration::from_secs(10), || async move {
-        let waiting: bool = c
-            .query_one(
-                "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1",
-                &[&pid],
-            )
-            .await
-            .ok()?
-            .get(0);
-        waiting.then_some(())
+        let holds: bool = c.query_one(check, &[&pid]).await.ok()?.get(0);
+        holds.then_some(())
     })
     .await
     .unwrap();
-    release
 }

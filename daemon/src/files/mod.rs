@@ -1223,9 +1223,10 @@ async fn fold_alone(
     announce: bool,
 ) -> Result<(), tokio_postgres::Error> {
     let statements = fold_statements(client).await?;
-    let notify = match announce {
-        true => Some(client.prepare_cached(crate::outbox::ANNOUNCE).await?),
-        false => None,
+    let notify = if announce {
+        Some(client.prepare_cached(crate::outbox::ANNOUNCE).await?)
+    } else {
+        None
     };
     let wake = async {
         if let Some(n) = &notify {

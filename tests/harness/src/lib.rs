@@ -42,6 +42,20 @@ where
     }
 }
 
+/// Where [`free_port`] starts looking.
+const LOWEST_PORT: u32 = 10_000;
+
+/// The first port of the kernel's ephemeral range (read once).
+fn first_ephemeral_port() -> u16 {
+    static FIRST: OnceLock<u16> = OnceLock::new();
+    *FIRST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768)
+    })
+}
+
 /// A port nothing listens on, for a server a test or a benchmark is about to start.
 ///
 /// Taken below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), which is
@@ -52,20 +66,14 @@ where
 /// take it. Each call moves on from the last, from a start that differs per process,
 /// and checks that the port can be bound right now.
 pub fn free_port() -> u16 {
-    const LOWEST: u32 = 10_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
-    let span = first_ephemeral.saturating_sub(LOWEST);
+    let span = u32::from(first_ephemeral_port()).saturating_sub(LOWEST_PORT);
     if span >= 1_000 {
         // Where this process starts: spread by its id, so parallel test binaries rarely
         // walk the same ports.
-        let start = std::process::id().wrapping_mul(7_919) % span;
-        let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+        static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+        let next = NEXT.get_or_init(|| AtomicU32::new(std::process::id().wrapping_mul(7_919) % span));
         for _ in 0..span {
-            let port = LOWEST + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+            let port = LOWEST_PORT + next.fetch_add(1, Ordering::Relaxed) % span;
             if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
                 return port as u16;
             }
@@ -730,20 +738,13 @@ mod tests {
 
     #[test]
     fn free_ports_are_below_the_ephemeral_range_distinct_and_bindable() {
-        let first_ephemeral: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
         let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
         let mut distinct = ports.clone();
         distinct.sort_unstable();
         distinct.dedup();
         assert_eq!(distinct.len(), ports.len(), "{ports:?}");
         for p in ports {
-            assert!((10_000..first_ephemeral).contains(&p), "{p}");
+            assert!((LOWEST_PORT as u16..first_ephemeral_port()).contains(&p), "{p}");
             TcpListener::bind(("127.0.0.1", p)).unwrap();
         }
     }
